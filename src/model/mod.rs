@@ -1,0 +1,1 @@
+//! The in-memory model: configuration, weights, and the Llama-family forward pass.

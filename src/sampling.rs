@@ -1,0 +1,1 @@
+//! Next-token sampling with HF transformers' semantics, driven by a seeded, serializable RNG.
