@@ -3,7 +3,9 @@
 //!
 //! The data flow and the design decisions are in `docs/DESIGN.md`; each module is one box of it.
 
+pub mod atomic;
 pub mod cache;
 pub mod gguf;
 pub mod model;
 pub mod sampling;
+pub mod score;

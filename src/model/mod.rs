@@ -1,1 +1,32 @@
 //! The in-memory model: configuration, weights, and the Llama-family forward pass.
+
+pub mod config;
+pub mod llama;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use llama::{KvCache, Llama};
+
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// A model directory loaded for use: the network and its tokenizer.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: tokenizers::Tokenizer,
+}
+
+impl LoadedModel {
+    /// Loads `DIR/config.json`, its safetensors weights and `DIR/tokenizer.json`, on the CPU.
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            anyhow::bail!("model directory {} does not exist", dir.display());
+        }
+        let model = Llama::load(dir, &candle_core::Device::Cpu)?;
+        let path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("cannot load the tokenizer {}", path.display()))?;
+        Ok(Self { model, tokenizer })
+    }
+}

@@ -1,0 +1,358 @@
+//! The Llama-family decoder (Llama 1/2/3, TinyLlama, SmolLM2, Mistral, Qwen2), in f32, built
+//! only from differentiable candle operations so that training can reuse it (candle's fused
+//! `rms_norm`, `softmax_last_dim` and `rope` drop gradients: DESIGN.md §2). One code path serves
+//! whole-sequence scoring and KV-cached generation.
+
+use super::config::{ModelConfig, RopeScaling};
+use super::weights::Weights;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// A projection `y = x·Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Applies the projection to `x` of shape `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (lead, inner) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, inner[0]))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = lead.to_vec();
+        out.push(self.weight.dim(0)?);
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_attention_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// Keys and values of the positions seen so far, per layer, `[batch, kv_heads, seen, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// How many positions the cache holds.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// True when no position has been seen yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The whole model: embeddings, blocks, final norm and head.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    /// Input embeddings `[vocab, hidden]`; also the head when `lm_head` is `None` (tied).
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    /// The untied output head `[vocab, hidden]`.
+    pub lm_head: Option<Tensor>,
+    /// RoPE tables `[max_positions, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    /// Builds the model from HF-named weights (`model.layers.N.self_attn.q_proj.weight`, …).
+    pub fn from_weights(config: ModelConfig, mut w: Weights, device: &Device) -> Result<Self> {
+        let mut take = |name: &str| -> Result<Tensor> {
+            w.remove(name)
+                .with_context(|| format!("the weights have no tensor '{name}'"))
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        let (rows, hidden) = embed.dims2()?;
+        if hidden != config.hidden_size || rows < config.vocab_size {
+            bail!(
+                "model.embed_tokens.weight is {rows}×{hidden}, but config.json says vocab_size {} × hidden_size {}",
+                config.vocab_size,
+                config.hidden_size
+            );
+        }
+        let mut blocks = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear = |name: &str, bias: bool| -> Result<Linear> {
+                let weight = take(&format!("{p}.{name}.weight"))?;
+                let bias = if bias {
+                    Some(take(&format!("{p}.{name}.bias"))?)
+                } else {
+                    None
+                };
+                Ok(Linear { weight, bias })
+            };
+            let q = linear("self_attn.q_proj", config.qkv_bias)?;
+            let k = linear("self_attn.k_proj", config.qkv_bias)?;
+            let v = linear("self_attn.v_proj", config.qkv_bias)?;
+            let o = linear("self_attn.o_proj", config.o_bias)?;
+            let gate = linear("mlp.gate_proj", config.mlp_bias)?;
+            let up = linear("mlp.up_proj", config.mlp_bias)?;
+            let down = linear("mlp.down_proj", config.mlp_bias)?;
+            blocks.push(Block {
+                input_norm: take(&format!("{p}.input_layernorm.weight"))?,
+                q,
+                k,
+                v,
+                o,
+                post_attention_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight").context("config.json says tie_word_embeddings = false")?)
+        };
+        let (cos, sin) = rope_tables(&config, device)?;
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
+    }
+
+    /// Loads a model directory (config.json + safetensors).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let weights = super::weights::load_dir(dir, device)?;
+        Self::from_weights(config, weights, device)
+            .with_context(|| format!("in model directory {}", dir.display()))
+    }
+
+    /// The output head `[vocab, hidden]` (the embeddings when tied).
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The longest sequence the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`, continuing after the
+    /// positions held in `cache` (pass `None` for a stateless whole-sequence pass).
+    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + seq > self.max_positions() {
+            bail!(
+                "{} positions exceed the model's context of {} (max_position_embeddings): use a shorter text or fewer new tokens",
+                offset + seq,
+                self.max_positions()
+            );
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.blocks.len(), None);
+        }
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            batch,
+            seq,
+            self.config.hidden_size,
+        ))?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        let mask = causal_mask(seq, offset, x.device())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]`.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.hidden_states(ids, cache)?;
+        Linear {
+            weight: self.head().clone(),
+            bias: None,
+        }
+        .forward(&h)
+    }
+
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq, _) = x.dims3()?;
+        let h = rms_norm(x, &b.input_norm, c.rms_norm_eps)?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rope(&heads(b.q.forward(&h)?, c.num_heads)?, cos, sin)?;
+        let mut k = rope(&heads(b.k.forward(&h)?, c.num_kv_heads)?, cos, sin)?;
+        let mut v = heads(b.v.forward(&h)?, c.num_kv_heads)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let rep = c.num_heads / c.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (c.head_dim as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let attn = softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = attn
+            .transpose(1, 2)?
+            .reshape((batch, seq, c.num_heads * c.head_dim))?;
+        let x = (x + b.o.forward(&attn)?)?;
+        let h = rms_norm(&x, &b.post_attention_norm, c.rms_norm_eps)?;
+        let mlp = b
+            .down
+            .forward(&(b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+use std::path::Path;
+
+/// RMSNorm composed from differentiable ops: `x / sqrt(mean(x²) + eps) · w`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?
+        .broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension, composed from differentiable ops (max-shifted).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Rotary embedding in HF's half-split layout on `x` `[batch, heads, seq, head_dim]` with
+/// tables `[seq, head_dim / 2]`: `(x₁·cos − x₂·sin, x₂·cos + x₁·sin)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[a, b], D::Minus1)?)
+}
+
+/// `[batch, kv_heads, seq, d]` → `[batch, kv_heads · rep, seq, d]`, each kv head repeated `rep`
+/// times in place (grouped-query attention, as transformers' `repeat_kv`).
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, h, rep, s, d))?
+        .reshape((b, h * rep, s, d))?)
+}
+
+/// Additive mask `[seq, offset + seq]`: query `i` sees keys `0..=offset + i`. `None` for one query.
+fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let total = offset + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
+}
+
+/// Inverse frequencies of RoPE with the configured scaling (transformers' `_compute_*_parameters`).
+pub fn inv_freqs(c: &ModelConfig) -> Vec<f64> {
+    let base: Vec<f64> = (0..c.head_dim / 2)
+        .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64))
+        .collect();
+    match c.rope_scaling {
+        RopeScaling::Default => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen > low_wavelen {
+                        f / factor
+                    } else if wavelen < high_wavelen {
+                        f
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos and sin of `position · inv_freq`, `[max_positions, head_dim / 2]`, computed as
+/// transformers does (f32 inverse frequencies, f32 product).
+fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = inv_freqs(c).iter().map(|&f| f as f32).collect();
+    let n = c.max_position_embeddings;
+    let angles: Vec<f32> = (0..n)
+        .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+        .collect();
+    let angles = Tensor::from_vec(angles, (n, inv.len()), device)?;
+    Ok((angles.cos()?.to_dtype(DType::F32)?, angles.sin()?))
+}
