@@ -109,7 +109,9 @@ impl FromStr for ModelSpec {
 pub fn resolve(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
     match spec {
         ModelSpec::HfDir(dir) => Ok(dir.clone()),
-        _ => resolve_in(&cache_dir()?, spec, progress, &crate::gguf::import),
+        _ => resolve_in(&cache_dir()?, spec, progress, &|gguf, out| {
+            crate::gguf::import(gguf, out).map(drop)
+        }),
     }
 }
 

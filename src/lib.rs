@@ -4,7 +4,9 @@
 //! The data flow and the design decisions are in `docs/DESIGN.md`; each module is one box of it.
 
 pub mod atomic;
+pub mod bench;
 pub mod cache;
+pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod sampling;

@@ -1,3 +1,330 @@
-//! GGUF import: dequantized weights and a rebuilt tokenizer, written as a standard HF directory.
+//! GGUF import: dequantized weights and a rebuilt tokenizer, written as a standard HF directory
+//! (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json).
 
 pub mod tokenizer;
+
+use crate::model::config::{Architecture, ModelConfig, RopeScaling};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+
+/// What an import wrote.
+#[derive(Debug)]
+pub struct ImportSummary {
+    /// The model configuration, `None` for a vocabulary-only GGUF.
+    pub config: Option<ModelConfig>,
+    pub tensors: usize,
+    pub vocab_size: usize,
+}
+
+/// Opens a GGUF file and reads its header (metadata and tensor table).
+pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| {
+        let hint = if e.to_string().contains("unknown dtype") {
+            "it uses a quantization wake2vec cannot dequantize (supported: F32, F16, BF16, Q4_0, Q4_1, \
+             Q5_0, Q5_1, Q8_0, Q2_K–Q8_K); re-export it with one of those"
+        } else {
+            "it is not a valid GGUF file (truncated or corrupt?)"
+        };
+        anyhow::anyhow!("cannot read {}: {e}: {hint}", path.display())
+    })?;
+    Ok((content, reader))
+}
+
+/// Imports `gguf` into a new HF directory `out`, written under a temporary name and renamed,
+/// so an interrupted import never leaves a directory that looks complete.
+pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} already exists and is not empty: remove it or choose another --out",
+            out.display()
+        );
+    }
+    let (content, mut reader) = read_content(gguf)?;
+    let tok = tokenizer::from_gguf(&content, gguf)?;
+    let tmp = crate::atomic::tmp_path(out);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<ImportSummary> {
+        let vocab_size = tok.tokenizer.get_vocab_size(true);
+        write_tokenizer(&tok, &tmp)?;
+        if content.tensor_infos.is_empty() {
+            return Ok(ImportSummary {
+                config: None,
+                tensors: 0,
+                vocab_size,
+            });
+        }
+        let config = config_of(&content, &tok, gguf)?;
+        let weights = hf_weights(&content, &mut reader, &config, gguf)?;
+        let tensors = weights.len();
+        crate::model::weights::save_file(&weights, &tmp.join("model.safetensors"))?;
+        write_json(&tmp.join("config.json"), &config.to_hf_json())?;
+        let generation = serde_json::json!({
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_ids.first(),
+        });
+        write_json(&tmp.join("generation_config.json"), &generation)?;
+        Ok(ImportSummary {
+            config: Some(config),
+            tensors,
+            vocab_size,
+        })
+    })();
+    match result {
+        Ok(summary) => {
+            if out.exists() {
+                std::fs::remove_dir(out).ok();
+            }
+            std::fs::rename(&tmp, out)
+                .with_context(|| format!("cannot move the import into {}", out.display()))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    crate::atomic::write(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+fn write_tokenizer(tok: &tokenizer::GgufTokenizer, dir: &Path) -> Result<()> {
+    let json = tok
+        .tokenizer
+        .to_string(true)
+        .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
+    crate::atomic::write(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.tokenizer.id_to_token(i));
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tok.bos_token_id),
+        "eos_token": name(tok.eos_token_id),
+        "add_bos_token": tok.add_bos,
+        "clean_up_tokenization_spaces": false,
+    });
+    write_json(&dir.join("tokenizer_config.json"), &config)
+}
+
+/// Builds the model configuration from `{arch}.*` metadata.
+fn config_of(
+    content: &Content,
+    tok: &tokenizer::GgufTokenizer,
+    path: &Path,
+) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let get = |key: &str| md.get(key);
+    let arch = get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let architecture = match arch.as_str() {
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => bail!(
+            "{}: architecture '{other}' is not supported: wake2vec imports llama-family (llama) and qwen2 GGUFs",
+            path.display()
+        ),
+    };
+    let num = |key: &str| -> Result<u64> {
+        let full = format!("{arch}.{key}");
+        let v = get(&full)
+            .with_context(|| format!("{}: metadata '{full}' is missing", path.display()))?;
+        value_u64(v)
+            .with_context(|| format!("{}: metadata '{full}' is not a number", path.display()))
+    };
+    let float = |key: &str| {
+        get(&format!("{arch}.{key}"))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+    };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        bail!(
+            "{}: per-dimension RoPE factors (rope_freqs.weight, Llama 3.1 style) are not imported yet: \
+             use the model's HF directory instead",
+            path.display()
+        );
+    }
+    let embd = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .context("the GGUF has no token_embd.weight")?;
+    let (vocab_size, hidden_size) = embd.shape.dims2()?;
+    let num_heads = num("attention.head_count")? as usize;
+    let rope_scaling = match get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
+        Some(t) if t == "linear" => RopeScaling::Linear {
+            factor: float("rope.scaling.factor").unwrap_or(1.0),
+        },
+        Some(t) if t != "none" => bail!("{}: RoPE scaling '{t}' is not supported", path.display()),
+        _ => RopeScaling::Default,
+    };
+    let eos = tok.eos_token_id.into_iter().collect();
+    Ok(ModelConfig {
+        architecture,
+        vocab_size,
+        hidden_size,
+        intermediate_size: num("feed_forward_length")? as usize,
+        num_layers: num("block_count")? as usize,
+        num_heads,
+        num_kv_heads: num("attention.head_count_kv")
+            .map(|v| v as usize)
+            .unwrap_or(num_heads),
+        head_dim: num("attention.key_length")
+            .map(|v| v as usize)
+            .unwrap_or(hidden_size / num_heads),
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling,
+        max_position_embeddings: num("context_length")? as usize,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
+        mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+        bos_token_id: tok.bos_token_id,
+        eos_token_ids: eos,
+    })
+}
+
+fn value_u64(v: &Value) -> Option<u64> {
+    v.to_u64()
+        .ok()
+        .or_else(|| v.to_u32().ok().map(u64::from))
+        .or_else(|| v.to_i32().ok().map(|x| x as u64))
+}
+
+/// Dequantizes every tensor to f32 under its HF name, un-permuting llama's q/k projections.
+fn hf_weights<R: Read + Seek>(
+    content: &Content,
+    reader: &mut R,
+    c: &ModelConfig,
+    path: &Path,
+) -> Result<BTreeMap<String, Tensor>> {
+    let device = Device::Cpu;
+    let mut out = BTreeMap::new();
+    for name in content.tensor_infos.keys() {
+        let hf = hf_name(name).with_context(|| {
+            format!(
+                "{}: tensor '{name}' has no HF counterpart wake2vec knows",
+                path.display()
+            )
+        })?;
+        let t = content
+            .tensor(reader, name, &device)
+            .and_then(|q| q.dequantize(&device))
+            .with_context(|| format!("{}: cannot dequantize tensor '{name}'", path.display()))?;
+        // llama.cpp's converter permutes llama q/k rows for interleaved RoPE; undo it so one
+        // (half-split, HF) RoPE serves every source. Qwen2 is stored unpermuted.
+        let t = match (c.architecture, name.rsplit('.').nth(1)) {
+            (Architecture::Llama, Some("attn_q")) => unpermute(&t, c.num_heads)?,
+            (Architecture::Llama, Some("attn_k")) => unpermute(&t, c.num_kv_heads)?,
+            _ => t,
+        };
+        out.insert(hf, t);
+    }
+    Ok(out)
+}
+
+/// Inverse of llama.cpp's `permute`: rows grouped `(head, dim/2, 2)` back to `(head, 2, dim/2)`.
+fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+/// The HF tensor name of a llama.cpp tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    let hf_part = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf_part}.{kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_llama_cpp_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").unwrap(),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            hf_name("blk.3.ffn_norm.weight").unwrap(),
+            "model.layers.3.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert!(hf_name("blk.0.attn_q_norm.weight").is_none());
+    }
+
+    /// llama.cpp's permute, written as in its converter, to check `unpermute` inverts it.
+    fn permute(t: &Tensor, heads: usize) -> Tensor {
+        let (rows, cols) = t.dims2().unwrap();
+        t.reshape((heads, 2, rows / heads / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let t = Tensor::arange(0f32, 8.0 * 3.0 * 5.0, &Device::Cpu)
+            .unwrap()
+            .reshape((24, 5))
+            .unwrap();
+        let back = unpermute(&permute(&t, 3), 3).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+    }
+}

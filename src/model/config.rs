@@ -120,7 +120,7 @@ impl ModelConfig {
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if hf.num_attention_heads == 0
             || num_kv_heads == 0
-            || hf.num_attention_heads % num_kv_heads != 0
+            || !hf.num_attention_heads.is_multiple_of(num_kv_heads)
         {
             bail!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({num_kv_heads})",
@@ -130,7 +130,7 @@ impl ModelConfig {
         let head_dim = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("head_dim {head_dim} must be even for rotary embeddings");
         }
         let (rope_theta, rope_scaling) = rope_of(&hf)?;

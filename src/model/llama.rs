@@ -61,6 +61,11 @@ impl KvCache {
             .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
+    /// Keys and values of one layer, if it has seen any position.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(|l| l.as_ref())
+    }
+
     /// True when no position has been seen yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -158,6 +163,11 @@ impl Llama {
     /// The output head `[vocab, hidden]` (the embeddings when tied).
     pub fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// cos and sin of one position, `head_dim / 2` values each.
+    pub(crate) fn rope_row(&self, pos: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((self.cos.get(pos)?.to_vec1()?, self.sin.get(pos)?.to_vec1()?))
     }
 
     /// The longest sequence the RoPE tables cover.

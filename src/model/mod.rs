@@ -1,6 +1,7 @@
 //! The in-memory model: configuration, weights, and the Llama-family forward pass.
 
 pub mod config;
+pub mod decode;
 pub mod llama;
 pub mod weights;
 

@@ -1,0 +1,139 @@
+//! Text generation: prompt prefill through the tensor forward pass, then KV-cached decoding one
+//! token at a time, sampled with HF `generate` semantics, streamed as it comes.
+
+use crate::model::{decode::DecodeWeights, KvCache, Llama};
+use crate::sampling::Sampler;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The original's default prompt, the Wake's first words.
+pub const DEFAULT_PROMPT: &str = "riverrun, past Eve and Adam's,";
+
+/// One generated continuation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub prompt_tokens: usize,
+    /// The continuation (special tokens removed), without the prompt.
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub stopped_on_eos: bool,
+    /// Seconds for the prompt pass and first token.
+    pub first_token_s: f64,
+    pub total_s: f64,
+    /// New tokens per second after the first.
+    pub decode_tokens_per_s: f64,
+}
+
+/// How a generation ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_new_tokens: usize,
+    /// Stop at an end-of-sequence token (off for fixed-length benchmarks).
+    pub stop_at_eos: bool,
+}
+
+/// Tokenizes `prompt` (with the tokenizer's special-token rules, as HF `tokenizer(prompt)`).
+pub fn encode_prompt(tokenizer: &tokenizers::Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    let enc = tokenizer
+        .encode(prompt, true)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
+    if enc.get_ids().is_empty() {
+        bail!("the prompt is empty: give --prompt some text");
+    }
+    Ok(enc.get_ids().to_vec())
+}
+
+/// Generates one continuation of `prompt`; `on_text` receives the text as it is produced.
+pub fn generate(
+    weights: &DecodeWeights,
+    model: &Llama,
+    tokenizer: &tokenizers::Tokenizer,
+    prompt: &str,
+    limits: Limits,
+    sampler: &mut Sampler,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Sample> {
+    let start = Instant::now();
+    let prompt_ids = encode_prompt(tokenizer, prompt)?;
+    let capacity = prompt_ids.len() + limits.max_new_tokens;
+    if capacity > model.max_positions() {
+        bail!(
+            "the prompt ({} tokens) plus --max-new-tokens {} exceed the model's context of {} tokens: \
+             shorten the prompt or lower --max-new-tokens",
+            prompt_ids.len(),
+            limits.max_new_tokens,
+            model.max_positions()
+        );
+    }
+    let mut cache = KvCache::default();
+    let input = Tensor::new(prompt_ids.as_slice(), model.embed.device())?.unsqueeze(0)?;
+    let logits = model.forward(&input, Some(&mut cache))?.squeeze(0)?;
+    let mut logits: Vec<f32> = logits.get(prompt_ids.len() - 1)?.to_vec1()?;
+    let mut state = weights.start(&cache, capacity)?;
+    drop(cache);
+    let mut context = prompt_ids.clone();
+    let mut ids = Vec::with_capacity(limits.max_new_tokens);
+    let mut streamed = String::new();
+    let mut first_token_s = 0.0;
+    let mut stopped_on_eos = false;
+    while ids.len() < limits.max_new_tokens {
+        let token = sampler.next_token(&logits, &context);
+        if ids.is_empty() {
+            first_token_s = start.elapsed().as_secs_f64();
+        }
+        ids.push(token);
+        context.push(token);
+        if limits.stop_at_eos && model.config.eos_token_ids.contains(&token) {
+            stopped_on_eos = true;
+            break;
+        }
+        stream(tokenizer, &ids, &mut streamed, on_text)?;
+        if ids.len() < limits.max_new_tokens {
+            logits = weights.step(&mut state, token)?;
+        }
+    }
+    let total_s = start.elapsed().as_secs_f64();
+    let text = tokenizer
+        .decode(&ids, true)
+        .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+    if let Some(rest) = text.strip_prefix(streamed.as_str()) {
+        on_text(rest);
+    }
+    Ok(Sample {
+        prompt: prompt.to_string(),
+        prompt_tokens: prompt_ids.len(),
+        text,
+        stopped_on_eos,
+        decode_tokens_per_s: (ids.len().saturating_sub(1)) as f64
+            / (total_s - first_token_s).max(1e-9),
+        ids,
+        first_token_s,
+        total_s,
+    })
+}
+
+/// Sends the newly decoded text, holding back an incomplete UTF-8 sequence (decoded as U+FFFD)
+/// until its last byte arrives.
+fn stream(
+    tokenizer: &tokenizers::Tokenizer,
+    ids: &[u32],
+    streamed: &mut String,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let text = tokenizer
+        .decode(ids, true)
+        .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+    if text.ends_with('\u{FFFD}') {
+        return Ok(());
+    }
+    if let Some(rest) = text.strip_prefix(streamed.as_str()) {
+        if !rest.is_empty() {
+            on_text(rest);
+            streamed.push_str(rest);
+        }
+    }
+    Ok(())
+}
