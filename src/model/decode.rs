@@ -10,7 +10,7 @@
 
 use super::llama::{Block, KvCache, Linear, Llama};
 use anyhow::{bail, Result};
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 /// A row-major `[rows, cols]` matrix inside the decoder's weight arena, with an optional bias.
 struct Mat {
@@ -50,9 +50,9 @@ impl Arena {
         })
     }
 
-    /// `y = W·x (+ bias)`.
-    fn apply(&self, m: &Mat, x: &[f32], y: &mut [f32]) {
-        gemv(&self.buf[m.offset..m.offset + m.rows * m.cols], x, y);
+    /// `y = W·x (+ bias)`, the rows shared by the team.
+    fn apply(&self, team: &mut TeamLead, m: &Mat, x: &[f32], y: &mut [f32]) {
+        team.gemv(&self.buf[m.offset..m.offset + m.rows * m.cols], x, y);
         if let Some(b) = &m.bias {
             y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
         }
@@ -94,6 +94,7 @@ pub struct DecodeWeights<'a> {
     blocks: Vec<BlockView>,
     norm: Vec<f32>,
     head: Mat,
+    threads: usize,
 }
 
 /// One sequence being decoded: its key/value cache.
@@ -146,6 +147,7 @@ impl<'a> DecodeWeights<'a> {
             blocks,
             norm: model.norm.to_vec1()?,
             head,
+            threads: rayon::current_num_threads(),
         })
     }
 
@@ -210,51 +212,54 @@ impl<'a> DecodeWeights<'a> {
         let mut scores = vec![0.0; pos + 1];
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = c.rms_norm_eps as f32;
-        for (b, lc) in self.blocks.iter().zip(state.cache.iter_mut()) {
-            rms_norm(&x, &b.input_norm, eps, &mut h);
-            self.arena.apply(&b.qkv, &h, &mut qkv);
-            let (q, kv) = qkv.split_at_mut(nh * hd);
-            let (k, v) = kv.split_at_mut(nkv * hd);
-            q.chunks_exact_mut(hd)
-                .for_each(|head| rope(head, &cos, &sin));
-            k.chunks_exact_mut(hd)
-                .for_each(|head| rope(head, &cos, &sin));
-            for g in 0..nkv {
-                let at = (g * cap + pos) * hd;
-                lc.k[at..at + hd].copy_from_slice(&k[g * hd..(g + 1) * hd]);
-                lc.v[at..at + hd].copy_from_slice(&v[g * hd..(g + 1) * hd]);
-            }
-            for head in 0..nh {
-                let g = head / (nh / nkv);
-                let keys = &lc.k[g * cap * hd..];
-                let vals = &lc.v[g * cap * hd..];
-                let qh = &q[head * hd..(head + 1) * hd];
-                for (p, s) in scores.iter_mut().enumerate() {
-                    *s = dot(qh, &keys[p * hd..(p + 1) * hd]) * scale;
+        let logits = Team::run(self.threads, |lead| {
+            for (b, lc) in self.blocks.iter().zip(state.cache.iter_mut()) {
+                rms_norm(&x, &b.input_norm, eps, &mut h);
+                self.arena.apply(lead, &b.qkv, &h, &mut qkv);
+                let (q, kv) = qkv.split_at_mut(nh * hd);
+                let (k, v) = kv.split_at_mut(nkv * hd);
+                q.chunks_exact_mut(hd)
+                    .for_each(|head| rope(head, &cos, &sin));
+                k.chunks_exact_mut(hd)
+                    .for_each(|head| rope(head, &cos, &sin));
+                for g in 0..nkv {
+                    let at = (g * cap + pos) * hd;
+                    lc.k[at..at + hd].copy_from_slice(&k[g * hd..(g + 1) * hd]);
+                    lc.v[at..at + hd].copy_from_slice(&v[g * hd..(g + 1) * hd]);
                 }
-                softmax(&mut scores);
-                let oh = &mut attn[head * hd..(head + 1) * hd];
-                oh.fill(0.0);
-                for (p, &w) in scores.iter().enumerate() {
-                    oh.iter_mut()
-                        .zip(&vals[p * hd..(p + 1) * hd])
-                        .for_each(|(o, v)| *o += w * v);
+                for head in 0..nh {
+                    let g = head / (nh / nkv);
+                    let keys = &lc.k[g * cap * hd..];
+                    let vals = &lc.v[g * cap * hd..];
+                    let qh = &q[head * hd..(head + 1) * hd];
+                    for (p, s) in scores.iter_mut().enumerate() {
+                        *s = dot(qh, &keys[p * hd..(p + 1) * hd]) * scale;
+                    }
+                    softmax(&mut scores);
+                    let oh = &mut attn[head * hd..(head + 1) * hd];
+                    oh.fill(0.0);
+                    for (p, &w) in scores.iter().enumerate() {
+                        oh.iter_mut()
+                            .zip(&vals[p * hd..(p + 1) * hd])
+                            .for_each(|(o, v)| *o += w * v);
+                    }
                 }
+                self.arena.apply(lead, &b.o, &attn, &mut out);
+                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+                rms_norm(&x, &b.post_norm, eps, &mut h);
+                self.arena.apply(lead, &b.gate_up, &h, &mut gate_up);
+                let (gate, up) = gate_up.split_at_mut(c.intermediate_size);
+                gate.iter_mut()
+                    .zip(up.iter())
+                    .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                self.arena.apply(lead, &b.down, gate, &mut out);
+                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
             }
-            self.arena.apply(&b.o, &attn, &mut out);
-            x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
-            rms_norm(&x, &b.post_norm, eps, &mut h);
-            self.arena.apply(&b.gate_up, &h, &mut gate_up);
-            let (gate, up) = gate_up.split_at_mut(c.intermediate_size);
-            gate.iter_mut()
-                .zip(up.iter())
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            self.arena.apply(&b.down, gate, &mut out);
-            x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
-        }
-        rms_norm(&x, &self.norm, eps, &mut h);
-        let mut logits = vec![0.0; self.head.rows];
-        self.arena.apply(&self.head, &h, &mut logits);
+            rms_norm(&x, &self.norm, eps, &mut h);
+            let mut logits = vec![0.0; self.head.rows];
+            self.arena.apply(lead, &self.head, &h, &mut logits);
+            logits
+        });
         state.len += 1;
         Ok(logits)
     }
@@ -289,17 +294,123 @@ fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v /= sum);
 }
 
-/// `y = W·x` for row-major `W` `[y.len(), x.len()]`, rows split across threads.
-fn gemv(w: &[f32], x: &[f32], y: &mut [f32]) {
-    let cols = x.len();
-    let chunk = y
-        .len()
-        .div_ceil(rayon::current_num_threads() * 16)
-        .next_multiple_of(ROWS);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
-        let w = &w[c * chunk * cols..(c * chunk + ys.len()) * cols];
-        rows_dot(w, x, ys);
-    });
+/// Threads sharing the matrix-vector products of one decoding step, each taking a contiguous
+/// block of rows. A step makes about four products per layer; the helpers spin between them
+/// rather than sleep, since waking pool threads ~120 times a token cost several percent of the
+/// step. The helpers live for one step (one spawn per token, negligible).
+struct Team {
+    parts: usize,
+    /// Number of the last published product; `STOP` ends the helpers.
+    published: AtomicUsize,
+    /// Helper parts finished, over all products so far.
+    finished: AtomicUsize,
+    w: AtomicPtr<f32>,
+    x: AtomicPtr<f32>,
+    y: AtomicPtr<f32>,
+    rows: AtomicUsize,
+    cols: AtomicUsize,
+}
+
+const STOP: usize = usize::MAX;
+
+/// The calling thread's side of a [`Team`]: publishes products and does part 0 of each.
+struct TeamLead<'t> {
+    team: &'t Team,
+    count: usize,
+}
+
+impl Team {
+    /// Runs `work` on this thread with `threads − 1` helpers for its products.
+    fn run<R>(threads: usize, work: impl FnOnce(&mut TeamLead) -> R) -> R {
+        let team = Team {
+            parts: threads.max(1),
+            published: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            w: AtomicPtr::default(),
+            x: AtomicPtr::default(),
+            y: AtomicPtr::default(),
+            rows: AtomicUsize::new(0),
+            cols: AtomicUsize::new(0),
+        };
+        std::thread::scope(|s| {
+            for part in 1..team.parts {
+                let team = &team;
+                s.spawn(move || team.help(part));
+            }
+            let mut lead = TeamLead { team: &team, count: 0 };
+            work(&mut lead)
+        })
+    }
+
+    /// A helper: waits for each product in turn, computes its part, reports it done.
+    fn help(&self, part: usize) {
+        let mut next = 1;
+        loop {
+            let published = loop {
+                let p = self.published.load(Ordering::Acquire);
+                if p >= next {
+                    break p;
+                }
+                std::hint::spin_loop();
+            };
+            if published == STOP {
+                return;
+            }
+            // SAFETY: the lead published valid pointers for product `next` and does not touch
+            // this part's output rows, nor free anything, until `finished` counts this part.
+            unsafe { self.part(part) };
+            self.finished.fetch_add(1, Ordering::Release);
+            next += 1;
+        }
+    }
+
+    /// Rows `[start, end)` of part `part` of a `rows`-row product.
+    fn range(&self, part: usize, rows: usize) -> (usize, usize) {
+        let chunk = rows.div_ceil(self.parts).next_multiple_of(ROWS);
+        ((part * chunk).min(rows), ((part + 1) * chunk).min(rows))
+    }
+
+    /// # Safety
+    /// The published pointers must be valid for the published shape.
+    unsafe fn part(&self, part: usize) {
+        let (rows, cols) = (self.rows.load(Ordering::Relaxed), self.cols.load(Ordering::Relaxed));
+        let (start, end) = self.range(part, rows);
+        let w = std::slice::from_raw_parts(self.w.load(Ordering::Relaxed).add(start * cols), (end - start) * cols);
+        let x = std::slice::from_raw_parts(self.x.load(Ordering::Relaxed), cols);
+        let y = std::slice::from_raw_parts_mut(self.y.load(Ordering::Relaxed).add(start), end - start);
+        rows_dot(w, x, y);
+    }
+}
+
+impl TeamLead<'_> {
+    /// `y = W·x` for row-major `W` `[y.len(), x.len()]`.
+    fn gemv(&mut self, w: &[f32], x: &[f32], y: &mut [f32]) {
+        let team = self.team;
+        if team.parts == 1 {
+            return rows_dot(w, x, y);
+        }
+        assert_eq!(w.len(), y.len() * x.len(), "gemv: shape mismatch");
+        team.w.store(w.as_ptr().cast_mut(), Ordering::Relaxed);
+        team.x.store(x.as_ptr().cast_mut(), Ordering::Relaxed);
+        team.y.store(y.as_mut_ptr(), Ordering::Relaxed);
+        team.rows.store(y.len(), Ordering::Relaxed);
+        team.cols.store(x.len(), Ordering::Relaxed);
+        self.count += 1;
+        team.published.store(self.count, Ordering::Release);
+        // SAFETY: pointers just published from live slices; part 0 is ours alone.
+        unsafe { team.part(0) };
+        let want = self.count * (team.parts - 1);
+        while team.finished.load(Ordering::Acquire) < want {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for TeamLead<'_> {
+    /// Ends the helpers however the step ends (a panic included), so the scope can join them.
+    fn drop(&mut self) {
+        self.team.published.store(STOP, Ordering::Release);
+    }
 }
 
 /// Rows handled together: their independent accumulators hide FMA latency and keep several
@@ -402,11 +513,13 @@ mod tests {
         let (rows, cols) = (37, 45);
         let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.013).sin()).collect();
         let x: Vec<f32> = (0..cols).map(|i| i as f32 * 0.1).collect();
-        let mut y = vec![0.0; rows];
-        gemv(&w, &x, &mut y);
-        for r in 0..rows {
-            let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
-            assert!((y[r] - want).abs() < 1e-4);
+        for threads in [1, 2, 3] {
+            let mut y = vec![0.0; rows];
+            Team::run(threads, |lead| lead.gemv(&w, &x, &mut y));
+            for r in 0..rows {
+                let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
+                assert!((y[r] - want).abs() < 1e-4, "threads {threads} row {r}");
+            }
         }
     }
 }
