@@ -187,10 +187,12 @@ fn config_of(
         value_u64(v)
             .with_context(|| format!("{}: metadata '{full}' is not a number", path.display()))
     };
+    // GGUF stores these as f32; go through the shortest decimal that round-trips, so that
+    // 1e-5 becomes 1e-5 in config.json rather than 9.99999974737875e-6.
     let float = |key: &str| {
         get(&format!("{arch}.{key}"))
             .and_then(|v| v.to_f32().ok())
-            .map(f64::from)
+            .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!(
