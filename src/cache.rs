@@ -96,6 +96,10 @@ impl FromStr for ModelSpec {
             ensure!(path.is_file(), "model '{arg}': no such file; {accepted}");
             return Ok(ModelSpec::Gguf(path.to_path_buf()));
         }
+        ensure!(
+            path.exists(),
+            "model '{arg}': no such file or directory; {accepted}"
+        );
         bail!(
             "model '{arg}' is neither a known name ({DEFAULT_MODEL}), a directory with config.json, \
              nor a .gguf file"
@@ -554,17 +558,17 @@ mod tests {
         let err = |arg: String| arg.parse::<ModelSpec>().unwrap_err().to_string();
         assert_eq!(
             err("foo".into()),
-            "model 'foo' is neither a known name (smollm2-135m), a directory with config.json, \
-             nor a .gguf file"
+            "model 'foo': no such file or directory; expected a known name (smollm2-135m), \
+             a directory with config.json, or a .gguf file"
         );
         let missing = s(&tmp.0.join("missing.gguf"));
+        let weights = tmp.0.join("weights.safetensors");
+        fs::write(&weights, b"").unwrap();
         for (arg, says) in [
             (s(&bare), "directory without config.json"),
             (missing, "no such file"),
-            (
-                s(&tmp.0.join("weights.safetensors")),
-                "neither a known name",
-            ),
+            (s(&tmp.0.join("missing/dir")), "no such file or directory"),
+            (s(&weights), "neither a known name"),
         ] {
             let e = err(arg.clone());
             assert!(e.contains(&format!("'{arg}'")) && e.contains(says), "{e}");

@@ -46,6 +46,26 @@ pub fn encode_prompt(tokenizer: &tokenizers::Tokenizer, prompt: &str) -> Result<
     Ok(enc.get_ids().to_vec())
 }
 
+/// Fails, saying what to change, unless a prompt of `prompt_tokens` tokens and
+/// `max_new_tokens` new ones fit in the model's `context` positions.
+pub fn check_context(prompt_tokens: usize, max_new_tokens: usize, context: usize) -> Result<()> {
+    if prompt_tokens + max_new_tokens <= context {
+        return Ok(());
+    }
+    if prompt_tokens >= context {
+        bail!(
+            "the prompt has {prompt_tokens} tokens but the model's context is {context} tokens \
+             (max_position_embeddings): shorten the prompt so that it plus --max-new-tokens \
+             ({max_new_tokens}) fits in {context}"
+        );
+    }
+    bail!(
+        "the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceed the \
+         model's context of {context} tokens: lower --max-new-tokens to at most {} or shorten the prompt",
+        context - prompt_tokens
+    )
+}
+
 /// Generates one continuation of `prompt`; `on_text` receives the text as it is produced.
 pub fn generate(
     weights: &DecodeWeights,
@@ -58,16 +78,12 @@ pub fn generate(
 ) -> Result<Sample> {
     let start = Instant::now();
     let prompt_ids = encode_prompt(tokenizer, prompt)?;
+    check_context(
+        prompt_ids.len(),
+        limits.max_new_tokens,
+        model.max_positions(),
+    )?;
     let capacity = prompt_ids.len() + limits.max_new_tokens;
-    if capacity > model.max_positions() {
-        bail!(
-            "the prompt ({} tokens) plus --max-new-tokens {} exceed the model's context of {} tokens: \
-             shorten the prompt or lower --max-new-tokens",
-            prompt_ids.len(),
-            limits.max_new_tokens,
-            model.max_positions()
-        );
-    }
     let mut cache = KvCache::default();
     let input = Tensor::new(prompt_ids.as_slice(), model.embed.device())?.unsqueeze(0)?;
     let logits = model.forward(&input, Some(&mut cache))?.squeeze(0)?;
@@ -136,4 +152,21 @@ fn stream(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_context;
+
+    #[test]
+    fn context_check_names_the_limit_to_respect() {
+        assert!(check_context(6, 250, 256).is_ok());
+        let over = check_context(6, 251, 256).unwrap_err().to_string();
+        assert!(over.contains("at most 250"), "{over}");
+        let long = check_context(300, 1, 256).unwrap_err().to_string();
+        assert!(
+            long.contains("300 tokens") && long.contains("shorten the prompt"),
+            "{long}"
+        );
+    }
 }

@@ -135,7 +135,23 @@ enum BenchCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // candle puts a captured backtrace into the text of its errors whenever RUST_BACKTRACE is
+    // set, which would turn the one-line `error: ...` into dozens of lines. Library backtraces
+    // stay off unless asked for by name; panics still follow RUST_BACKTRACE. Done first, before
+    // any thread exists.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // A rejected value (`--model nowhere`) is one line, like every other error; the rest
+        // (help, version, usage mistakes) keep clap's own multi-line rendering.
+        if e.kind() == clap::error::ErrorKind::ValueValidation {
+            let rendered = e.render().to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or_default());
+            std::process::exit(e.exit_code());
+        }
+        e.exit()
+    });
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -180,7 +196,8 @@ fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
-            "{} is not UTF-8 text (invalid byte at offset {})",
+            "{} is not UTF-8 text (invalid byte at offset {}): convert it, e.g. \
+             `iconv -f latin1 -t utf-8`",
             path.display(),
             e.utf8_error().valid_up_to()
         )
@@ -248,6 +265,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let mut sampler = Sampler::new(params, args.seed)?;
     let m = args.model.load()?;
+    // Checked before the prompt is echoed, so a prompt that cannot run prints nothing.
+    let prompt_tokens = generate::encode_prompt(&m.tokenizer, &args.prompt)?.len();
+    generate::check_context(prompt_tokens, args.max_new_tokens, m.model.max_positions())?;
     let weights = DecodeWeights::new(&m.model)?;
     let limits = Limits {
         max_new_tokens: args.max_new_tokens,

@@ -68,7 +68,7 @@ pub fn score_ids(
     }
     if ids.len() < 2 {
         bail!(
-            "the text has {} token(s): scoring needs at least 2",
+            "the text has {} token(s): scoring needs at least 2; give a longer text",
             ids.len()
         );
     }
@@ -112,7 +112,7 @@ pub fn score_text(
     window: usize,
 ) -> Result<Score> {
     if text.trim().is_empty() {
-        bail!("the text to score is empty");
+        bail!("the text to score is empty: give --text or --file some text");
     }
     let enc = tokenizer
         .encode(text, true)

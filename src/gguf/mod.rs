@@ -26,15 +26,54 @@ pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> 
         .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| {
-        let hint = if e.to_string().contains("unknown dtype") {
-            "it uses a quantization wake2vec cannot dequantize (supported: F32, F16, BF16, Q4_0, Q4_1, \
-             Q5_0, Q5_1, Q8_0, Q2_K–Q8_K); re-export it with one of those"
-        } else {
-            "it is not a valid GGUF file (truncated or corrupt?)"
-        };
-        anyhow::anyhow!("cannot read {}: {e}: {hint}", path.display())
+        let message = e.to_string();
+        // candle says "unknown dtype for tensor N", N being the ggml type id, not a tensor index.
+        let unknown = message
+            .strip_prefix("unknown dtype for tensor ")
+            .and_then(|rest| rest.split_whitespace().next());
+        match unknown {
+            Some(id) => anyhow::anyhow!(
+                "cannot read {}: it holds tensors of ggml type {id} ({}), which wake2vec cannot \
+                 dequantize (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K–Q8_K); \
+                 re-quantize it to one of those (llama-quantize) or use the model's HF directory",
+                path.display(),
+                ggml_type_name(id)
+            ),
+            None => anyhow::anyhow!(
+                "cannot read {}: {message}: it is not a valid GGUF file (truncated or corrupt?); \
+                 re-download or re-convert it",
+                path.display()
+            ),
+        }
     })?;
     Ok((content, reader))
+}
+
+/// llama.cpp's name of a ggml tensor type id that candle cannot read (`ggml_type` in ggml.h).
+fn ggml_type_name(id: &str) -> &'static str {
+    match id {
+        "4" | "5" => "Q4_2/Q4_3, removed from llama.cpp",
+        "16" => "IQ2_XXS",
+        "17" => "IQ2_XS",
+        "18" => "IQ3_XXS",
+        "19" => "IQ1_S",
+        "20" => "IQ4_NL",
+        "21" => "IQ3_S",
+        "22" => "IQ2_S",
+        "23" => "IQ4_XS",
+        "24" => "I8",
+        "25" => "I16",
+        "26" => "I32",
+        "27" => "I64",
+        "28" => "F64",
+        "29" => "IQ1_M",
+        "34" => "TQ1_0",
+        "35" => "TQ2_0",
+        "39" => "MXFP4",
+        "40" => "NVFP4",
+        "41" => "Q1_0",
+        _ => "unknown to wake2vec",
+    }
 }
 
 /// Imports `gguf` into a new HF directory `out`, written under a temporary name and renamed,
@@ -148,10 +187,12 @@ fn config_of(
         value_u64(v)
             .with_context(|| format!("{}: metadata '{full}' is not a number", path.display()))
     };
+    // GGUF stores these as f32; go through the shortest decimal that round-trips, so that
+    // 1e-5 becomes 1e-5 in config.json rather than 9.99999974737875e-6.
     let float = |key: &str| {
         get(&format!("{arch}.{key}"))
             .and_then(|v| v.to_f32().ok())
-            .map(f64::from)
+            .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!(

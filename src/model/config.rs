@@ -55,13 +55,19 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-/// The subset of an HF `config.json` that wake2vec reads; unknown keys are ignored.
+/// The keys of an HF `config.json` that name the architecture, read first: another family's
+/// config lacks the Llama keys, and "missing field `hidden_size`" would hide the real problem.
 #[derive(Debug, Deserialize)]
-struct HfConfig {
+struct HfArchitecture {
     #[serde(default)]
     architectures: Vec<String>,
     #[serde(default)]
     model_type: Option<String>,
+}
+
+/// The subset of an HF `config.json` that wake2vec reads; unknown keys are ignored.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -109,9 +115,11 @@ impl ModelConfig {
 
     /// Parses the text of an HF `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
+        let arch: HfArchitecture =
+            serde_json::from_str(text).context("config.json is not a valid model config")?;
+        let architecture = architecture_of(&arch)?;
         let hf: HfConfig =
             serde_json::from_str(text).context("config.json is not a valid model config")?;
-        let architecture = architecture_of(&hf)?;
         if let Some(act) = &hf.hidden_act {
             if act != "silu" && act != "swish" {
                 bail!("hidden_act '{act}' is not supported: wake2vec implements SiLU-gated MLPs");
@@ -212,7 +220,7 @@ impl ModelConfig {
     }
 }
 
-fn architecture_of(hf: &HfConfig) -> Result<Architecture> {
+fn architecture_of(hf: &HfArchitecture) -> Result<Architecture> {
     let names: Vec<&str> = hf.architectures.iter().map(String::as_str).collect();
     let model_type = hf.model_type.as_deref().unwrap_or("");
     let is = |arch: &str, ty: &str| names.contains(&arch) || model_type == ty;
@@ -223,7 +231,8 @@ fn architecture_of(hf: &HfConfig) -> Result<Architecture> {
     } else {
         bail!(
             "architecture {:?} (model_type '{model_type}') is not supported: wake2vec runs \
-             LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM models",
+             LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM models; pass one of those \
+             (e.g. --model smollm2-135m)",
             names
         )
     }
@@ -327,6 +336,17 @@ mod tests {
     fn refuses_other_architectures() {
         let text = SMOL.replace("LlamaForCausalLM", "GPT2LMHeadModel");
         let err = format!("{:#}", ModelConfig::from_json(&text).unwrap_err());
+        assert!(
+            err.contains("GPT2LMHeadModel") && err.contains("not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn names_the_architecture_of_a_config_without_llama_keys() {
+        let gpt2 = r#"{"architectures":["GPT2LMHeadModel"],"model_type":"gpt2","n_embd":768,
+            "n_head":12,"n_layer":12,"n_positions":1024,"vocab_size":50257}"#;
+        let err = format!("{:#}", ModelConfig::from_json(gpt2).unwrap_err());
         assert!(
             err.contains("GPT2LMHeadModel") && err.contains("not supported"),
             "{err}"

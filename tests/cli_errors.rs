@@ -1,0 +1,415 @@
+//! Bad input to the real binary: each case must end with a non-zero exit and exactly one line on
+//! stderr, `error: ...`, naming the file or value at fault and saying what to do; never a panic.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wake2vec");
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "wake2vec-cli-errors-{}-{n}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// The binary with `WAKE2VEC_CACHE` set to `cache`, so nothing touches the user's cache, and
+/// RUST_BACKTRACE on, as many developers have it: errors must stay one line even then.
+fn wake2vec(cache: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("WAKE2VEC_CACHE", cache)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE");
+    cmd
+}
+
+fn run<S: AsRef<OsStr>>(cache: &Path, args: &[S]) -> Output {
+    wake2vec(cache).args(args).output().expect("run wake2vec")
+}
+
+/// Asserts the failure shape every case shares and that the message contains each of `says`;
+/// returns the message.
+fn one_line_error(out: &Output, says: &[&str]) -> String {
+    error_after_progress(out, 0, says)
+}
+
+/// As [`one_line_error`], after exactly `progress` lines of `wake2vec: ...` progress (a slow
+/// step logs its start when stderr is not a terminal; on a terminal it is a spinner that is
+/// cleared, leaving the error line alone).
+fn error_after_progress(out: &Output, progress: usize, says: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stderr.contains("panicked") && !stdout.contains("panicked"),
+        "panic: {stderr}"
+    );
+    let code = out.status.code().expect("exited, not killed by a signal");
+    assert_ne!(code, 0, "succeeded on bad input; stdout: {stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        progress + 1,
+        "stderr is not {progress} progress line(s) and one error line: {stderr:?}"
+    );
+    for line in &lines[..progress] {
+        assert!(line.starts_with("wake2vec: "), "{line}");
+    }
+    let line = lines[progress];
+    assert!(line.starts_with("error: "), "{line}");
+    for phrase in says {
+        assert!(line.contains(phrase), "{line:?} does not say {phrase:?}");
+    }
+    line.to_string()
+}
+
+#[test]
+fn missing_model_directory() {
+    let tmp = Scratch::new("missing");
+    let out = run(
+        &tmp.path("cache"),
+        &["score", "--model", "/nonexistent/dir", "--text", "hi"],
+    );
+    one_line_error(
+        &out,
+        &[
+            "'/nonexistent/dir'",
+            "no such file or directory",
+            "a directory with config.json",
+        ],
+    );
+}
+
+#[test]
+fn unknown_model_name() {
+    let tmp = Scratch::new("unknown");
+    // Run where no file of that name can exist.
+    let out = wake2vec(&tmp.path("cache"))
+        .args(["score", "--model", "llama-9000b", "--text", "hi"])
+        .current_dir(&tmp.0)
+        .output()
+        .unwrap();
+    one_line_error(
+        &out,
+        &["'llama-9000b'", "known name (smollm2-135m)", ".gguf"],
+    );
+    assert!(!tmp.path("cache").exists(), "nothing is fetched for a typo");
+}
+
+#[test]
+fn unsupported_architecture() {
+    let tmp = Scratch::new("gpt2");
+    let dir = tmp.path("gpt2");
+    copy_dir(&fixture("tiny-qwen2"), &dir);
+    // GPT-2's own config.json keys: no hidden_size / num_hidden_layers at all.
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+            "bos_token_id": 0, "eos_token_id": 0, "layer_norm_epsilon": 1e-05,
+            "model_type": "gpt2", "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 2,
+            "n_positions": 256, "vocab_size": 400}"#,
+    )
+    .unwrap();
+    let out = run(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("score"),
+            OsStr::new("--model"),
+            dir.as_os_str(),
+            OsStr::new("--text"),
+            OsStr::new("hello there"),
+        ],
+    );
+    let config = dir.join("config.json");
+    one_line_error(
+        &out,
+        &[
+            config.to_str().unwrap(),
+            "GPT2LMHeadModel",
+            "not supported",
+            "LlamaForCausalLM",
+        ],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = Scratch::new("truncated");
+    let dir = tmp.path("model");
+    copy_dir(&fixture("tiny-qwen2"), &dir);
+    let weights = dir.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = run(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("score"),
+            OsStr::new("--model"),
+            dir.as_os_str(),
+            OsStr::new("--text"),
+            OsStr::new("hello there"),
+        ],
+    );
+    one_line_error(
+        &out,
+        &[weights.to_str().unwrap(), "truncated", "re-download"],
+    );
+}
+
+/// GGUF v3 by hand: a llama header whose one tensor is IQ2_XXS (ggml type 16), which candle
+/// cannot dequantize.
+fn gguf_with_iq2_xxs(path: &Path) {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    const STRING: u32 = 8;
+    const U32: u32 = 4;
+    const F32: u32 = 6;
+    const IQ2_XXS: u32 = 16;
+    const IQ2_XXS_BLOCK: usize = 256; // weights per block
+    const IQ2_XXS_BYTES: usize = 66; // bytes per block: f16 scale + 32 u16
+    let (rows, cols) = (4usize, 256usize);
+
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(5u64.to_le_bytes()); // metadata entries
+    string(&mut b, "general.architecture");
+    b.extend(STRING.to_le_bytes());
+    string(&mut b, "llama");
+    string(&mut b, "general.alignment");
+    b.extend(U32.to_le_bytes());
+    b.extend(32u32.to_le_bytes());
+    string(&mut b, "llama.block_count");
+    b.extend(U32.to_le_bytes());
+    b.extend(1u32.to_le_bytes());
+    string(&mut b, "llama.embedding_length");
+    b.extend(U32.to_le_bytes());
+    b.extend((cols as u32).to_le_bytes());
+    string(&mut b, "llama.attention.layer_norm_rms_epsilon");
+    b.extend(F32.to_le_bytes());
+    b.extend(1e-5f32.to_le_bytes());
+    // Tensor info: name, n_dims, dims innermost first, type, offset into the data section.
+    string(&mut b, "token_embd.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend((cols as u64).to_le_bytes());
+    b.extend((rows as u64).to_le_bytes());
+    b.extend(IQ2_XXS.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().next_multiple_of(32), 0);
+    b.resize(b.len() + rows * cols / IQ2_XXS_BLOCK * IQ2_XXS_BYTES, 0);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn gguf_with_unsupported_quantization() {
+    let tmp = Scratch::new("iq2");
+    let gguf = tmp.path("tiny.IQ2_XXS.gguf");
+    gguf_with_iq2_xxs(&gguf);
+    let cache = tmp.path("cache");
+    let says = [
+        gguf.to_str().unwrap(),
+        "ggml type 16 (IQ2_XXS)",
+        "cannot dequantize",
+        "re-quantize",
+    ];
+
+    let out_dir = tmp.path("imported");
+    let out = run(
+        &cache,
+        &[
+            OsStr::new("import-gguf"),
+            gguf.as_os_str(),
+            OsStr::new("--out"),
+            out_dir.as_os_str(),
+        ],
+    );
+    one_line_error(&out, &says);
+    let left: Vec<_> = std::fs::read_dir(&tmp.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![gguf.file_name().unwrap()], "import left files");
+
+    let out = run(
+        &cache,
+        &[
+            OsStr::new("score"),
+            OsStr::new("--model"),
+            gguf.as_os_str(),
+            OsStr::new("--text"),
+            OsStr::new("hi"),
+        ],
+    );
+    let line = error_after_progress(&out, 1, &says);
+    assert!(line.starts_with("error: cannot import "), "{line}");
+    // The failed import leaves nothing in the cache that a later run could take for a model.
+    let imported = cache.join("imported");
+    let entries = std::fs::read_dir(&imported).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(entries, 0, "{} is not empty", imported.display());
+}
+
+/// The golden prompt of tiny-llama and its token count.
+fn golden_prompt() -> (String, usize) {
+    let path = fixture("tiny-llama/golden.json");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let prompt = golden["prompt"].as_str().unwrap().to_string();
+    let tokens = golden["ids"].as_array().unwrap().len();
+    (prompt, tokens)
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let tmp = Scratch::new("long-prompt");
+    let model = fixture("tiny-llama");
+    let (prompt, tokens) = golden_prompt();
+    // max_position_embeddings is 256: four copies (joined by a space) are well past it.
+    let long = [prompt.as_str(); 4].join(" ");
+    assert!(4 * tokens > 256);
+    let out = run(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("generate"),
+            OsStr::new("--model"),
+            model.as_os_str(),
+            OsStr::new("--prompt"),
+            OsStr::new(&long),
+            OsStr::new("--max-new-tokens"),
+            OsStr::new("1"),
+        ],
+    );
+    one_line_error(
+        &out,
+        &[
+            "the prompt has",
+            "context is 256 tokens",
+            "shorten the prompt",
+        ],
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "the prompt was echoed before failing"
+    );
+}
+
+#[test]
+fn max_new_tokens_past_the_context() {
+    let tmp = Scratch::new("long-generation");
+    let model = fixture("tiny-llama");
+    let (prompt, tokens) = golden_prompt();
+    let out = run(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("generate"),
+            OsStr::new("--model"),
+            model.as_os_str(),
+            OsStr::new("--prompt"),
+            OsStr::new(&prompt),
+            OsStr::new("--max-new-tokens"),
+            OsStr::new("200"),
+        ],
+    );
+    let room = format!("--max-new-tokens to at most {}", 256 - tokens);
+    one_line_error(
+        &out,
+        &[
+            &format!("the prompt ({tokens} tokens)"),
+            "--max-new-tokens 200",
+            "context of 256 tokens",
+            &room,
+        ],
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "the prompt was echoed before failing"
+    );
+}
+
+#[test]
+fn score_file_that_is_not_utf8() {
+    let tmp = Scratch::new("latin1");
+    let file = tmp.path("wake-latin1.txt");
+    // "riverrun, past Ève" in Latin-1: 0xC8 starts no valid UTF-8 sequence here.
+    std::fs::write(&file, b"riverrun, past \xC8ve and Adam's").unwrap();
+    let out = run(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("score"),
+            OsStr::new("--model"),
+            fixture("tiny-qwen2").as_os_str(),
+            OsStr::new("--file"),
+            file.as_os_str(),
+        ],
+    );
+    one_line_error(
+        &out,
+        &[
+            file.to_str().unwrap(),
+            "not UTF-8",
+            "offset 15",
+            "convert it",
+        ],
+    );
+}
+
+#[test]
+fn score_empty_text() {
+    let tmp = Scratch::new("empty");
+    let model = fixture("tiny-qwen2");
+    for text in ["", "  \n"] {
+        let out = run(
+            &tmp.path("cache"),
+            &[
+                OsStr::new("score"),
+                OsStr::new("--model"),
+                model.as_os_str(),
+                OsStr::new("--text"),
+                OsStr::new(text),
+            ],
+        );
+        one_line_error(&out, &["text to score is empty", "--text or --file"]);
+    }
+}
