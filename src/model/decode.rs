@@ -337,7 +337,10 @@ impl Team {
                 let team = &team;
                 s.spawn(move || team.help(part));
             }
-            let mut lead = TeamLead { team: &team, count: 0 };
+            let mut lead = TeamLead {
+                team: &team,
+                count: 0,
+            };
             work(&mut lead)
         })
     }
@@ -373,11 +376,18 @@ impl Team {
     /// # Safety
     /// The published pointers must be valid for the published shape.
     unsafe fn part(&self, part: usize) {
-        let (rows, cols) = (self.rows.load(Ordering::Relaxed), self.cols.load(Ordering::Relaxed));
+        let (rows, cols) = (
+            self.rows.load(Ordering::Relaxed),
+            self.cols.load(Ordering::Relaxed),
+        );
         let (start, end) = self.range(part, rows);
-        let w = std::slice::from_raw_parts(self.w.load(Ordering::Relaxed).add(start * cols), (end - start) * cols);
+        let w = std::slice::from_raw_parts(
+            self.w.load(Ordering::Relaxed).add(start * cols),
+            (end - start) * cols,
+        );
         let x = std::slice::from_raw_parts(self.x.load(Ordering::Relaxed), cols);
-        let y = std::slice::from_raw_parts_mut(self.y.load(Ordering::Relaxed).add(start), end - start);
+        let y =
+            std::slice::from_raw_parts_mut(self.y.load(Ordering::Relaxed).add(start), end - start);
         rows_dot(w, x, y);
     }
 }
