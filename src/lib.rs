@@ -3,6 +3,7 @@
 //!
 //! The data flow and the design decisions are in `docs/DESIGN.md`; each module is one box of it.
 
+pub mod analysis;
 pub mod atomic;
 pub mod bench;
 pub mod cache;
