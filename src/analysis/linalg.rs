@@ -96,7 +96,12 @@ pub fn sym_eigen(mut a: Vec<f64>, n: usize, vectors: bool) -> SymEigen {
     };
     let mut d = d;
     let mut e = e;
-    tridiagonal_ql(&mut d, &mut e, if vectors { Some(&mut zt) } else { None }, n);
+    tridiagonal_ql(
+        &mut d,
+        &mut e,
+        if vectors { Some(&mut zt) } else { None },
+        n,
+    );
     // sort ascending (with their vectors)
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&i, &j| d[i].total_cmp(&d[j]));
@@ -123,7 +128,7 @@ fn tridiagonalize(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut p = vec![0.0; n];
     for k in 0..n.saturating_sub(2) {
         let m = n - k - 1; // size of the trailing block
-        // x = A[k+1.., k] = A[k][k+1..] by symmetry
+                           // x = A[k+1.., k] = A[k][k+1..] by symmetry
         let x: Vec<f64> = a[k * n + k + 1..(k + 1) * n].to_vec();
         let alpha_sq: f64 = x.iter().map(|v| v * v).sum();
         let x0 = x[0];
@@ -158,7 +163,11 @@ fn tridiagonalize(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         }
         // w = p − (beta pᵀv / 2) v
         let kcoef = beta * dot(&p[..m], &v) / 2.0;
-        let w: Vec<f64> = p[..m].iter().zip(&v).map(|(pi, vi)| pi - kcoef * vi).collect();
+        let w: Vec<f64> = p[..m]
+            .iter()
+            .zip(&v)
+            .map(|(pi, vi)| pi - kcoef * vi)
+            .collect();
         // A22 −= v wᵀ + w vᵀ
         a[start * n..]
             .par_chunks_exact_mut(n)
@@ -321,7 +330,9 @@ fn apply_rotations(zt: &mut [f64], n: usize, rotations: &[(usize, f64, f64)]) {
         return;
     }
     // two blocks per thread keeps the threads balanced whatever n is
-    let nblocks = (2 * rayon::current_num_threads()).min(n.div_ceil(32)).max(1);
+    let nblocks = (2 * rayon::current_num_threads())
+        .min(n.div_ceil(32))
+        .max(1);
     let block = n.div_ceil(nblocks);
     let nblocks = n.div_ceil(block);
     let ptr = SyncPtr(zt.as_mut_ptr());
@@ -457,11 +468,13 @@ mod speed {
     fn timing() {
         let n = 576;
         let rows = 49152;
-        let x: Vec<f32> = (0..rows * n).map(|i| ((i * 7919 % 1000) as f32) / 1000.0 - 0.5 + (i % 13) as f32 * 0.01).collect();
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 7919 % 1000) as f32) / 1000.0 - 0.5 + (i % 13) as f32 * 0.01)
+            .collect();
         for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let _c = super::covariance(&x, rows, n).unwrap();
-        eprintln!("cov {:.3}s", t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            let _c = super::covariance(&x, rows, n).unwrap();
+            eprintln!("cov {:.3}s", t.elapsed().as_secs_f64());
         }
         let c = super::covariance(&x, rows, n).unwrap();
         let mut a = c.clone();
@@ -473,6 +486,10 @@ mod speed {
         eprintln!("accumulate {:.3}s", t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
         let e2 = super::sym_eigen(c, n, true);
-        eprintln!("eig vectors {:.3}s {}", t.elapsed().as_secs_f64(), e2.values[n-1]);
+        eprintln!(
+            "eig vectors {:.3}s {}",
+            t.elapsed().as_secs_f64(),
+            e2.values[n - 1]
+        );
     }
 }

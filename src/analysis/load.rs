@@ -49,8 +49,8 @@ pub fn resolve(path: &Path) -> Result<Source> {
     let ckpts = path.join("checkpoints");
     if ckpts.is_dir() {
         let mut best: Option<(u64, PathBuf)> = None;
-        for entry in std::fs::read_dir(&ckpts)
-            .with_context(|| format!("cannot list {}", ckpts.display()))?
+        for entry in
+            std::fs::read_dir(&ckpts).with_context(|| format!("cannot list {}", ckpts.display()))?
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -83,8 +83,11 @@ pub fn resolve(path: &Path) -> Result<Source> {
 /// Loads the input embedding matrix (`*embed_tokens.weight`) of a model directory, as f32.
 pub fn load_embeddings(model_dir: &Path) -> Result<Embeddings> {
     for file in weights::weight_files(model_dir)? {
-        let (w, _) =
-            weights::load_file_filtered(&file, |n| n.ends_with("embed_tokens.weight"), &Device::Cpu)?;
+        let (w, _) = weights::load_file_filtered(
+            &file,
+            |n| n.ends_with("embed_tokens.weight"),
+            &Device::Cpu,
+        )?;
         if let Some((_, t)) = w.into_iter().next() {
             let (rows, dim) = t.dims2().context("embed_tokens.weight is not a matrix")?;
             let data = t.flatten_all()?.to_vec1::<f32>()?;
@@ -275,7 +278,9 @@ pub fn list_snapshots(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         return Ok(Vec::new());
     }
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+    {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(stem) = name.strip_suffix(".safetensors") {

@@ -344,7 +344,12 @@ impl Vocabulary<'_> {
 pub fn row_norms(e: &Embeddings) -> Vec<f64> {
     e.data
         .par_chunks_exact(e.dim)
-        .map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt())
+        .map(|r| {
+            r.iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect()
 }
 
@@ -577,7 +582,13 @@ pub fn nearest_base(
         .collect();
     // dot products in f32 through gemm, divided by the f64 norms
     let qf: Vec<f32> = q.iter().map(|&v| v as f32).collect();
-    let dots = linalg::matmul_nt_f32(&qf, queries.len(), e.slice(0..base_vocab), base_vocab, e.dim)?;
+    let dots = linalg::matmul_nt_f32(
+        &qf,
+        queries.len(),
+        e.slice(0..base_vocab),
+        base_vocab,
+        e.dim,
+    )?;
     Ok(dots
         .chunks_exact(base_vocab)
         .map(|row| {
@@ -608,7 +619,10 @@ pub fn row_drift(a: &[f32], b: &[f32], dim: usize) -> (Vec<f64>, Vec<f64>) {
                 yy += q * q;
                 dd += (p - q) * (p - q);
             }
-            (xy / (xx.sqrt().max(1e-12) * yy.sqrt().max(1e-12)), dd.sqrt())
+            (
+                xy / (xx.sqrt().max(1e-12) * yy.sqrt().max(1e-12)),
+                dd.sqrt(),
+            )
         })
         .unzip()
 }
@@ -704,9 +718,9 @@ pub fn analyze(
     for w in &opts.query_words {
         match vocab.id_of(w) {
             Some(id) if id < e.rows => queries.push((id, "user")),
-            _ => eprintln!(
-                "warning: query word {w:?} is not one token of this vocabulary; skipped"
-            ),
+            _ => {
+                eprintln!("warning: query word {w:?} is not one token of this vocabulary; skipped")
+            }
         }
     }
     let ids: Vec<usize> = queries.iter().map(|q| q.0).collect();

@@ -447,12 +447,7 @@ pub fn smirnov(n: u64, x: f64) -> f64 {
             continue;
         }
         let log_c = lg_n1 - ln_gamma(vf + 1.0) - ln_gamma(nf - vf + 1.0);
-        let log_pow = (vf - 1.0) * evn.ln()
-            + if n == v {
-                0.0
-            } else {
-                (nf - vf) * omevn.ln()
-            };
+        let log_pow = (vf - 1.0) * evn.ln() + if n == v { 0.0 } else { (nf - vf) * omevn.ln() };
         terms.push(log_c + log_pow);
     }
     let top = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);

@@ -89,7 +89,10 @@ pub fn trajectory(
             .sqrt()
     };
     let first = &frames[0].1;
-    let full: Vec<f64> = ids.iter().map(|&i| dist(first.row(i), last.row(i))).collect();
+    let full: Vec<f64> = ids
+        .iter()
+        .map(|&i| dist(first.row(i), last.row(i)))
+        .collect();
     let d2: Vec<f64> = (0..ids.len())
         .map(|t| {
             let (a, b) = (coords[0][t], coords[coords.len() - 1][t]);
@@ -99,14 +102,22 @@ pub fn trajectory(
     let by_step = frames
         .iter()
         .map(|(s, f)| {
-            let m = ids.iter().map(|&i| dist(first.row(i), f.row(i))).sum::<f64>() / ids.len() as f64;
+            let m = ids
+                .iter()
+                .map(|&i| dist(first.row(i), f.row(i)))
+                .sum::<f64>()
+                / ids.len() as f64;
             (*s, m)
         })
         .collect();
     let words: Vec<String> = ids.iter().map(|&i| vocab.word(wake_start + i)).collect();
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by(|&a, &b| full[b].total_cmp(&full[a]));
-    let most_mobile = order.iter().take(10).map(|&t| (words[t].clone(), full[t])).collect();
+    let most_mobile = order
+        .iter()
+        .take(10)
+        .map(|&t| (words[t].clone(), full[t]))
+        .collect();
     let most_stationary = order
         .iter()
         .rev()
