@@ -5,10 +5,13 @@
 
 pub mod analysis;
 pub mod atomic;
+pub mod battery;
 pub mod bench;
 pub mod cache;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod report;
 pub mod sampling;
 pub mod score;
+pub mod text_metrics;

@@ -460,36 +460,3 @@ mod tests {
         assert!((c[1] - c01).abs() < 1e-12 && (c[2] - c01).abs() < 1e-12);
     }
 }
-
-#[cfg(test)]
-mod speed {
-    #[test]
-    #[ignore]
-    fn timing() {
-        let n = 576;
-        let rows = 49152;
-        let x: Vec<f32> = (0..rows * n)
-            .map(|i| ((i * 7919 % 1000) as f32) / 1000.0 - 0.5 + (i % 13) as f32 * 0.01)
-            .collect();
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let _c = super::covariance(&x, rows, n).unwrap();
-            eprintln!("cov {:.3}s", t.elapsed().as_secs_f64());
-        }
-        let c = super::covariance(&x, rows, n).unwrap();
-        let mut a = c.clone();
-        let t = std::time::Instant::now();
-        let (_d, _e, b) = super::tridiagonalize(&mut a, n);
-        eprintln!("tridiag {:.3}s", t.elapsed().as_secs_f64());
-        let t = std::time::Instant::now();
-        let _ = super::accumulate_q_transposed(&a, &b, n);
-        eprintln!("accumulate {:.3}s", t.elapsed().as_secs_f64());
-        let t = std::time::Instant::now();
-        let e2 = super::sym_eigen(c, n, true);
-        eprintln!(
-            "eig vectors {:.3}s {}",
-            t.elapsed().as_secs_f64(),
-            e2.values[n - 1]
-        );
-    }
-}
