@@ -203,6 +203,10 @@ struct GenerateArgs {
     /// Corpus whose words are not coinages (default: the base vocabulary alone decides).
     #[arg(long)]
     corpus: Option<PathBuf>,
+    /// Word list (one per line, e.g. /usr/share/dict/words) whose words are neither coinages
+    /// nor fused words.
+    #[arg(long)]
+    dictionary: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -425,7 +429,21 @@ fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
             None => Default::default(),
         },
         base_vocab: KnownWords::from_tokenizer(&m.tokenizer, base_vocab),
+        dictionary: match &args.dictionary {
+            Some(p) => read_text(p)?
+                .lines()
+                .map(|l| l.trim().to_lowercase())
+                .filter(|l| !l.is_empty())
+                .collect(),
+            None => Default::default(),
+        },
     };
+    eprintln!(
+        "known words: {} from the corpus, {} whole-word tokens of the base vocabulary, {} from the dictionary",
+        known.corpus.len(),
+        known.base_vocab.len(),
+        known.dictionary.len()
+    );
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

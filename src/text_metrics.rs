@@ -36,6 +36,9 @@ pub struct KnownWords {
     pub corpus: HashSet<String>,
     /// Whole words of the base vocabulary (tokens with a word-start marker, lower-cased).
     pub base_vocab: HashSet<String>,
+    /// Words of an optional dictionary (e.g. /usr/share/dict/words): English words that are
+    /// neither in the corpus nor single tokens ("multiverse") are then not taken for coinages.
+    pub dictionary: HashSet<String>,
 }
 
 impl KnownWords {
@@ -62,7 +65,7 @@ impl KnownWords {
     }
 
     pub fn is_known(&self, w: &str) -> bool {
-        self.corpus.contains(w) || self.base_vocab.contains(w)
+        self.corpus.contains(w) || self.base_vocab.contains(w) || self.dictionary.contains(w)
     }
 
     /// A word that is not known itself but splits into two known words, each of at least two
@@ -181,6 +184,7 @@ mod tests {
         KnownWords {
             corpus: corpus.iter().map(|s| s.to_string()).collect(),
             base_vocab: vocab.iter().map(|s| s.to_string()).collect(),
+            dictionary: HashSet::new(),
         }
     }
 
@@ -211,6 +215,12 @@ mod tests {
         assert_eq!(k2.fused_split("noray"), Some(("no", "ray")));
         let k3 = known(&[], &["a", "plan"]);
         assert_eq!(k3.fused_split("aplan"), Some(("a", "plan")));
+        // a dictionary word is neither a coinage nor fused
+        let mut k4 = known(&[], &["multi", "verse"]);
+        assert_eq!(k4.fused_split("multiverse"), Some(("multi", "verse")));
+        k4.dictionary.insert("multiverse".into());
+        assert_eq!(k4.fused_split("multiverse"), None);
+        assert_eq!(metrics("multiverse", &k4, &[], None).coinage_rate, 0.0);
     }
 
     #[test]

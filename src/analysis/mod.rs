@@ -380,6 +380,70 @@ fn unit_rows_f64(x: &[f32], dim: usize) -> Vec<f64> {
     out
 }
 
+/// For unit rows `s` (`n × dim`, f32): `Z_i = 1 + Σ_{j≠i} exp(s_i · s_j)` and the sum of all
+/// off-diagonal cosines. The cosine matrix is symmetric, so it is computed in row blocks
+/// `a ≤ b` (f32 gemm) and each off-diagonal block feeds the sums of both of its row ranges.
+fn partition_sums(s: &[f32], n: usize, dim: usize) -> Result<(Vec<f64>, f64)> {
+    let nb = n.div_ceil(1280).max(1);
+    let bh = n.div_ceil(nb);
+    let mut z = vec![1f64; n]; // the zeroed diagonal contributes exp(0)
+    let mut off = 0f64;
+    for a in 0..nb {
+        let (la, ha) = (a * bh, ((a + 1) * bh).min(n));
+        for b in a..nb {
+            let (lb, hb) = (b * bh, ((b + 1) * bh).min(n));
+            let wb = hb - lb;
+            let c = linalg::matmul_nt_f32(
+                &s[la * dim..ha * dim],
+                ha - la,
+                &s[lb * dim..hb * dim],
+                wb,
+                dim,
+            )?;
+            let diag = a == b;
+            // (row sums, column sums, cosine sum), folded over rows in parallel
+            let (rows, cols, sum) = c
+                .par_chunks_exact(wb)
+                .enumerate()
+                .fold(
+                    || (Vec::new(), vec![0f64; wb], 0f64),
+                    |(mut rows, mut cols, mut sum), (i, row)| {
+                        let mut rs = 0f64;
+                        for (j, (&v, cs)) in row.iter().zip(cols.iter_mut()).enumerate() {
+                            if diag && j == i {
+                                continue;
+                            }
+                            let e = (v as f64).exp();
+                            rs += e;
+                            *cs += e;
+                            sum += v as f64;
+                        }
+                        rows.push((i, rs));
+                        (rows, cols, sum)
+                    },
+                )
+                .reduce(
+                    || (Vec::new(), vec![0f64; wb], 0f64),
+                    |(mut r1, mut c1, s1), (r2, c2, s2)| {
+                        r1.extend(r2);
+                        c1.iter_mut().zip(&c2).for_each(|(x, y)| *x += y);
+                        (r1, c1, s1 + s2)
+                    },
+                );
+            for (i, rs) in rows {
+                z[la + i] += rs;
+            }
+            if diag {
+                off += sum;
+            } else {
+                z[lb..hb].iter_mut().zip(&cols).for_each(|(x, y)| *x += y);
+                off += 2.0 * sum;
+            }
+        }
+    }
+    Ok((z, off))
+}
+
 /// Isotropy of the rows `x` (`n × dim`, already sampled) under both definitions.
 pub fn isotropy(x: &[f32], dim: usize) -> Result<Isotropy> {
     let n = x.len() / dim;
@@ -400,26 +464,10 @@ pub fn isotropy(x: &[f32], dim: usize) -> Result<Isotropy> {
             let nn = c.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
             o.iter_mut().zip(&c).for_each(|(a, b)| *a = (b / nn) as f32);
         });
-    let c = linalg::matmul_nt_f32(&s, n, &s, n, dim)?;
-    let (z, off_sum): (Vec<f64>, Vec<f64>) = c
-        .par_chunks_exact(n)
-        .enumerate()
-        .map(|(i, row)| {
-            let mut z = 1.0; // the zeroed diagonal contributes exp(0)
-            let mut sum = 0.0;
-            for (j, &v) in row.iter().enumerate() {
-                if j != i {
-                    z += (v as f64).exp();
-                    sum += v as f64;
-                }
-            }
-            (z, sum)
-        })
-        .unzip();
+    let (z, off_sum) = partition_sums(&s, n, dim)?;
     let zmin = z.iter().copied().fold(f64::INFINITY, f64::min);
     let zmax = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mean_cos_centred = off_sum.iter().sum::<f64>() / (n * (n - 1)) as f64;
-    drop(c);
+    let mean_cos_centred = off_sum / (n * (n - 1)) as f64;
     // --- Mu et al. 2018 on raw rows, f64
     let w: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let g = linalg::gram_t(&w, n, dim)?;
@@ -962,6 +1010,43 @@ mod tests {
         assert_eq!(nb[0][0].0, 2);
         assert!((nb[0][0].1 - 3.0 / (0.01f64 + 9.0 + 0.04).sqrt()).abs() < 1e-6);
         assert_eq!(nb[0][1].0, 3);
+    }
+
+    #[test]
+    fn blocked_partition_sums_equal_the_plain_sums() {
+        // 2,900 rows → 3 row blocks of the cosine matrix
+        let (n, dim) = (2900, 6);
+        let mut rng = Rng::new(3);
+        let mut s: Vec<f32> = (0..n * dim).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        for r in s.chunks_exact_mut(dim) {
+            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|v| *v /= norm);
+        }
+        let (z, off) = partition_sums(&s, n, dim).unwrap();
+        let mut off_want = 0f64;
+        for i in (0..n).step_by(97) {
+            let mut zi = 1f64;
+            for j in 0..n {
+                if i != j {
+                    let c: f32 = (0..dim).map(|k| s[i * dim + k] * s[j * dim + k]).sum();
+                    zi += (c as f64).exp();
+                }
+            }
+            assert!((z[i] - zi).abs() / zi < 1e-6, "row {i}: {} vs {zi}", z[i]);
+        }
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    off_want += (0..dim)
+                        .map(|k| s[i * dim + k] * s[j * dim + k])
+                        .sum::<f32>() as f64;
+                }
+            }
+        }
+        assert!(
+            (off - off_want).abs() < 1e-3 * off_want.abs().max(1.0),
+            "{off} vs {off_want}"
+        );
     }
 
     #[test]

@@ -625,6 +625,8 @@ fn trajectory_panels<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("PC 1")
         .y_desc("PC 2")
+        .x_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
+        .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
         .label_style((FAMILY, LABEL))
         .axis_desc_style((FAMILY, LABEL))
         .light_line_style(WHITE.mix(0.0))
@@ -661,11 +663,14 @@ fn trajectory_panels<DB: DrawingBackend>(
     order.sort_by(|&a, &b| dist(b).total_cmp(&dist(a)));
     for &k in order.iter().take(12) {
         chart
-            .draw_series(std::iter::once(Text::new(
-                t.words[k].trim().to_string(),
-                last[k],
-                (FAMILY, 14).into_font().color(&BLACK),
-            )))
+            .draw_series(std::iter::once(
+                EmptyElement::at(last[k])
+                    + Text::new(
+                        t.words[k].trim().to_string(),
+                        (7, -16),
+                        (FAMILY, 14).into_font().color(&BLACK),
+                    ),
+            ))
             .map_err(pe)?;
     }
     chart

@@ -45,6 +45,15 @@ fn num(v: f64) -> String {
     }
 }
 
+/// A p-value; an exact 0 is an underflow of f64, shown as such.
+fn pval(v: f64) -> String {
+    if v == 0.0 {
+        "< 1e-300".into()
+    } else {
+        num(v)
+    }
+}
+
 fn opt(v: Option<f64>) -> String {
     v.map_or("–".into(), num)
 }
@@ -194,10 +203,10 @@ pub fn build(
              <tr><td>Wake coefficient of variation</td><td class=\"n\">{}</td></tr></table>",
             num(t.welch.t),
             num(t.welch.df),
-            num(t.welch.p),
+            pval(t.welch.p),
             t.mann_whitney.method,
             num(t.mann_whitney.u),
-            num(t.mann_whitney.p),
+            pval(t.mann_whitney.p),
             num(t.cohens_d.unweighted),
             num(t.cohens_d.pooled),
             num(t.wake_cv)
@@ -254,7 +263,7 @@ pub fn build(
             num(p.base_wake.sd_sample),
             p.ks_base_base_vs_wake_wake.method,
             num(p.ks_base_base_vs_wake_wake.d),
-            num(p.ks_base_base_vs_wake_wake.p)
+            pval(p.ks_base_base_vs_wake_wake.p)
         )?;
     }
     if let Some(d) = &g.drift {
