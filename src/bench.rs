@@ -214,7 +214,7 @@ pub fn analysis(
             .geometry
             .timings_s
             .iter()
-            .map(|(k, v)| format!("{k} {v:.2}"))
+            .map(|t| format!("{} {:.2}", t.stage, t.seconds))
             .collect();
         println!("run {run}: suite {t:.2} s ({})", parts.join(", "));
         best = best.min(t);

@@ -265,7 +265,14 @@ pub struct Geometry {
     pub drift: Option<Drift>,
     pub morphemes: Option<morph::MorphemeReport>,
     pub devices: Option<morph::DeviceReport>,
-    pub timings_s: Vec<(String, f64)>,
+    /// Wall time of each stage, in order.
+    pub timings_s: Vec<Timing>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub stage: String,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -712,8 +719,11 @@ pub fn analyze(
     let has_wake = layout.wake_count >= 2;
     let mut timings = Vec::new();
     let mut clock = Instant::now();
-    let mut lap = |name: &str, timings: &mut Vec<(String, f64)>| {
-        timings.push((name.to_string(), clock.elapsed().as_secs_f64()));
+    let mut lap = |name: &str, timings: &mut Vec<Timing>| {
+        timings.push(Timing {
+            stage: name.to_string(),
+            seconds: clock.elapsed().as_secs_f64(),
+        });
         clock = Instant::now();
     };
 
