@@ -111,6 +111,17 @@ fn lane_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + x.chunks_exact(32).remainder().iter().sum::<f32>()
 }
 
+/// User + system CPU seconds of the waited-for child processes.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; it has no other effect.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 /// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -126,4 +137,158 @@ pub fn peak_rss_mib() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The matrix `bench analyze` runs on: the rows of `base` (or `base_rows` synthetic anisotropic
+/// rows of width `dim`) followed by `new_rows` rows drawn as the original's spherical init
+/// (uniform directions at 1.5× the mean base norm), seeded.
+pub fn analysis_matrix(
+    base: Option<crate::analysis::Embeddings>,
+    base_rows: usize,
+    dim: usize,
+    new_rows: usize,
+    seed: u64,
+) -> Result<crate::analysis::Embeddings> {
+    let mut rng = crate::sampling::Rng::new(seed);
+    let mut normal = move || {
+        let (u1, u2) = (rng.next_f64(), rng.next_f64());
+        ((-2.0 * (1.0 - u1).ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    };
+    let (mut data, rows, dim) = match base {
+        Some(e) => (e.data, e.rows, e.dim),
+        None => {
+            let scales: Vec<f32> = (0..dim)
+                .map(|j| 0.05 + 1.0 / (1.0 + 0.05 * j as f32))
+                .collect();
+            let data: Vec<f32> = (0..base_rows * dim)
+                .map(|i| normal() * scales[i % dim] * 0.1)
+                .collect();
+            (data, base_rows, dim)
+        }
+    };
+    let mean_norm = data
+        .chunks_exact(dim)
+        .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt() as f64)
+        .sum::<f64>()
+        / rows as f64;
+    data.reserve(new_rows * dim);
+    for _ in 0..new_rows {
+        let v: Vec<f32> = (0..dim).map(|_| normal()).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        data.extend(v.iter().map(|x| x / n * (1.5 * mean_norm) as f32));
+    }
+    crate::analysis::Embeddings::new(data, rows + new_rows, dim)
+}
+
+/// `bench analyze`: the whole suite (norms, tests, both isotropies, neighbours, PCA, pairwise
+/// cosines + KS) on `e`, against a baseline measured in the same run: one f64 `XᵀX` of the
+/// whole matrix through gemm (the suite's unit of heavy work), and optionally the numpy/scipy
+/// reference script on the same matrix.
+pub fn analysis(
+    e: &crate::analysis::Embeddings,
+    base_vocab: usize,
+    repeats: usize,
+    reference: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<()> {
+    use crate::analysis::{self, Layout, Options, Vocabulary};
+    let layout = Layout {
+        base_vocab,
+        wake_start: base_vocab,
+        wake_count: e.rows - base_vocab,
+        words: Vec::new(),
+    };
+    let vocab = Vocabulary {
+        layout: &layout,
+        tokenizer: None,
+    };
+    println!(
+        "matrix {} × {} (base {}, new {}), {} threads",
+        e.rows,
+        e.dim,
+        base_vocab,
+        e.rows - base_vocab,
+        rayon::current_num_threads()
+    );
+    let mut best = f64::INFINITY;
+    let mut best_cpu = f64::INFINITY;
+    for run in 0..repeats.max(1) {
+        let start = Instant::now();
+        let cpu0 = analysis::process_cpu_seconds();
+        let a = analysis::analyze(
+            e,
+            &layout,
+            &vocab,
+            &Options::default(),
+            None,
+            &Default::default(),
+        )?;
+        let t = start.elapsed().as_secs_f64();
+        let cpu = analysis::process_cpu_seconds() - cpu0;
+        let parts: Vec<String> = a
+            .geometry
+            .timings_s
+            .iter()
+            .map(|t| format!("{} {:.2}/{:.2}", t.stage, t.seconds, t.cpu_seconds))
+            .collect();
+        println!(
+            "run {run}: suite {t:.2} s wall, {cpu:.2} s CPU (stage wall/CPU: {})",
+            parts.join(", ")
+        );
+        best = best.min(t);
+        best_cpu = best_cpu.min(cpu);
+    }
+    // baseline: f64 XᵀX of the whole matrix, best of 3
+    let x: Vec<f64> = e.data.iter().map(|&v| v as f64).collect();
+    let mut gemm = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::hint::black_box(crate::analysis::linalg::gram_t(&x, e.rows, e.dim)?);
+        gemm = gemm.min(start.elapsed().as_secs_f64());
+    }
+    drop(x);
+    let flops = 2.0 * e.rows as f64 * (e.dim * e.dim) as f64;
+    println!("suite:    {best:.2} s wall, {best_cpu:.2} s CPU (best of {repeats})");
+    println!(
+        "baseline: f64 XᵀX of the whole matrix {gemm:.3} s ({:.0} GFLOP/s) -> the suite costs {:.1} of them",
+        flops / gemm / 1e9,
+        best / gemm
+    );
+    if let Some((python, script)) = reference {
+        let dir = std::env::temp_dir().join(format!("wake2vec-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("emb.safetensors");
+        let t =
+            candle_core::Tensor::from_slice(&e.data, (e.rows, e.dim), &candle_core::Device::Cpu)?;
+        crate::model::weights::save_file(
+            &std::collections::BTreeMap::from([("embed_tokens".to_string(), t)]),
+            &file,
+        )?;
+        let out = dir.join("ref.json");
+        let child_cpu0 = children_cpu_seconds();
+        let status = std::process::Command::new(python)
+            .arg(script)
+            .arg("--emb")
+            .arg(&file)
+            .arg("--base-vocab")
+            .arg(base_vocab.to_string())
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", python.display()))?;
+        anyhow::ensure!(status.success(), "the reference script failed ({status})");
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        let t = &json["timings"];
+        let total = t["total_s"].as_f64().unwrap_or(f64::NAN) - t["load_s"].as_f64().unwrap_or(0.0);
+        let child_cpu = children_cpu_seconds() - child_cpu0;
+        println!(
+            "reference: numpy/scipy/sklearn {total:.2} s wall without loading -> wake2vec is {:.1}x faster; \
+             {child_cpu:.1} s CPU for the whole script (start-up and loading included) -> {:.1}x",
+            total / best,
+            child_cpu / best_cpu
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("peak memory: {:.0} MiB", peak_rss_mib());
+    Ok(())
 }

@@ -3,7 +3,9 @@
 //!
 //! The data flow and the design decisions are in `docs/DESIGN.md`; each module is one box of it.
 
+pub mod analysis;
 pub mod atomic;
+pub mod battery;
 pub mod bench;
 pub mod cache;
 pub mod corpus;
@@ -11,6 +13,8 @@ pub mod generate;
 pub mod gguf;
 pub mod lexicon;
 pub mod model;
+pub mod report;
 pub mod sampling;
 pub mod score;
+pub mod text_metrics;
 pub mod vocab;

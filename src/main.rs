@@ -1,16 +1,19 @@
 //! The `wake2vec` command line: one subcommand per verb, each a thin layer over the library.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use wake2vec::analysis::Options;
 use wake2vec::cache::{self, ModelSpec};
 use wake2vec::generate::{self, Limits, DEFAULT_PROMPT};
 use wake2vec::lexicon::Case;
 use wake2vec::model::decode::DecodeWeights;
 use wake2vec::model::LoadedModel;
+use wake2vec::report::{self, AnalyzeRequest};
 use wake2vec::sampling::{Sampler, SamplingParams};
-use wake2vec::{bench, gguf, score};
+use wake2vec::text_metrics::KnownWords;
+use wake2vec::{battery, bench, gguf, score};
 
 mod commands;
 
@@ -50,6 +53,26 @@ enum Command {
         /// The directory to create (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Measure the embedding geometry of a model or a training run.
+    ///
+    /// PATH is a model directory (config.json + *.safetensors) or a run directory (log.jsonl,
+    /// checkpoints/step-N/, snapshots/). Wake rows come from wake2vec.json (or --base-vocab).
+    /// Writes summary.json (schema: docs/analysis.md), embedding_analysis.{png,svg}, and for a
+    /// run loss.{png,svg} and trajectory.{png,svg}, into --out (default PATH/analysis).
+    Analyze(AnalyzeArgs),
+    /// Write one self-contained report.html for a run or model directory: configuration, loss
+    /// curves, analysis figures and tables, neighbours, and the samples of `generate --battery`
+    /// (PATH/samples.jsonl) with their metrics. Runs the analysis first.
+    Report {
+        #[command(flatten)]
+        analyze: AnalyzeArgs,
+        /// Samples to include (default PATH/samples.jsonl when it exists).
+        #[arg(long)]
+        samples: Option<PathBuf>,
+        /// Where to write the page (default PATH/report.html).
+        #[arg(long = "html")]
+        html: Option<PathBuf>,
     },
     /// Measure speed, reported as ratios against baselines measured in the same run.
     #[command(subcommand)]
@@ -239,6 +262,60 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct AnalyzeArgs {
+    /// A model directory or a run directory.
+    path: PathBuf,
+    /// Drift reference: a model directory, a safetensors file with the full embedding matrix,
+    /// or a snapshot with `wake_rows` (default for a run: its first snapshot).
+    #[arg(long)]
+    pre: Option<PathBuf>,
+    /// Output directory (default PATH/analysis).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Treat rows N.. as the new rows instead of reading wake2vec.json.
+    #[arg(long)]
+    base_vocab: Option<usize>,
+    /// Extra words for the nearest-neighbour table (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    words: Vec<String>,
+    /// Morpheme groups (wake_embedding_groups.jsonl: morpheme, examples, bases).
+    #[arg(long)]
+    morphemes: Option<PathBuf>,
+    /// Device groups (device_groups.jsonl: device, examples).
+    #[arg(long)]
+    devices: Option<PathBuf>,
+    /// Seed of every sample the suite draws.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Wake tokens drawn in the trajectory figure.
+    #[arg(long, default_value_t = 200)]
+    trajectory_tokens: usize,
+    /// Write summary.json only.
+    #[arg(long)]
+    no_figures: bool,
+}
+
+impl AnalyzeArgs {
+    fn request(&self) -> AnalyzeRequest {
+        AnalyzeRequest {
+            path: self.path.clone(),
+            pre: self.pre.clone(),
+            out: self.out.clone(),
+            base_vocab: self.base_vocab,
+            morphemes: self.morphemes.clone(),
+            devices: self.devices.clone(),
+            options: Options {
+                seed: self.seed,
+                query_words: self.words.clone(),
+                ..Options::default()
+            },
+            trajectory_tokens: self.trajectory_tokens,
+            no_figures: self.no_figures,
+        }
+    }
+}
+
+#[derive(Args)]
 struct ModelArg {
     /// `smollm2-135m`, an HF model directory, or a .gguf file.
     #[arg(long, default_value = cache::DEFAULT_MODEL)]
@@ -301,6 +378,20 @@ struct GenerateArgs {
     /// Print the samples as JSON lines instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Run the original's battery (one sample at 0.9, one at 1.1, three at 0.9, the sweep
+    /// 0.5/0.7/0.9/1.0/1.2) and write samples.md and samples.jsonl with text metrics into --out.
+    #[arg(long)]
+    battery: bool,
+    /// Directory for the battery's samples.md and samples.jsonl.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Corpus whose words are not coinages (default: the base vocabulary alone decides).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Word list (one per line, e.g. /usr/share/dict/words) whose words are neither coinages
+    /// nor fused words.
+    #[arg(long)]
+    dictionary: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -316,6 +407,31 @@ enum BenchCommand {
         /// Measured runs; the best is reported.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+    /// Time of the whole analysis suite on a matrix the size of SmolLM2 + the Wake lexicon
+    /// (base rows of --model, or synthetic ones, plus spherical new rows), against one f64 XᵀX
+    /// of the same matrix, and against the numpy/scipy reference with --python/--script.
+    Analyze {
+        /// HF model directory whose embedding rows are the base rows (default: synthetic).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Synthetic base rows (without --model).
+        #[arg(long, default_value_t = 49_152)]
+        base_rows: usize,
+        /// Width of synthetic rows (without --model).
+        #[arg(long, default_value_t = 576)]
+        dim: usize,
+        /// New rows appended (the original's 44,416 added tokens).
+        #[arg(long, default_value_t = 44_416)]
+        new_rows: usize,
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Python interpreter for the reference (needs numpy, scipy, scikit-learn, safetensors).
+        #[arg(long, requires = "script")]
+        python: Option<PathBuf>,
+        /// The reference script (analysis_reference.py).
+        #[arg(long, requires = "python")]
+        script: Option<PathBuf>,
     },
 }
 
@@ -365,6 +481,35 @@ fn run(cli: Cli) -> Result<()> {
                 ),
             }
             Ok(())
+        }
+        Command::Analyze(args) => {
+            let out = report::analyze_path(&args.request())?;
+            print!("{}", report::print_summary(&out.summary));
+            println!("wrote {}", out.dir.join("summary.json").display());
+            Ok(())
+        }
+        Command::Report {
+            analyze,
+            samples,
+            html,
+        } => run_report(analyze, samples, html),
+        Command::Bench(BenchCommand::Analyze {
+            model,
+            base_rows,
+            dim,
+            new_rows,
+            repeats,
+            python,
+            script,
+        }) => {
+            let base = match &model {
+                Some(dir) => Some(wake2vec::analysis::load::load_embeddings(dir)?),
+                None => None,
+            };
+            let e = bench::analysis_matrix(base, base_rows, dim, new_rows, 42)?;
+            let base_vocab = e.rows - new_rows;
+            let reference = python.as_deref().zip(script.as_deref());
+            bench::analysis(&e, base_vocab, repeats, reference)
         }
         Command::Bench(BenchCommand::Generate {
             model,
@@ -434,6 +579,99 @@ fn run_score(args: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_report(args: AnalyzeArgs, samples: Option<PathBuf>, html: Option<PathBuf>) -> Result<()> {
+    let out = report::analyze_path(&args.request())?;
+    let samples_path = samples.or_else(|| {
+        let p = args.path.join("samples.jsonl");
+        p.is_file().then_some(p)
+    });
+    let samples = match &samples_path {
+        Some(p) => battery::read(p)?,
+        None => Vec::new(),
+    };
+    let run_toml = std::fs::read_to_string(args.path.join("run.toml")).ok();
+    let page = report::html::build(&out.summary, &out.dir, run_toml.as_deref(), &samples)?;
+    let dest = html.unwrap_or_else(|| args.path.join("report.html"));
+    wake2vec::atomic::write(&dest, page.as_bytes())?;
+    println!(
+        "wrote {} ({} KiB, {} samples)",
+        dest.display(),
+        page.len() / 1024,
+        samples.len()
+    );
+    Ok(())
+}
+
+/// The Wake rows of a model directory, from its wake2vec.json (None for a base model).
+fn wake_rows(dir: &Path) -> Result<Option<std::ops::Range<usize>>> {
+    let p = dir.join("wake2vec.json");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let w: wake2vec::analysis::load::WakeJson =
+        serde_json::from_str(&wake2vec::corpus::read_text(&p)?)
+            .with_context(|| format!("{} is not a wake2vec.json", p.display()))?;
+    Ok(Some(w.wake_start..w.wake_start + w.wake_count))
+}
+
+fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
+    let dir = cache::resolve(&args.model.model, true)?;
+    let m = LoadedModel::load(&dir)?;
+    let wake = wake_rows(&dir)?;
+    let base_vocab = wake.as_ref().map_or(usize::MAX, |w| w.start);
+    let known = KnownWords {
+        corpus: match &args.corpus {
+            Some(p) => KnownWords::from_corpus_text(&wake2vec::corpus::read_text(p)?),
+            None => Default::default(),
+        },
+        base_vocab: KnownWords::from_tokenizer(&m.tokenizer, base_vocab),
+        dictionary: match &args.dictionary {
+            Some(p) => wake2vec::corpus::read_text(p)?
+                .lines()
+                .map(|l| l.trim().to_lowercase())
+                .filter(|l| !l.is_empty())
+                .collect(),
+            None => Default::default(),
+        },
+    };
+    eprintln!(
+        "known words: {} from the corpus, {} whole-word tokens of the base vocabulary, {} from the dictionary",
+        known.corpus.len(),
+        known.base_vocab.len(),
+        known.dictionary.len()
+    );
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let samples = battery::run(
+        &m,
+        &args.prompt,
+        params,
+        args.max_new_tokens,
+        args.seed,
+        &known,
+        wake,
+        &mut |s| {
+            eprintln!(
+                "[{}] {} tokens, coinage {:.3}, fused {:.3}, distinct-2 {:.3}",
+                s.label,
+                s.tokens,
+                s.metrics.coinage_rate,
+                s.metrics.fused_rate,
+                s.metrics.distinct_2
+            )
+        },
+    )?;
+    battery::write(&args.out, &samples, &name)?;
+    println!(
+        "wrote {} and {}",
+        args.out.join("samples.md").display(),
+        args.out.join("samples.jsonl").display()
+    );
+    Ok(())
+}
+
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let params = SamplingParams {
         temperature: args.temperature,
@@ -441,6 +679,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
     };
+    if args.battery {
+        return run_battery(&args, params);
+    }
     let mut sampler = Sampler::new(params, args.seed)?;
     let m = args.model.load()?;
     // Checked before the prompt is echoed, so a prompt that cannot run prints nothing.

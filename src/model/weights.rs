@@ -74,6 +74,41 @@ pub fn load_file(path: &Path, device: &Device) -> Result<Weights> {
         .collect()
 }
 
+/// Loads only the tensors of one safetensors file whose names satisfy `wanted`, as f32, and the
+/// file's metadata.
+pub fn load_file_filtered(
+    path: &Path,
+    wanted: impl Fn(&str) -> bool,
+    device: &Device,
+) -> Result<(Weights, HashMap<String, String>)> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open weights file {}", path.display()))?;
+    // SAFETY: the map is read-only and lives only while we copy the tensors out of it.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file ({e}): it is truncated or corrupt",
+            path.display()
+        )
+    })?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file ({e}): it is truncated or corrupt",
+            path.display()
+        )
+    })?;
+    let mut out = Weights::new();
+    for (name, view) in st.tensors() {
+        if wanted(&name) {
+            let t = to_f32(&view, device)
+                .with_context(|| format!("tensor '{name}' in {}", path.display()))?;
+            out.insert(name, t);
+        }
+    }
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
+}
+
 fn to_f32(view: &TensorView<'_>, device: &Device) -> Result<Tensor> {
     let data = view.data();
     let shape = view.shape().to_vec();

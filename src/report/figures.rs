@@ -1,0 +1,771 @@
+//! The figures, drawn with plotters to SVG (text as `<text>`, sharp in a browser) and to PNG
+//! (rasterized with the bundled DejaVu Sans subset, so no system font or fontconfig is needed):
+//! the original's six-panel embedding figure, the loss curves from `log.jsonl`, and the
+//! trajectories of sampled Wake tokens across snapshots.
+
+use crate::analysis::{load::LogLine, trajectory::TrajectoryPlot, FigureData};
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+use std::sync::Once;
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+const FAMILY: &str = "sans-serif";
+
+const BASE: RGBColor = RGBColor(31, 119, 180);
+const WAKE: RGBColor = RGBColor(214, 39, 40);
+const CROSS: RGBColor = RGBColor(44, 160, 44);
+const GREY: RGBColor = RGBColor(110, 110, 110);
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for style in [FontStyle::Normal, FontStyle::Bold] {
+            // the bytes are a valid font (checked by a test); nothing to do if not
+            let _ = plotters::style::register_font(FAMILY, style, FONT);
+        }
+    });
+}
+
+fn pe<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing failed: {e:?}")
+}
+
+/// A figure as SVG text and PNG bytes.
+pub struct Figure {
+    pub svg: String,
+    pub png: Vec<u8>,
+}
+
+/// A figure body, once per backend (plotters' backends are distinct types).
+struct DualDraw<'a> {
+    #[allow(clippy::type_complexity)]
+    svg: Box<dyn Fn(&DrawingArea<SVGBackend, Shift>) -> Result<()> + 'a>,
+    #[allow(clippy::type_complexity)]
+    bmp: Box<dyn Fn(&DrawingArea<BitMapBackend, Shift>) -> Result<()> + 'a>,
+}
+
+fn render_dual(size: (u32, u32), d: DualDraw) -> Result<Figure> {
+    register_font();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(pe)?;
+        (d.svg)(&root)?;
+        root.present().map_err(pe)?;
+    }
+    let mut rgb = vec![255u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+        root.fill(&WHITE).map_err(pe)?;
+        (d.bmp)(&root)?;
+        root.present().map_err(pe)?;
+    }
+    let mut png = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png, size.0, size.1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header()?;
+        w.write_image_data(&rgb)?;
+    }
+    Ok(Figure { svg, png })
+}
+
+/// Density histogram: `(left, right, density)` for `bins` equal bins over `[lo, hi]`.
+pub fn histogram(x: &[f64], lo: f64, hi: f64, bins: usize) -> Vec<(f64, f64, f64)> {
+    let w = (hi - lo) / bins as f64;
+    let mut counts = vec![0usize; bins];
+    for &v in x {
+        if v.is_finite() && v >= lo && v <= hi {
+            let b = (((v - lo) / w) as usize).min(bins - 1);
+            counts[b] += 1;
+        }
+    }
+    let n = x.len().max(1) as f64;
+    counts
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            (
+                lo + i as f64 * w,
+                lo + (i + 1) as f64 * w,
+                c as f64 / (n * w),
+            )
+        })
+        .collect()
+}
+
+fn range_of(sets: &[&[f64]]) -> (f64, f64) {
+    let mut lo = f64::INFINITY;
+    let mut hi = f64::NEG_INFINITY;
+    for s in sets {
+        for &v in s.iter() {
+            if v.is_finite() {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+        }
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        return (lo - 0.5, hi + 0.5);
+    }
+    let pad = (hi - lo) * 0.02;
+    (lo - pad, hi + pad)
+}
+
+fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
+const TITLE: u32 = 24;
+const LABEL: u32 = 16;
+
+/// Overlaid density histograms with a legend; an empty set is skipped.
+fn draw_histograms<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    x_desc: &str,
+    sets: &[(&str, &[f64], RGBColor)],
+    bins: usize,
+) -> Result<()> {
+    let present: Vec<&(&str, &[f64], RGBColor)> = sets.iter().filter(|s| !s.1.is_empty()).collect();
+    let (lo, hi) = range_of(&present.iter().map(|s| s.1).collect::<Vec<_>>());
+    let hists: Vec<Vec<(f64, f64, f64)>> = present
+        .iter()
+        .map(|s| histogram(s.1, lo, hi, bins))
+        .collect();
+    let ymax = hists
+        .iter()
+        .flatten()
+        .map(|b| b.2)
+        .fold(0.0, f64::max)
+        .max(1e-12)
+        * 1.12;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FAMILY, TITLE))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(lo..hi, 0.0..ymax)
+        .map_err(pe)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("density")
+        .label_style((FAMILY, LABEL))
+        .axis_desc_style((FAMILY, LABEL))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(pe)?;
+    for (s, h) in present.iter().zip(&hists) {
+        let color = s.2;
+        chart
+            .draw_series(
+                h.iter()
+                    .map(|&(l, r, d)| Rectangle::new([(l, 0.0), (r, d)], color.mix(0.28).filled())),
+            )
+            .map_err(pe)?;
+        let mut outline = Vec::with_capacity(2 * h.len() + 2);
+        outline.push((h[0].0, 0.0));
+        for &(l, r, d) in h {
+            outline.push((l, d));
+            outline.push((r, d));
+        }
+        outline.push((h[h.len() - 1].1, 0.0));
+        chart
+            .draw_series(LineSeries::new(outline, color.stroke_width(2)))
+            .map_err(pe)?
+            .label(s.0.to_string())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(GREY)
+        .label_font((FAMILY, LABEL))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(pe)?;
+    Ok(())
+}
+
+fn draw_message<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    message: &str,
+) -> Result<()> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let (w, h) = area.dim_in_pixel();
+    let centre = Pos::new(HPos::Center, VPos::Top);
+    area.draw(&Text::new(
+        title.to_string(),
+        (w as i32 / 2, 14),
+        (FAMILY, TITLE).into_font().color(&BLACK).pos(centre),
+    ))
+    .map_err(pe)?;
+    area.draw(&Text::new(
+        message.to_string(),
+        (w as i32 / 2, h as i32 / 2),
+        (FAMILY, 20).into_font().color(&GREY).pos(centre),
+    ))
+    .map_err(pe)?;
+    Ok(())
+}
+
+fn cumulative(r: &[f64]) -> Vec<f64> {
+    let mut c = 0.0;
+    r.iter()
+        .map(|v| {
+            c += v;
+            c
+        })
+        .collect()
+}
+
+fn k_at(cum: &[f64], th: f64) -> usize {
+    cum.iter()
+        .position(|&c| c >= th)
+        .map_or(cum.len(), |i| i + 1)
+}
+
+fn six_panels<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    d: &FigureData,
+    title: &str,
+) -> Result<()> {
+    let root = root
+        .titled(title, (FAMILY, 30).into_font().color(&BLACK))
+        .map_err(pe)?;
+    let panels = root.split_evenly((2, 3));
+    let has_wake = !d.wake_norms.is_empty();
+
+    // 1. norms
+    let mb = format!("base (μ = {:.3})", mean(&d.base_norms));
+    let mw = format!("Wake (μ = {:.3})", mean(&d.wake_norms));
+    draw_histograms(
+        &panels[0],
+        "Row norms",
+        "L2 norm",
+        &[(&mb, &d.base_norms, BASE), (&mw, &d.wake_norms, WAKE)],
+        50,
+    )?;
+
+    // 2. pairwise cosines
+    if d.cos_base_base.is_empty() {
+        draw_message(&panels[1], "Pairwise cosine", "no Wake rows")?;
+    } else {
+        draw_histograms(
+            &panels[1],
+            "Pairwise cosine",
+            "cosine",
+            &[
+                ("base–base", &d.cos_base_base, BASE),
+                ("Wake–Wake", &d.cos_wake_wake, WAKE),
+                ("base–Wake", &d.cos_base_wake, CROSS),
+            ],
+            80,
+        )?;
+    }
+
+    // 3. cumulative PCA
+    {
+        let cb = cumulative(&d.pca_base_ratios);
+        let cw = cumulative(&d.pca_wake_ratios);
+        let kmax = cb.len().max(cw.len()).max(2);
+        let mut chart = ChartBuilder::on(&panels[2])
+            .caption("Cumulative explained variance (PCA)", (FAMILY, TITLE))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(1f64..kmax as f64, 0f64..1.02)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .x_desc("components")
+            .y_desc("cumulative share")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .label_style((FAMILY, LABEL))
+            .axis_desc_style((FAMILY, LABEL))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(pe)?;
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(1.0, 0.9), (kmax as f64, 0.9)],
+                8,
+                6,
+                GREY.stroke_width(1),
+            ))
+            .map_err(pe)?;
+        for (name, c, color) in [("base", &cb, BASE), ("Wake", &cw, WAKE)] {
+            if c.is_empty() {
+                continue;
+            }
+            let k = k_at(c, 0.9);
+            chart
+                .draw_series(LineSeries::new(
+                    c.iter().enumerate().map(|(i, &v)| ((i + 1) as f64, v)),
+                    color.stroke_width(3),
+                ))
+                .map_err(pe)?
+                .label(format!("{name}: 90% at k = {k}"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(GREY)
+            .label_font((FAMILY, LABEL))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(pe)?;
+    }
+
+    // 4. drift
+    if d.drift_base_cos.is_empty() && d.drift_wake_cos.is_empty() {
+        draw_message(
+            &panels[3],
+            "Drift (cosine to reference)",
+            "unavailable: no --pre snapshot",
+        )?;
+    } else {
+        draw_histograms(
+            &panels[3],
+            "Drift (cosine to reference)",
+            "cosine(row, reference row)",
+            &[
+                ("base rows", &d.drift_base_cos, BASE),
+                ("Wake rows", &d.drift_wake_cos, WAKE),
+            ],
+            80,
+        )?;
+    }
+
+    // 5. norm by token index (≤ 12,000 points, evenly strided, so the SVG stays small)
+    {
+        let n = d.all_norms.len();
+        let stride = n.div_ceil(12_000).max(1);
+        let (lo, hi) = range_of(&[&d.all_norms]);
+        let mut chart = ChartBuilder::on(&panels[4])
+            .caption(
+                if stride > 1 {
+                    format!("Norm by token id (every {stride}th row)")
+                } else {
+                    "Norm by token id".to_string()
+                },
+                (FAMILY, TITLE),
+            )
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..n.max(1) as f64, lo..hi)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .x_desc("token id")
+            .y_desc("L2 norm")
+            .label_style((FAMILY, LABEL))
+            .axis_desc_style((FAMILY, LABEL))
+            .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(pe)?;
+        let wr = d.wake_range.clone();
+        chart
+            .draw_series(
+                d.all_norms
+                    .iter()
+                    .enumerate()
+                    .step_by(stride)
+                    .map(|(i, &v)| {
+                        let c = if wr.contains(&i) { WAKE } else { BASE };
+                        Circle::new((i as f64, v), 1, c.mix(0.6).filled())
+                    }),
+            )
+            .map_err(pe)?;
+    }
+
+    // 6. top-20 explained-variance bars, side by side
+    {
+        let top = 20usize;
+        let ymax = d
+            .pca_base_ratios
+            .iter()
+            .chain(&d.pca_wake_ratios)
+            .take(top)
+            .chain(d.pca_wake_ratios.iter().take(top))
+            .copied()
+            .fold(0.0, f64::max)
+            .max(1e-6)
+            * 1.12;
+        let mut chart = ChartBuilder::on(&panels[5])
+            .caption("Top-20 components: explained variance", (FAMILY, TITLE))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.5f64..top as f64 + 0.5, 0f64..ymax)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .x_desc("component")
+            .y_desc("share of variance")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .label_style((FAMILY, LABEL))
+            .axis_desc_style((FAMILY, LABEL))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(pe)?;
+        let sets: Vec<(&str, &Vec<f64>, RGBColor, f64)> = if has_wake {
+            vec![
+                ("base", &d.pca_base_ratios, BASE, -0.2),
+                ("Wake", &d.pca_wake_ratios, WAKE, 0.2),
+            ]
+        } else {
+            vec![("base", &d.pca_base_ratios, BASE, 0.0)]
+        };
+        let half = if has_wake { 0.19 } else { 0.35 };
+        for (name, r, color, off) in sets {
+            chart
+                .draw_series(r.iter().take(top).enumerate().map(|(i, &v)| {
+                    let x = (i + 1) as f64 + off;
+                    Rectangle::new([(x - half, 0.0), (x + half, v)], color.mix(0.8).filled())
+                }))
+                .map_err(pe)?
+                .label(name.to_string())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 18, y + 6)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(GREY)
+            .label_font((FAMILY, LABEL))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(pe)?;
+    }
+    Ok(())
+}
+
+/// The six-panel embedding figure (1800 × 1000).
+pub fn embedding_figure(d: &FigureData, title: &str) -> Result<Figure> {
+    let title = title.to_string();
+    let title2 = title.clone();
+    render_dual(
+        (1800, 1000),
+        DualDraw {
+            svg: Box::new(move |root| six_panels(root, d, &title)),
+            bmp: Box::new(move |root| six_panels(root, d, &title2)),
+        },
+    )
+}
+
+fn loss_panels<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    log: &[LogLine],
+    title: &str,
+) -> Result<()> {
+    let root = root
+        .titled(title, (FAMILY, 28).into_font().color(&BLACK))
+        .map_err(pe)?;
+    let has_bpb = log.iter().any(|l| l.val_bpb.is_some());
+    let panels = if has_bpb {
+        root.split_evenly((1, 2))
+    } else {
+        vec![root.clone()]
+    };
+    let train: Vec<(f64, f64)> = log
+        .iter()
+        .filter(|l| l.kind == "step")
+        .filter_map(|l| l.loss.map(|v| (l.step as f64, v)))
+        .collect();
+    let val: Vec<(f64, f64)> = log
+        .iter()
+        .filter(|l| l.kind == "eval")
+        .filter_map(|l| l.val_loss.map(|v| (l.step as f64, v)))
+        .collect();
+    let xmax = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
+    let ys: Vec<f64> = train.iter().chain(&val).map(|p| p.1).collect();
+    let (ylo, yhi) = range_of(&[&ys]);
+    let mut chart = ChartBuilder::on(&panels[0])
+        .caption("Loss (nats/token)", (FAMILY, TITLE))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..xmax, ylo..yhi)
+        .map_err(pe)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .label_style((FAMILY, LABEL))
+        .axis_desc_style((FAMILY, LABEL))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(pe)?;
+    if !train.is_empty() {
+        chart
+            .draw_series(LineSeries::new(train.clone(), BASE.stroke_width(2)))
+            .map_err(pe)?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BASE.stroke_width(2)));
+        if train.len() <= 400 {
+            chart
+                .draw_series(train.iter().map(|&p| Circle::new(p, 3, BASE.filled())))
+                .map_err(pe)?;
+        }
+    }
+    if !val.is_empty() {
+        chart
+            .draw_series(LineSeries::new(val.clone(), WAKE.stroke_width(2)))
+            .map_err(pe)?
+            .label("validation")
+            .legend(|(x, y)| Rectangle::new([(x + 4, y - 5), (x + 14, y + 5)], WAKE.filled()));
+        chart
+            .draw_series(val.iter().map(|&(x, y)| {
+                EmptyElement::at((x, y)) + Rectangle::new([(-5, -5), (5, 5)], WAKE.filled())
+            }))
+            .map_err(pe)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(GREY)
+        .label_font((FAMILY, LABEL))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(pe)?;
+    if has_bpb {
+        let bpb: Vec<(f64, f64)> = log
+            .iter()
+            .filter_map(|l| l.val_bpb.map(|v| (l.step as f64, v)))
+            .collect();
+        let (lo, hi) = range_of(&[&bpb.iter().map(|p| p.1).collect::<Vec<_>>()]);
+        let mut chart = ChartBuilder::on(&panels[1])
+            .caption("Validation bits per byte", (FAMILY, TITLE))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..xmax, lo..hi)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("bits / byte")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .label_style((FAMILY, LABEL))
+            .axis_desc_style((FAMILY, LABEL))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(pe)?;
+        chart
+            .draw_series(LineSeries::new(bpb.clone(), CROSS.stroke_width(2)))
+            .map_err(pe)?;
+        chart
+            .draw_series(
+                bpb.iter().map(|&p| {
+                    EmptyElement::at(p) + Rectangle::new([(-5, -5), (5, 5)], CROSS.filled())
+                }),
+            )
+            .map_err(pe)?;
+    }
+    Ok(())
+}
+
+/// Loss curves from `log.jsonl` (1600 × 700): train and validation loss, validation bits/byte.
+pub fn loss_figure(log: &[LogLine], title: &str) -> Result<Figure> {
+    let (t1, t2) = (title.to_string(), title.to_string());
+    render_dual(
+        (1600, 700),
+        DualDraw {
+            svg: Box::new(move |root| loss_panels(root, log, &t1)),
+            bmp: Box::new(move |root| loss_panels(root, log, &t2)),
+        },
+    )
+}
+
+fn trajectory_panels<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    t: &TrajectoryPlot,
+    by_step: &[(u64, f64)],
+    title: &str,
+) -> Result<()> {
+    let root = root
+        .titled(title, (FAMILY, 28).into_font().color(&BLACK))
+        .map_err(pe)?;
+    let (left, right) = root.split_horizontally(1000);
+    let xs: Vec<f64> = t.coords.iter().flatten().map(|p| p.0).collect();
+    let ys: Vec<f64> = t.coords.iter().flatten().map(|p| p.1).collect();
+    let (x0, x1) = range_of(&[&xs]);
+    let (y0, y1) = range_of(&[&ys]);
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            format!(
+                "{} Wake tokens over {} snapshots (PCA of the last)",
+                t.words.len(),
+                t.steps.len()
+            ),
+            (FAMILY, TITLE),
+        )
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(pe)?;
+    chart
+        .configure_mesh()
+        .x_desc("PC 1")
+        .y_desc("PC 2")
+        .x_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
+        .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
+        .label_style((FAMILY, LABEL))
+        .axis_desc_style((FAMILY, LABEL))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(pe)?;
+    let teal = RGBColor(0, 150, 136);
+    let n_tok = t.words.len();
+    for k in 0..n_tok {
+        let path: Vec<(f64, f64)> = t.coords.iter().map(|f| f[k]).collect();
+        chart
+            .draw_series(LineSeries::new(path, teal.mix(0.35).stroke_width(1)))
+            .map_err(pe)?;
+    }
+    let first = &t.coords[0];
+    let last = &t.coords[t.coords.len() - 1];
+    chart
+        .draw_series(
+            first
+                .iter()
+                .map(|&p| Circle::new(p, 3, GREY.mix(0.7).stroke_width(1))),
+        )
+        .map_err(pe)?
+        .label(format!("step {}", t.steps[0]))
+        .legend(|(x, y)| Circle::new((x + 9, y), 4, GREY.stroke_width(1)));
+    chart
+        .draw_series(last.iter().map(|&p| Circle::new(p, 3, teal.filled())))
+        .map_err(pe)?
+        .label(format!("step {}", t.steps[t.steps.len() - 1]))
+        .legend(move |(x, y)| Circle::new((x + 9, y), 4, teal.filled()));
+    // label the 12 tokens that moved furthest in the plane
+    let mut order: Vec<usize> = (0..n_tok).collect();
+    let dist =
+        |k: usize| ((first[k].0 - last[k].0).powi(2) + (first[k].1 - last[k].1).powi(2)).sqrt();
+    order.sort_by(|&a, &b| dist(b).total_cmp(&dist(a)));
+    for &k in order.iter().take(12) {
+        chart
+            .draw_series(std::iter::once(
+                EmptyElement::at(last[k])
+                    + Text::new(
+                        t.words[k].trim().to_string(),
+                        (7, -16),
+                        (FAMILY, 14).into_font().color(&BLACK),
+                    ),
+            ))
+            .map_err(pe)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(GREY)
+        .label_font((FAMILY, LABEL))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(pe)?;
+    let xmax = by_step.iter().map(|p| p.0 as f64).fold(1.0, f64::max);
+    let ymax = by_step.iter().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&right)
+        .caption("Mean distance from first snapshot", (FAMILY, TITLE))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .map_err(pe)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("L2 (full space)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .label_style((FAMILY, LABEL))
+        .axis_desc_style((FAMILY, LABEL))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(pe)?;
+    let pts: Vec<(f64, f64)> = by_step.iter().map(|&(s, v)| (s as f64, v)).collect();
+    chart
+        .draw_series(LineSeries::new(pts.clone(), teal.stroke_width(2)))
+        .map_err(pe)?;
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, teal.filled())))
+        .map_err(pe)?;
+    Ok(())
+}
+
+/// Trajectories of sampled Wake tokens (1600 × 800).
+pub fn trajectory_figure(
+    t: &TrajectoryPlot,
+    by_step: &[(u64, f64)],
+    title: &str,
+) -> Result<Figure> {
+    let (t1, t2) = (title.to_string(), title.to_string());
+    render_dual(
+        (1600, 800),
+        DualDraw {
+            svg: Box::new(move |root| trajectory_panels(root, t, by_step, &t1)),
+            bmp: Box::new(move |root| trajectory_panels(root, t, by_step, &t2)),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_font_loads() {
+        assert!(ab_glyph_font_ok());
+    }
+
+    fn ab_glyph_font_ok() -> bool {
+        plotters::style::register_font("test-family", FontStyle::Normal, FONT).is_ok()
+    }
+
+    #[test]
+    fn histogram_is_a_density() {
+        let x: Vec<f64> = (0..1000).map(|i| i as f64 / 1000.0).collect();
+        let h = histogram(&x, 0.0, 1.0, 10);
+        let area: f64 = h.iter().map(|(l, r, d)| (r - l) * d).sum();
+        assert!((area - 1.0).abs() < 1e-12);
+        assert!(h.iter().all(|b| (b.2 - 1.0).abs() <= 0.011), "{h:?}");
+    }
+
+    #[test]
+    fn six_panel_figure_renders_png_and_svg() {
+        let d = FigureData {
+            base_norms: vec![1.0, 1.1, 0.9, 1.05],
+            wake_norms: vec![1.5, 1.6, 1.4],
+            all_norms: vec![1.0, 1.1, 0.9, 1.05, 1.5, 1.6, 1.4],
+            wake_range: 4..7,
+            cos_base_base: vec![0.1, 0.2, 0.0],
+            cos_wake_wake: vec![0.3, 0.35, 0.25],
+            cos_base_wake: vec![0.05, 0.1],
+            pca_base_ratios: vec![0.6, 0.3, 0.1],
+            pca_wake_ratios: vec![0.5, 0.5],
+            drift_base_cos: vec![],
+            drift_wake_cos: vec![0.99, 0.98],
+        };
+        let f = embedding_figure(&d, "test").unwrap();
+        assert!(f.png.starts_with(&[0x89, b'P', b'N', b'G']));
+        assert!(f.svg.contains("<svg") && f.svg.contains("Row norms"));
+        assert!(f.svg.contains("Wake (μ = 1.500)"));
+    }
+}

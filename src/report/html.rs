@@ -1,0 +1,442 @@
+//! `report.html`: one self-contained page (figures inlined as SVG, no scripts, no external
+//! resources) with the configuration, loss curves, analysis figures and tables, neighbour
+//! tables and the generated samples with their metrics.
+
+use super::Summary;
+use crate::text_metrics::BatterySample;
+use anyhow::{Context, Result};
+use std::fmt::Write;
+use std::path::Path;
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// An SVG file's markup ready to inline (any XML prolog removed).
+fn inline_svg(path: &Path) -> Result<Option<String>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let start = text.find("<svg").unwrap_or(0);
+    Ok(Some(text[start..].to_string()))
+}
+
+fn num(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// A p-value; an exact 0 is an underflow of f64, shown as such.
+fn pval(v: f64) -> String {
+    if v == 0.0 {
+        "< 1e-300".into()
+    } else {
+        num(v)
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("–".into(), num)
+}
+
+const STYLE: &str = r#"
+body { font-family: "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; margin: 0 auto; max-width: 1500px; padding: 1.5em 2em; color: #1d1d1f; background: #fff; }
+h1 { font-size: 1.7em; margin-bottom: .2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
+th, td { border: 1px solid #d0d0d0; padding: .3em .7em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9em; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
+blockquote { margin: .6em 0; padding: .6em 1em; background: #fafafa; border-left: 4px solid #009688; white-space: pre-wrap; }
+.muted { color: #666; } .sample { margin-bottom: 1.6em; }
+"#;
+
+/// Builds the page for a run (or model) directory from its `analysis/summary.json`, the
+/// figures beside it, `run.toml`, and `samples.jsonl`.
+pub fn build(
+    summary: &Summary,
+    analysis_dir: &Path,
+    run_toml: Option<&str>,
+    samples: &[BatterySample],
+) -> Result<String> {
+    let g = &summary.geometry;
+    let mut h = String::new();
+    let title = format!(
+        "Wake2Vec report — {}",
+        summary
+            .base_model
+            .clone()
+            .unwrap_or_else(|| summary.source.input.display().to_string())
+    );
+    write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{}</title><style>{STYLE}</style></head><body>\n<h1>{}</h1>\n",
+        escape(&title),
+        escape(&title)
+    )?;
+    writeln!(
+        h,
+        "<p class=\"muted\">Source <code>{}</code>{} · model <code>{}</code> · wake2vec {}</p>",
+        escape(&summary.source.input.display().to_string()),
+        summary
+            .source
+            .checkpoint
+            .as_ref()
+            .map(|c| format!(" ({})", escape(c)))
+            .unwrap_or_default(),
+        escape(&summary.source.model_dir.display().to_string()),
+        summary.wake2vec_version
+    )?;
+
+    // configuration
+    h.push_str("<h2>Configuration</h2>\n<table>");
+    for (k, v) in [
+        ("matrix", format!("{} × {}", g.shape[0], g.shape[1])),
+        ("base rows", g.base_vocab.to_string()),
+        (
+            "Wake rows",
+            format!(
+                "{} (rows {}–{}, from {})",
+                g.wake_count,
+                g.wake_start,
+                g.wake_start + g.wake_count,
+                summary.layout_from
+            ),
+        ),
+        ("seed", g.seed.to_string()),
+    ] {
+        writeln!(h, "<tr><th>{k}</th><td>{}</td></tr>", escape(&v))?;
+    }
+    h.push_str("</table>\n");
+    if let Some(t) = run_toml {
+        writeln!(
+            h,
+            "<details><summary>run.toml</summary><pre>{}</pre></details>",
+            escape(t)
+        )?;
+    }
+
+    // loss
+    if let Some(l) = &summary.loss {
+        h.push_str("<h2>Training</h2>\n");
+        if let Some(svg) = inline_svg(&analysis_dir.join("loss.svg"))? {
+            writeln!(
+                h,
+                "<figure>{svg}<figcaption>Training loss per optimizer step and validation loss \
+                 (nats/token); validation bits per byte compare across tokenizers.</figcaption></figure>"
+            )?;
+        }
+        h.push_str("<table><tr><th>final train</th><th>loss at init</th><th>final val</th><th>best val</th><th>best val step</th><th>final val bits/byte</th><th>best val bits/byte</th></tr><tr>");
+        for v in [
+            opt(l.final_train),
+            opt(l.init_val),
+            opt(l.final_val),
+            opt(l.best_val),
+            l.best_val_step.map_or("–".into(), |s| s.to_string()),
+            opt(l.final_val_bpb),
+            opt(l.best_val_bpb),
+        ] {
+            write!(h, "<td class=\"n\">{v}</td>")?;
+        }
+        h.push_str("</tr></table>\n");
+    }
+
+    // geometry
+    h.push_str("<h2>Embedding geometry</h2>\n");
+    if let Some(svg) = inline_svg(&analysis_dir.join("embedding_analysis.svg"))? {
+        writeln!(
+            h,
+            "<figure>{svg}<figcaption>Row norms; pairwise cosines of 2,000 sampled rows per group; \
+             cumulative PCA on the full spectrum; drift against the reference; norm by token id; \
+             top-20 component shares.</figcaption></figure>"
+        )?;
+    }
+    h.push_str("<h3>Norms</h3><table><tr><th>rows</th><th>n</th><th>mean</th><th>sd (pop.)</th><th>min</th><th>max</th></tr>");
+    for (name, d) in [
+        ("all", Some(&g.norms.all)),
+        ("base", Some(&g.norms.base)),
+        ("Wake", g.norms.wake.as_ref()),
+    ] {
+        if let Some(d) = d {
+            writeln!(
+                h,
+                "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                d.n,
+                num(d.mean),
+                num(d.sd_population),
+                num(d.min),
+                num(d.max)
+            )?;
+        }
+    }
+    h.push_str("</table>\n");
+    if let Some(t) = &g.norms.tests {
+        writeln!(
+            h,
+            "<table><tr><th colspan=\"2\">Wake norms against base norms (positive: Wake larger)</th></tr>\
+             <tr><td>Welch's t (two-sided)</td><td class=\"n\">t = {}, df = {}, p = {}</td></tr>\
+             <tr><td>Mann-Whitney U ({})</td><td class=\"n\">U = {}, p = {}</td></tr>\
+             <tr><td>Cohen's d, unweighted variances (the original's)</td><td class=\"n\">{}</td></tr>\
+             <tr><td>Cohen's d, pooled SD</td><td class=\"n\">{}</td></tr>\
+             <tr><td>Wake coefficient of variation</td><td class=\"n\">{}</td></tr></table>",
+            num(t.welch.t),
+            num(t.welch.df),
+            pval(t.welch.p),
+            t.mann_whitney.method,
+            num(t.mann_whitney.u),
+            pval(t.mann_whitney.p),
+            num(t.cohens_d.unweighted),
+            num(t.cohens_d.pooled),
+            num(t.wake_cv)
+        )?;
+    }
+    h.push_str("<h3>Isotropy</h3><table><tr><th>rows</th><th>n</th><th>Mu et al. 2018 (±c)</th><th>original partition ratio</th><th>mean cosine</th><th>mean cosine, centred</th></tr>");
+    for (name, i) in [
+        ("all", Some(&g.isotropy.all)),
+        ("base", Some(&g.isotropy.base)),
+        ("Wake", g.isotropy.wake.as_ref()),
+    ] {
+        if let Some(i) = i {
+            writeln!(
+                h,
+                "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                i.n,
+                num(i.mu2018),
+                num(i.partition_ratio),
+                num(i.mean_cos),
+                num(i.mean_cos_centred)
+            )?;
+        }
+    }
+    h.push_str("</table>\n<h3>PCA (full spectrum)</h3><table><tr><th>rows</th><th>n</th><th>components for 90%</th><th>for 95%</th><th>top-1 share</th></tr>");
+    for (name, p) in [("base", Some(&g.pca.base)), ("Wake", g.pca.wake.as_ref())] {
+        if let Some(p) = p {
+            writeln!(
+                h,
+                "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                p.n_rows,
+                p.k90,
+                p.k95,
+                num(p.top1_share)
+            )?;
+        }
+    }
+    h.push_str("</table>\n");
+    if let Some(p) = &g.pairwise_cosine {
+        writeln!(
+            h,
+            "<h3>Pairwise cosines</h3><table><tr><th>pairs</th><th>n</th><th>mean</th><th>sd</th></tr>\
+             <tr><td>base–base</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\
+             <tr><td>Wake–Wake</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\
+             <tr><td>base–Wake</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr></table>\
+             <p>Kolmogorov-Smirnov, base–base against Wake–Wake ({}): D = {}, p = {}</p>",
+            p.base_base.n_pairs,
+            num(p.base_base.mean),
+            num(p.base_base.sd_sample),
+            p.wake_wake.n_pairs,
+            num(p.wake_wake.mean),
+            num(p.wake_wake.sd_sample),
+            p.base_wake.n_pairs,
+            num(p.base_wake.mean),
+            num(p.base_wake.sd_sample),
+            p.ks_base_base_vs_wake_wake.method,
+            num(p.ks_base_base_vs_wake_wake.d),
+            pval(p.ks_base_base_vs_wake_wake.p)
+        )?;
+    }
+    if let Some(d) = &g.drift {
+        writeln!(
+            h,
+            "<h3>Drift</h3><p class=\"muted\">against {}</p><table><tr><th>rows</th><th>n</th><th>cosine mean</th><th>cosine sd</th><th>cosine min</th><th>L2 mean</th><th>L2 max</th></tr>",
+            escape(&d.reference)
+        )?;
+        for (name, s) in [("base", d.base.as_ref()), ("Wake", d.wake.as_ref())] {
+            if let Some(s) = s {
+                writeln!(
+                    h,
+                    "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                    s.n,
+                    num(s.cos.mean),
+                    num(s.cos.sd_population),
+                    num(s.cos.min),
+                    num(s.l2.mean),
+                    num(s.l2.max)
+                )?;
+            }
+        }
+        h.push_str("</table>\n");
+        if !d.most_moved_wake.is_empty() {
+            h.push_str("<table><tr><th colspan=\"4\">Most moved Wake tokens</th></tr><tr><th>id</th><th>word</th><th>cosine</th><th>L2</th></tr>");
+            for m in &d.most_moved_wake {
+                writeln!(
+                    h,
+                    "<tr><td class=\"n\">{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                    m.id,
+                    escape(m.word.trim()),
+                    num(m.cos),
+                    num(m.l2)
+                )?;
+            }
+            h.push_str("</table>\n");
+        }
+    }
+
+    // neighbours
+    if !g.neighbours.is_empty() {
+        h.push_str("<h2>Nearest base neighbours</h2>\n<table><tr><th>id</th><th>token</th><th>query</th><th>top 5 base tokens by cosine</th></tr>");
+        for q in &g.neighbours {
+            let nb: Vec<String> = q
+                .neighbours
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{} <span class=\"muted\">{:.3}</span>",
+                        escape(n.word.trim()),
+                        n.cos
+                    )
+                })
+                .collect();
+            writeln!(
+                h,
+                "<tr><td class=\"n\">{}</td><td><b>{}</b></td><td>{}</td><td>{}</td></tr>",
+                q.id,
+                escape(q.word.trim()),
+                q.source,
+                nb.join(" · ")
+            )?;
+        }
+        h.push_str("</table>\n");
+    }
+
+    // trajectory
+    if let Some(t) = &summary.trajectory {
+        h.push_str("<h2>Trajectories</h2>\n");
+        if let Some(svg) = inline_svg(&analysis_dir.join("trajectory.svg"))? {
+            writeln!(
+                h,
+                "<figure>{svg}<figcaption>{} sampled Wake tokens across {} snapshots, projected on \
+                 the first two principal components of the last snapshot ({:.1}% + {:.1}% of its \
+                 variance).</figcaption></figure>",
+                t.n_tokens,
+                t.steps.len(),
+                100.0 * t.pca_variance_explained[0],
+                100.0 * t.pca_variance_explained[1]
+            )?;
+        }
+        let mobile: Vec<String> = t
+            .most_mobile
+            .iter()
+            .map(|(w, d)| format!("{} ({:.3})", escape(w.trim()), d))
+            .collect();
+        writeln!(h, "<p>Most mobile: {}</p>", mobile.join(", "))?;
+    }
+
+    // morphemes, devices
+    if let Some(m) = &g.morphemes {
+        writeln!(
+            h,
+            "<h2>Morpheme directions</h2><p>{} of {} groups used ({} pairs).</p>\
+             <table><tr><th>morpheme</th><th>pairs</th><th>consistency</th><th>sd</th><th>magnitude</th></tr>",
+            m.groups_used, m.groups_in_file, m.pairs_used
+        )?;
+        let n = m.groups.len();
+        for (i, s) in m.groups.iter().enumerate() {
+            if i < 15 || i + 10 >= n {
+                writeln!(
+                    h,
+                    "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                    escape(&s.morpheme),
+                    s.n_pairs,
+                    num(s.consistency_mean),
+                    num(s.consistency_sd),
+                    num(s.magnitude_mean)
+                )?;
+            } else if i == 15 {
+                h.push_str("<tr><td colspan=\"5\" class=\"muted\">…</td></tr>");
+            }
+        }
+        h.push_str("</table>\n");
+    }
+    if let Some(d) = &g.devices {
+        h.push_str("<h2>Device cohesion</h2><table><tr><th>device</th><th>words</th><th>found</th><th>mean intra-group cosine</th></tr>");
+        for s in &d.groups {
+            writeln!(
+                h,
+                "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                escape(&s.device),
+                s.n_words,
+                s.n_found,
+                num(s.intra_mean_cos)
+            )?;
+        }
+        h.push_str("</table>\n");
+    }
+
+    // samples
+    if !samples.is_empty() {
+        h.push_str("<h2>Samples</h2>\n<p class=\"muted\">Raw output, no cherry-picking.</p>\n");
+        for s in samples {
+            let m = &s.metrics;
+            writeln!(
+                h,
+                "<div class=\"sample\"><h3>{}</h3><p class=\"muted\">temperature {} · top-p {} · top-k {} · \
+                 repetition penalty {} · seed {} · {} tokens</p><blockquote><b>{}</b>{}</blockquote>\
+                 <table><tr><th>Wake-token share</th><th>coinage rate</th><th>fused-word rate</th><th>distinct-1</th><th>distinct-2</th><th>distinct-3</th><th>repetition rate</th></tr>\
+                 <tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr></table></div>",
+                escape(&s.label),
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                s.repetition_penalty,
+                s.seed,
+                s.tokens,
+                escape(&s.prompt),
+                escape(&s.text),
+                opt(m.wake_token_share),
+                num(m.coinage_rate),
+                num(m.fused_rate),
+                num(m.distinct_1),
+                num(m.distinct_2),
+                num(m.distinct_3),
+                num(m.repetition_rate)
+            )?;
+        }
+    }
+    h.push_str("</body></html>\n");
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_covers_markup() {
+        assert_eq!(
+            escape(r#"<a href="x">Tom & 'Jerry'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;Tom &amp; &#39;Jerry&#39;&lt;/a&gt;"
+        );
+    }
+}
