@@ -6,8 +6,10 @@
 pub mod atomic;
 pub mod bench;
 pub mod cache;
+pub mod corpus;
 pub mod generate;
 pub mod gguf;
+pub mod lexicon;
 pub mod model;
 pub mod sampling;
 pub mod score;
