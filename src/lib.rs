@@ -13,3 +13,4 @@ pub mod lexicon;
 pub mod model;
 pub mod sampling;
 pub mod score;
+pub mod vocab;

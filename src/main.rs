@@ -1,15 +1,18 @@
 //! The `wake2vec` command line: one subcommand per verb, each a thin layer over the library.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use wake2vec::cache::{self, ModelSpec};
 use wake2vec::generate::{self, Limits, DEFAULT_PROMPT};
+use wake2vec::lexicon::Case;
 use wake2vec::model::decode::DecodeWeights;
 use wake2vec::model::LoadedModel;
 use wake2vec::sampling::{Sampler, SamplingParams};
 use wake2vec::{bench, gguf, score};
+
+mod commands;
 
 /// Inject a literary lexicon into a Llama-family language model, train it, and measure what
 /// happened to its embeddings and its text.
@@ -51,6 +54,181 @@ enum Command {
     /// Measure speed, reported as ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Mine a lexicon from a corpus.
+    #[command(subcommand)]
+    Lexicon(LexiconCommand),
+    /// Morpheme data: mine affixes from a lexicon, decompose words, check a file.
+    #[command(subcommand)]
+    Morphemes(MorphemesCommand),
+    /// Inject a lexicon into a model: whole-word vocabulary entries, new embedding rows.
+    ///
+    /// Each word becomes one BPE vocabulary entry with the word-start marker (`Ġword` for
+    /// byte-level BPE, `▁word` for SentencePiece BPE), matched only as a whole word, decoded
+    /// with its space; the rest of the text tokenizes exactly as before. Writes a standard HF
+    /// directory (config.json, model.safetensors, tokenizer.json) plus wake2vec.json, which
+    /// lists the word of every new id. With --corpus, measures the new tokenizer on it.
+    Inject(InjectArgs),
+    /// Extend a tokenizer.json alone (no model) with a lexicon and measure it on a corpus.
+    ///
+    /// The tokenizer half of `inject`: reports token counts, round trip, in-word matches,
+    /// identity with the base ids, and the corpus coverage of each --case choice.
+    ExtendTokenizer(ExtendTokenizerArgs),
+    /// Mean validation loss of a model on a corpus with the training protocol.
+    ///
+    /// The text is tokenized whole without special tokens, cut into non-overlapping blocks,
+    /// split 90/10 by block with a seeded shuffle; the validation blocks are scored.
+    Eval(EvalArgs),
+}
+
+#[derive(Subcommand)]
+enum LexiconCommand {
+    /// Candidate words of a corpus that the model's tokenizer cannot write as one word-start
+    /// token, scored; writes the word list and a CSV with the scores beside it.
+    Mine(MineArgs),
+}
+
+#[derive(Args)]
+struct MineArgs {
+    /// The corpus (UTF-8 text).
+    #[arg(long)]
+    corpus: PathBuf,
+    #[command(flatten)]
+    model: ModelArg,
+    /// Keep words seen at least this many times.
+    #[arg(long, default_value_t = 1)]
+    min_freq: usize,
+    /// Keep words of at least this many characters.
+    #[arg(long, default_value_t = 3)]
+    min_length: usize,
+    /// A file of words (one per line) never to keep.
+    #[arg(long)]
+    stop_list: Option<PathBuf>,
+    /// Cut everything before the first occurrence of this word (e.g. riverrun).
+    #[arg(long)]
+    anchor: Option<String>,
+    /// The word list to write; the CSV goes beside it with the extension .csv.
+    #[arg(long)]
+    out: PathBuf,
+    /// A lexicon to report the overlap with (e.g. the original's wake_lexicon.txt).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum MorphemesCommand {
+    /// Derive morpheme_data.json from a lexicon: the most productive prefixes and suffixes
+    /// (successor variety), each with example words.
+    Mine {
+        /// The lexicon to mine.
+        #[arg(long)]
+        lexicon: PathBuf,
+        /// How many prefixes, and how many suffixes.
+        #[arg(long, default_value_t = 15)]
+        count: usize,
+        /// Example words per affix.
+        #[arg(long, default_value_t = 10)]
+        examples: usize,
+        /// The morpheme_data.json to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the greedy longest-match prefix|root|suffix split of each word.
+    Decompose {
+        /// Morpheme data (morpheme_data.json or wake_embedding_groups.jsonl).
+        #[arg(long, conflicts_with = "lexicon", required_unless_present = "lexicon")]
+        morphemes: Option<PathBuf>,
+        /// Mine the affixes from this lexicon instead.
+        #[arg(long)]
+        lexicon: Option<PathBuf>,
+        /// The words to split.
+        #[arg(required = true)]
+        words: Vec<String>,
+    },
+    /// Read a morpheme file (morpheme_data.json, wake_embedding_groups.jsonl) and summarize it.
+    Show {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The lexicon: one word per line (blank lines and # comments skipped).
+    #[arg(long)]
+    lexicon: PathBuf,
+    /// Init scheme of the new rows: mean-noise, spherical, subword-mean, compositional.
+    #[arg(long, default_value = "subword-mean")]
+    init: String,
+    /// Which forms to inject: lower (each word lower-cased; one row per word), as-is (as
+    /// written in the lexicon), both (lower-case and capitalised: two rows per word).
+    #[arg(long, default_value = "lower")]
+    case: Case,
+    /// Seed of the init's random draws.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// spherical: radius as a multiple of the base radius std·√D.
+    #[arg(long)]
+    radius_factor: Option<f64>,
+    /// Noise scale of mean-noise (×per-dimension std, default 0.1), subword-mean and
+    /// compositional (×overall std, default 0.01).
+    #[arg(long)]
+    noise: Option<f64>,
+    /// compositional: weight of each affix.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// compositional: morpheme data (morpheme_data.json or wake_embedding_groups.jsonl);
+    /// mined from the lexicon when absent.
+    #[arg(long)]
+    morphemes: Option<PathBuf>,
+    /// Also measure the new tokenizer on this corpus.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// The directory to create (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExtendTokenizerArgs {
+    /// The base tokenizer.json.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The lexicon.
+    #[arg(long)]
+    lexicon: PathBuf,
+    /// lower, as-is or both (see `inject --help`).
+    #[arg(long, default_value = "lower")]
+    case: Case,
+    /// First new id (default: right after the tokenizer's largest id; give the embedding
+    /// matrix's row count for a model whose matrix is padded).
+    #[arg(long)]
+    first_id: Option<u32>,
+    /// The corpus to measure on.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Write the extended tokenizer.json here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The corpus (UTF-8 text, read verbatim).
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Tokens per block.
+    #[arg(long, default_value_t = 256)]
+    block: usize,
+    /// Share of the blocks held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -173,18 +351,16 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = model.load()?;
             bench::generation(&loaded, new_tokens, repeats)
         }
+        Command::Lexicon(LexiconCommand::Mine(args)) => commands::mine_lexicon(args),
+        Command::Morphemes(cmd) => commands::morphemes(cmd),
+        Command::Inject(args) => commands::inject(args),
+        Command::ExtendTokenizer(args) => commands::extend_tokenizer(args),
+        Command::Eval(args) => commands::eval(args),
     }
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not UTF-8 text (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })
+    wake2vec::corpus::read_text(path)
 }
 
 fn run_score(args: ScoreArgs) -> Result<()> {

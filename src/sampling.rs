@@ -80,6 +80,22 @@ impl Rng {
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// Fills `out` with standard normal draws by the Box–Muller transform: each pair of
+    /// uniforms `u1 ∈ (0, 1]`, `u2 ∈ [0, 1)` gives `√(−2 ln u1)·(cos 2πu2, sin 2πu2)`; an odd
+    /// length drops the last sine.
+    pub fn fill_normal(&mut self, out: &mut [f64]) {
+        for pair in out.chunks_mut(2) {
+            let u1 = 1.0 - self.next_f64();
+            let u2 = self.next_f64();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+            pair[0] = r * c;
+            if let Some(second) = pair.get_mut(1) {
+                *second = r * s;
+            }
+        }
+    }
 }
 
 impl TryFrom<[u64; 4]> for Rng {
@@ -350,6 +366,31 @@ fn draw(ids: &[u32], weights: &[f32], u: f64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Box–Muller draws have the moments of N(0, 1) and are reproducible from the seed.
+    #[test]
+    fn fill_normal_is_standard_normal() {
+        let mut z = vec![0.0; 200_001];
+        Rng::new(7).fill_normal(&mut z);
+        let n = z.len() as f64;
+        let mean = z.iter().sum::<f64>() / n;
+        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        let skew = z.iter().map(|x| (x - mean).powi(3)).sum::<f64>() / n / var.powf(1.5);
+        let kurt = z.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / n / (var * var);
+        // Tolerances are ~5 standard errors for n = 200,001.
+        assert!(mean.abs() < 0.012, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.016, "variance {var}");
+        assert!(skew.abs() < 0.03, "skewness {skew}");
+        assert!((kurt - 3.0).abs() < 0.06, "kurtosis {kurt}");
+        let within_1 = z.iter().filter(|x| x.abs() < 1.0).count() as f64 / n;
+        assert!(
+            (within_1 - 0.682_689).abs() < 0.006,
+            "P(|z| < 1) = {within_1}"
+        );
+        let mut again = vec![0.0; 5];
+        Rng::new(7).fill_normal(&mut again);
+        assert_eq!(again, z[..5]);
+    }
 
     fn params(
         temperature: f32,

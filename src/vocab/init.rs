@@ -1,0 +1,377 @@
+//! Initial values of the new embedding rows (original-system.md §2), seeded.
+//!
+//! Statistics come from the *base* rows the base tokenizer has a token for (padded rows of a
+//! matrix larger than the tokenizer are left out). `μ_d`, `σ_d` are the per-dimension mean and
+//! (unbiased) standard deviation over those rows, `s` the standard deviation over all their
+//! entries, `z` a vector of standard normal draws (Box–Muller over [`Rng`]), `D` the width.
+//!
+//! - `mean-noise`: `μ + noise·σ ⊙ z`, noise 0.1 (the seed's TinyLlama run, §2.1).
+//! - `spherical`: `r·g/‖g‖` with `g = z` and `r = k·s·√D`, k = 1.5 (§2.3).
+//! - `subword-mean`: the mean of the rows of the word's pieces under the **base** tokenizer
+//!   (with its word-start marker) `+ noise·s·z`, noise 0.01 (§2.6, without the original's
+//!   self-lookup defect).
+//! - `compositional`: `α·E(prefix) + (1−2α)·E(root) + α·E(suffix) + noise·s·z`, α = 0.25,
+//!   noise 0.01 (§2.4), with the greedy longest-match decomposition ([`Decomposer`]).
+//!   `E(affix)` is the mean, over the affix's example words, of each example's subword mean
+//!   (an example that is one base token contributes its row); an affix without examples
+//!   falls back to the subword mean of the affix itself. `E(root)` is the subword mean of the
+//!   root (with the word-start marker when there is no prefix). A missing affix gives its
+//!   weight to the root (`α·E(p) + (1−α)·E(r)`, or `E(r)` alone) instead of the original's
+//!   zero vector, which shrank those rows.
+//!
+//! Rows are drawn in word order, each from the same generator, so a seed fixes them all.
+
+use crate::lexicon::{Decomposer, MorphemeData};
+use crate::sampling::Rng;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// An initialization scheme with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "kebab-case")]
+pub enum InitScheme {
+    MeanNoise { noise: f64 },
+    Spherical { radius_factor: f64 },
+    SubwordMean { noise: f64 },
+    Compositional { alpha: f64, noise: f64 },
+}
+
+impl InitScheme {
+    /// The scheme named `name` with its default parameters.
+    pub fn named(name: &str) -> Result<Self> {
+        Ok(match name {
+            "mean-noise" => InitScheme::MeanNoise { noise: 0.1 },
+            "spherical" => InitScheme::Spherical { radius_factor: 1.5 },
+            "subword-mean" => InitScheme::SubwordMean { noise: 0.01 },
+            "compositional" => InitScheme::Compositional {
+                alpha: 0.25,
+                noise: 0.01,
+            },
+            other => bail!(
+                "unknown init scheme '{other}': expected mean-noise, spherical, subword-mean or compositional"
+            ),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            InitScheme::MeanNoise { .. } => "mean-noise",
+            InitScheme::Spherical { .. } => "spherical",
+            InitScheme::SubwordMean { .. } => "subword-mean",
+            InitScheme::Compositional { .. } => "compositional",
+        }
+    }
+
+    /// True when the scheme needs morpheme data.
+    pub fn needs_morphemes(&self) -> bool {
+        matches!(self, InitScheme::Compositional { .. })
+    }
+
+    /// Checks the parameters are in range.
+    pub fn validate(&self) -> Result<()> {
+        let ok = match *self {
+            InitScheme::MeanNoise { noise } | InitScheme::SubwordMean { noise } => {
+                noise >= 0.0 && noise.is_finite()
+            }
+            InitScheme::Spherical { radius_factor } => {
+                radius_factor > 0.0 && radius_factor.is_finite()
+            }
+            InitScheme::Compositional { alpha, noise } => {
+                (0.0..=0.5).contains(&alpha) && noise >= 0.0 && noise.is_finite()
+            }
+        };
+        if !ok {
+            bail!(
+                "bad parameters for init scheme {}: {self:?} (noise ≥ 0, radius factor > 0, 0 ≤ alpha ≤ 0.5)",
+                self.name()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Base pieces of a text: `(text, word_start) → ids` (see `BaseTokenizer::pieces`).
+pub type Pieces<'a> = &'a dyn Fn(&str, bool) -> Result<Vec<u32>>;
+
+/// A row-major `[rows, dim]` f32 matrix (an embedding matrix or head).
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub dim: usize,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.dim
+    }
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// The statistics of the base rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaseStats {
+    pub rows: usize,
+    /// Norm of the mean row `‖μ‖`.
+    pub mean_norm: f64,
+    /// Average of the per-dimension standard deviations.
+    pub mean_dim_std: f64,
+    /// Standard deviation over all entries, `s`.
+    pub std: f64,
+    /// Mean row norm.
+    pub mean_row_norm: f64,
+    #[serde(skip)]
+    pub mean: Vec<f64>,
+    #[serde(skip)]
+    pub dim_std: Vec<f64>,
+}
+
+/// `μ_d`, `σ_d` (unbiased), and `s` (unbiased, all entries) over `rows` of `m`.
+pub fn base_stats(m: Matrix, rows: &[u32]) -> Result<BaseStats> {
+    let d = m.dim;
+    let n = rows.len();
+    if n < 2 {
+        bail!("need at least 2 base rows for statistics, got {n}");
+    }
+    let mut mean = vec![0.0f64; d];
+    let mut row_norms = 0.0;
+    for &r in rows {
+        let row = m.row(r as usize);
+        row_norms += row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        for (acc, &x) in mean.iter_mut().zip(row) {
+            *acc += x as f64;
+        }
+    }
+    mean.iter_mut().for_each(|x| *x /= n as f64);
+    let global_mean = mean.iter().sum::<f64>() / d as f64;
+    let mut var = vec![0.0f64; d];
+    let mut global_ss = 0.0;
+    for &r in rows {
+        for ((acc, &x), mu) in var.iter_mut().zip(m.row(r as usize)).zip(&mean) {
+            *acc += (x as f64 - mu).powi(2);
+            global_ss += (x as f64 - global_mean).powi(2);
+        }
+    }
+    let dim_std: Vec<f64> = var.iter().map(|v| (v / (n - 1) as f64).sqrt()).collect();
+    Ok(BaseStats {
+        rows: n,
+        mean_norm: mean.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        mean_dim_std: dim_std.iter().sum::<f64>() / d as f64,
+        std: (global_ss / (n * d - 1) as f64).sqrt(),
+        mean_row_norm: row_norms / n as f64,
+        mean,
+        dim_std,
+    })
+}
+
+/// How the words of a compositional init were decomposed.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CompositionCounts {
+    pub prefix_and_suffix: usize,
+    pub prefix_only: usize,
+    pub suffix_only: usize,
+    pub root_only: usize,
+}
+
+/// New rows for `words`, `[words.len(), dim]` row-major, and (compositional) the
+/// decomposition counts.
+pub fn init_rows(
+    m: Matrix,
+    stat_rows: &[u32],
+    words: &[String],
+    pieces: Pieces,
+    morphemes: Option<&MorphemeData>,
+    scheme: InitScheme,
+    rng: &mut Rng,
+) -> Result<(Vec<f32>, Option<CompositionCounts>)> {
+    scheme.validate()?;
+    let d = m.dim;
+    let stats = base_stats(m, stat_rows)?;
+    let mut out = Vec::with_capacity(words.len() * d);
+    let mut z = vec![0.0f64; d];
+    let mean_of = |ids: &[u32], text: &str| -> Result<Vec<f64>> {
+        if ids.is_empty() {
+            bail!("the base tokenizer gives no pieces for {text:?}");
+        }
+        let mut acc = vec![0.0f64; d];
+        for &id in ids {
+            if id as usize >= m.rows() {
+                bail!(
+                    "piece id {id} of {text:?} is outside the {}-row matrix: the tokenizer does not match the model",
+                    m.rows()
+                );
+            }
+            for (a, &x) in acc.iter_mut().zip(m.row(id as usize)) {
+                *a += x as f64;
+            }
+        }
+        acc.iter_mut().for_each(|a| *a /= ids.len() as f64);
+        Ok(acc)
+    };
+    let subword_mean = |text: &str, word_start: bool| mean_of(&pieces(text, word_start)?, text);
+    match scheme {
+        InitScheme::MeanNoise { noise } => {
+            for _ in words {
+                rng.fill_normal(&mut z);
+                out.extend(
+                    stats
+                        .mean
+                        .iter()
+                        .zip(&stats.dim_std)
+                        .zip(&z)
+                        .map(|((mu, sd), z)| (mu + noise * sd * z) as f32),
+                );
+            }
+            Ok((out, None))
+        }
+        InitScheme::Spherical { radius_factor } => {
+            let radius = radius_factor * stats.std * (d as f64).sqrt();
+            for _ in words {
+                rng.fill_normal(&mut z);
+                let norm = z.iter().map(|x| x * x).sum::<f64>().sqrt();
+                out.extend(z.iter().map(|x| (radius * x / norm) as f32));
+            }
+            Ok((out, None))
+        }
+        InitScheme::SubwordMean { noise } => {
+            for w in words {
+                let mean = subword_mean(w, true)?;
+                rng.fill_normal(&mut z);
+                out.extend(
+                    mean.iter()
+                        .zip(&z)
+                        .map(|(mu, z)| (mu + noise * stats.std * z) as f32),
+                );
+            }
+            Ok((out, None))
+        }
+        InitScheme::Compositional { alpha, noise } => {
+            let Some(data) = morphemes else {
+                bail!("the compositional init needs morpheme data");
+            };
+            let decomposer = Decomposer::new(data);
+            let mut affix_cache: HashMap<(bool, String), Vec<f64>> = HashMap::new();
+            let mut affix_vec = |affix: &str, is_prefix: bool| -> Result<Vec<f64>> {
+                let key = (is_prefix, affix.to_string());
+                if let Some(v) = affix_cache.get(&key) {
+                    return Ok(v.clone());
+                }
+                let map = if is_prefix {
+                    &data.prefixes
+                } else {
+                    &data.suffixes
+                };
+                let examples: Vec<&String> = map
+                    .iter()
+                    .find(|(a, _)| a.to_lowercase() == affix)
+                    .map(|(_, ex)| ex.iter().filter(|e| !e.trim().is_empty()).collect())
+                    .unwrap_or_default();
+                let v = if examples.is_empty() {
+                    subword_mean(affix, is_prefix)?
+                } else {
+                    let mut acc = vec![0.0f64; d];
+                    for e in &examples {
+                        for (a, x) in acc.iter_mut().zip(subword_mean(e.trim(), true)?) {
+                            *a += x;
+                        }
+                    }
+                    acc.iter_mut().for_each(|a| *a /= examples.len() as f64);
+                    acc
+                };
+                affix_cache.insert(key, v.clone());
+                Ok(v)
+            };
+            let mut counts = CompositionCounts::default();
+            for w in words {
+                let parts = decomposer.decompose(w);
+                let (has_p, has_s) = (!parts.prefix.is_empty(), !parts.suffix.is_empty());
+                let (wp, wr, ws) = match (has_p, has_s) {
+                    (true, true) => {
+                        counts.prefix_and_suffix += 1;
+                        (alpha, 1.0 - 2.0 * alpha, alpha)
+                    }
+                    (true, false) => {
+                        counts.prefix_only += 1;
+                        (alpha, 1.0 - alpha, 0.0)
+                    }
+                    (false, true) => {
+                        counts.suffix_only += 1;
+                        (0.0, 1.0 - alpha, alpha)
+                    }
+                    (false, false) => {
+                        counts.root_only += 1;
+                        (0.0, 1.0, 0.0)
+                    }
+                };
+                let mut row: Vec<f64> = subword_mean(&parts.root, !has_p)?
+                    .into_iter()
+                    .map(|x| wr * x)
+                    .collect();
+                if has_p {
+                    for (r, x) in row.iter_mut().zip(affix_vec(&parts.prefix, true)?) {
+                        *r += wp * x;
+                    }
+                }
+                if has_s {
+                    for (r, x) in row.iter_mut().zip(affix_vec(&parts.suffix, false)?) {
+                        *r += ws * x;
+                    }
+                }
+                rng.fill_normal(&mut z);
+                out.extend(
+                    row.iter()
+                        .zip(&z)
+                        .map(|(r, z)| (r + noise * stats.std * z) as f32),
+                );
+            }
+            Ok((out, Some(counts)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_validation() {
+        for name in ["mean-noise", "spherical", "subword-mean", "compositional"] {
+            assert_eq!(InitScheme::named(name).unwrap().name(), name);
+        }
+        assert!(InitScheme::named("xavier").is_err());
+        assert!(InitScheme::Spherical { radius_factor: 0.0 }
+            .validate()
+            .is_err());
+        assert!(InitScheme::Compositional {
+            alpha: 0.6,
+            noise: 0.01
+        }
+        .validate()
+        .is_err());
+        let json = serde_json::to_value(InitScheme::named("spherical").unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"scheme": "spherical", "radius_factor": 1.5})
+        );
+    }
+
+    #[test]
+    fn stats_are_unbiased() {
+        // Rows (1, 2), (3, 6), (5, 10); row 3 is padding and left out.
+        let data = [1.0, 2.0, 3.0, 6.0, 5.0, 10.0, 100.0, 100.0];
+        let s = base_stats(
+            Matrix {
+                data: &data,
+                dim: 2,
+            },
+            &[0, 1, 2],
+        )
+        .unwrap();
+        assert_eq!(s.mean, [3.0, 6.0]);
+        assert_eq!(s.dim_std, [2.0, 4.0]);
+        // All six entries: mean 4.5, sum of squares 1+4+9+36+25+100 - 6·4.5² = 53.5.
+        assert!((s.std - (53.5f64 / 5.0).sqrt()).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,355 @@
+//! Vocabulary injection: the lexicon's words become whole-word entries of the model's BPE
+//! vocabulary ([`tokenizer`]), with new embedding rows (and head rows, when untied) initialized
+//! by a seeded scheme ([`init`]), written as a standard HF model directory plus `wake2vec.json`
+//! (docs/formats.md).
+
+pub mod check;
+pub mod eval;
+pub mod init;
+pub mod tokenizer;
+
+pub use check::{check_corpus, CorpusReport, Coverage};
+pub use init::{InitScheme, Matrix};
+pub use tokenizer::{extend, BaseTokenizer, Extension, Family};
+
+use crate::lexicon::{Case, Lexicon, MorphemeData, Skipped};
+use crate::sampling::Rng;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The manifest file written beside an injected model's config.json.
+pub const MANIFEST: &str = "wake2vec.json";
+
+/// `wake2vec.json` (docs/formats.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// The `--model` the injection started from.
+    pub base_model: String,
+    /// Rows of the base embedding matrix (padded rows included).
+    pub base_vocab: usize,
+    /// Tokens the base tokenizer had.
+    pub base_tokenizer_size: usize,
+    /// First new row and id; equal to `base_vocab`.
+    pub wake_start: usize,
+    pub wake_count: usize,
+    /// `words[i]` is the word of id `wake_start + i`.
+    pub words: Vec<String>,
+    /// Lexicon forms that were already one whole-word token, with their base id.
+    pub existing: BTreeMap<String, u32>,
+    /// Lexicon forms the tokenizer always cuts into several pre-tokens: no row was made.
+    pub unreachable: Vec<String>,
+    pub init: InitRecord,
+    pub case: Case,
+    pub tokenizer: TokenizerRecord,
+    pub lexicon: LexiconRecord,
+}
+
+/// The init scheme, its parameters and its seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitRecord {
+    #[serde(flatten)]
+    pub scheme: InitScheme,
+    pub seed: u64,
+    /// How the head's new rows were made (`null` when the head is tied).
+    pub head: Option<String>,
+    /// Where the compositional scheme's morpheme data came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub morphemes: Option<String>,
+}
+
+/// How the tokenizer was extended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerRecord {
+    pub family: Family,
+    /// The SentencePiece split regex added, if any.
+    pub split: Option<String>,
+    pub ignore_merges: bool,
+}
+
+/// Where the lexicon came from and what its loading skipped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LexiconRecord {
+    pub path: String,
+    pub entries: usize,
+    pub skipped: Skipped,
+}
+
+impl Manifest {
+    /// Reads `DIR/wake2vec.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("cannot read {}: is this an injected model?", path.display())
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid manifest", path.display()))
+    }
+
+    /// The range of Wake ids.
+    pub fn wake_ids(&self) -> std::ops::Range<usize> {
+        self.wake_start..self.wake_start + self.wake_count
+    }
+}
+
+/// Everything `inject` needs besides the model and the lexicon.
+#[derive(Debug, Clone)]
+pub struct InjectOptions {
+    pub case: Case,
+    pub scheme: InitScheme,
+    pub seed: u64,
+    /// Morpheme data for the compositional scheme and where it came from; when `None`, it is
+    /// mined from the lexicon with the default options.
+    pub morphemes: Option<(MorphemeData, String)>,
+}
+
+/// An injected model in memory, ready to be written.
+pub struct Injected {
+    pub base: BaseTokenizer,
+    pub extension: Extension,
+    /// The base `config.json` with the new `vocab_size`.
+    pub config: Value,
+    /// All weights, f32, with the extended embedding (and head).
+    pub weights: BTreeMap<String, Tensor>,
+    pub manifest: Manifest,
+    pub stats: init::BaseStats,
+    pub composition: Option<init::CompositionCounts>,
+}
+
+/// Extends the model in `dir` with the lexicon: tokenizer entries, new rows, manifest.
+/// `base_model` is what the manifest records as the base (the `--model` argument).
+pub fn inject(
+    dir: &Path,
+    base_model: &str,
+    lexicon: &Lexicon,
+    lexicon_path: &str,
+    options: &InjectOptions,
+) -> Result<Injected> {
+    options.scheme.validate()?;
+    let config_path = dir.join("config.json");
+    let config_text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut config: Value = serde_json::from_str(&config_text)
+        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let model_config = crate::model::ModelConfig::from_json(&config_text)
+        .with_context(|| format!("in {}", config_path.display()))?;
+    let base = BaseTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let forms = lexicon.forms(options.case);
+
+    let mut weights: BTreeMap<String, Tensor> = crate::model::weights::load_dir(dir, &Device::Cpu)?
+        .into_iter()
+        .collect();
+    let embed_name = "model.embed_tokens.weight";
+    let embed = weights
+        .get(embed_name)
+        .with_context(|| format!("{} has no tensor {embed_name}", dir.display()))?
+        .clone();
+    let (rows, dim) = embed.dims2()?;
+    let tied = model_config.tie_word_embeddings;
+    if tied {
+        weights.remove("lm_head.weight");
+    }
+    let first_id = rows.max(model_config.vocab_size);
+    if rows < model_config.vocab_size {
+        bail!(
+            "{embed_name} has {rows} rows but config.json says vocab_size {}: the model is inconsistent",
+            model_config.vocab_size
+        );
+    }
+    if base.id_end() as usize > rows {
+        bail!(
+            "the tokenizer of {} uses ids up to {} but the embedding matrix has only {rows} rows",
+            dir.display(),
+            base.id_end() - 1
+        );
+    }
+
+    let extension = extend(&base, &forms, first_id as u32)?;
+    if extension.words.is_empty() {
+        bail!(
+            "nothing to inject: of the {} words of {lexicon_path} (case {}), {} are already one token \
+             of the base vocabulary and {} can never be one token under its pre-tokenizer",
+            forms.len(),
+            options.case,
+            extension.existing.len(),
+            extension.unreachable.len()
+        );
+    }
+
+    let mined;
+    let (morphemes, morpheme_source) = match (&options.morphemes, options.scheme.needs_morphemes())
+    {
+        (_, false) => (None, None),
+        (Some((data, source)), true) => (Some(data), Some(source.clone())),
+        (None, true) => {
+            let lower: Vec<String> = lexicon.words.iter().map(|w| w.to_lowercase()).collect();
+            mined = crate::lexicon::morphemes::mine_affixes(&lower, Default::default());
+            (Some(&mined), Some(format!("mined from {lexicon_path}")))
+        }
+    };
+
+    let stat_rows = base.known_ids();
+    let pieces = |text: &str, word_start: bool| base.pieces(text, word_start);
+    let mut rng = Rng::new(options.seed);
+    let embed_data = embed.flatten_all()?.to_vec1::<f32>()?;
+    let matrix = Matrix {
+        data: &embed_data,
+        dim,
+    };
+    let stats = init::base_stats(matrix, &stat_rows)?;
+    let (new_rows, composition) = init::init_rows(
+        matrix,
+        &stat_rows,
+        &extension.words,
+        &pieces,
+        morphemes,
+        options.scheme,
+        &mut rng,
+    )?;
+    let n = extension.words.len();
+    let append = |base: &Tensor, rows: Vec<f32>| -> Result<Tensor> {
+        let new = Tensor::from_vec(rows, (n, dim), &Device::Cpu)?;
+        Ok(Tensor::cat(&[base, &new], 0)?)
+    };
+    weights.insert(embed_name.to_string(), append(&embed, new_rows)?);
+    let head = if tied {
+        None
+    } else {
+        let head = weights
+            .get("lm_head.weight")
+            .context("config.json says tie_word_embeddings = false but there is no lm_head.weight")?
+            .clone();
+        let head_data = head.flatten_all()?.to_vec1::<f32>()?;
+        let (head_rows, _) = init::init_rows(
+            Matrix {
+                data: &head_data,
+                dim,
+            },
+            &stat_rows,
+            &extension.words,
+            &pieces,
+            morphemes,
+            options.scheme,
+            &mut rng,
+        )?;
+        weights.insert("lm_head.weight".to_string(), append(&head, head_rows)?);
+        Some(format!(
+            "{} on the head's own rows (its own statistics and piece rows), drawn after the embedding rows",
+            options.scheme.name()
+        ))
+    };
+    config["vocab_size"] = Value::from(first_id + n);
+
+    let manifest = Manifest {
+        format: 1,
+        base_model: base_model.to_string(),
+        base_vocab: rows,
+        base_tokenizer_size: stat_rows.len(),
+        wake_start: first_id,
+        wake_count: n,
+        words: extension.words.clone(),
+        existing: extension.existing.clone(),
+        unreachable: extension.unreachable.clone(),
+        init: InitRecord {
+            scheme: options.scheme,
+            seed: options.seed,
+            head,
+            morphemes: morpheme_source,
+        },
+        case: options.case,
+        tokenizer: TokenizerRecord {
+            family: extension.family,
+            split: extension.split.map(String::from),
+            ignore_merges: true,
+        },
+        lexicon: LexiconRecord {
+            path: lexicon_path.to_string(),
+            entries: lexicon.words.len(),
+            skipped: lexicon.skipped.clone(),
+        },
+    };
+    Ok(Injected {
+        base,
+        extension,
+        config,
+        weights,
+        manifest,
+        stats,
+        composition,
+    })
+}
+
+/// Files copied unchanged from the base directory when present.
+const COPIED: [&str; 3] = [
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
+
+/// Refuses an `out` that exists and is not an empty directory.
+pub fn check_out_dir(out: &Path) -> Result<()> {
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            bail!(
+                "{} already exists and is not an empty directory: remove it or choose another --out",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes the injected model to `out` (created; must not exist or be empty): config.json,
+/// model.safetensors, tokenizer.json, wake2vec.json and the base's tokenizer_config.json,
+/// generation_config.json, special_tokens_map.json. Everything is written into a temporary
+/// directory beside `out` and renamed, so a failure leaves nothing behind.
+pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
+    check_out_dir(out)?;
+    let tmp: PathBuf = crate::atomic::tmp_path(out);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        let json = |v: &Value| -> Result<Vec<u8>> { Ok(serde_json::to_vec_pretty(v)?) };
+        crate::atomic::write(&tmp.join("config.json"), &json(&injected.config)?)?;
+        crate::atomic::write(
+            &tmp.join("tokenizer.json"),
+            injected.extension.to_json()?.as_bytes(),
+        )?;
+        crate::atomic::write(
+            &tmp.join(MANIFEST),
+            &serde_json::to_vec_pretty(&injected.manifest)?,
+        )?;
+        for name in COPIED {
+            let from = base_dir.join(name);
+            if from.is_file() {
+                let bytes = std::fs::read(&from)
+                    .with_context(|| format!("cannot read {}", from.display()))?;
+                crate::atomic::write(&tmp.join(name), &bytes)?;
+            }
+        }
+        crate::model::weights::save_file(&injected.weights, &tmp.join("model.safetensors"))
+    })();
+    match result {
+        Ok(()) => {
+            if out.exists() {
+                std::fs::remove_dir(out).ok();
+            }
+            std::fs::rename(&tmp, out)
+                .map_err(|e| anyhow!("cannot move the injected model into {}: {e}", out.display()))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
