@@ -88,16 +88,21 @@ pub fn morphemes(cmd: MorphemesCommand) -> Result<()> {
             lexicon,
             count,
             examples,
+            model,
             out,
         } => {
             let lex = Lexicon::load(&lexicon)?;
             let words: Vec<String> = lex.words.iter().map(|w| w.to_lowercase()).collect();
+            let mut known: HashSet<String> = words.iter().cloned().collect();
+            if let Some(base) = base_of(model.as_ref())? {
+                known.extend(base.whole_words());
+            }
             let options = morphemes::AffixOptions {
                 count,
                 examples,
                 ..Default::default()
             };
-            let data = morphemes::mine_affixes(&words, options);
+            let data = morphemes::mine_affixes(&words, &|s| known.contains(s), options);
             data.validate()
                 .with_context(|| format!("mining {}", lexicon.display()))?;
             data.save(&out)?;
@@ -108,14 +113,13 @@ pub fn morphemes(cmd: MorphemesCommand) -> Result<()> {
         MorphemesCommand::Decompose {
             morphemes: file,
             lexicon,
+            model,
             words,
         } => {
             let data = match (file, lexicon) {
                 (Some(f), _) => MorphemeData::load(&f)?,
                 (None, Some(l)) => {
-                    let lex = Lexicon::load(&l)?;
-                    let words: Vec<String> = lex.words.iter().map(|w| w.to_lowercase()).collect();
-                    morphemes::mine_affixes(&words, Default::default())
+                    vocab::mine_morphemes(&Lexicon::load(&l)?, base_of(model.as_ref())?.as_ref())
                 }
                 (None, None) => unreachable!("clap requires --morphemes or --lexicon"),
             };
@@ -131,6 +135,16 @@ pub fn morphemes(cmd: MorphemesCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The base tokenizer of a model, when one is given.
+fn base_of(model: Option<&cache::ModelSpec>) -> Result<Option<BaseTokenizer>> {
+    model
+        .map(|m| {
+            let dir = cache::resolve(m, true)?;
+            BaseTokenizer::from_file(&dir.join("tokenizer.json"))
+        })
+        .transpose()
 }
 
 fn print_morphemes(data: &MorphemeData) {

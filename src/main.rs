@@ -128,6 +128,10 @@ enum MorphemesCommand {
         /// Example words per affix.
         #[arg(long, default_value_t = 10)]
         examples: usize,
+        /// Also count a stem as a word when this model's tokenizer has it as one whole-word
+        /// token (`smollm2-135m`, an HF directory or a .gguf); else only lexicon words count.
+        #[arg(long)]
+        model: Option<ModelSpec>,
         /// The morpheme_data.json to write.
         #[arg(long)]
         out: PathBuf,
@@ -140,6 +144,9 @@ enum MorphemesCommand {
         /// Mine the affixes from this lexicon instead.
         #[arg(long)]
         lexicon: Option<PathBuf>,
+        /// With --lexicon: the model whose whole-word tokens count as known stems.
+        #[arg(long, requires = "lexicon")]
+        model: Option<ModelSpec>,
         /// The words to split.
         #[arg(required = true)]
         words: Vec<String>,

@@ -266,60 +266,83 @@ impl Default for AffixOptions {
     }
 }
 
-/// Derives morpheme data from a word list by successor variety (Harris): an affix candidate
-/// is a string of `min_len..=max_len` letters, with a vowel, that starts (or ends) words
-/// leaving at least `min_stem` characters; its score is the number of such words times the
-/// entropy (bits) of the character that follows the prefix (precedes the suffix). A real
-/// morpheme boundary is followed by many different letters; the inside of a longer string
-/// (`ng` in `-ing`) is not. The `count` best of each kind are kept, ties alphabetically, each
-/// with its first `examples` words in list order (stored sorted).
-pub fn mine_affixes(words: &[String], options: AffixOptions) -> MorphemeData {
+/// Derives morpheme data from a word list. An affix candidate is a string of
+/// `min_len..=max_len` letters, with a vowel, that starts (or ends) words leaving at least
+/// `min_stem` characters. Two signals make a morpheme: the stem left over is itself a word
+/// (`known(stem)` — the lexicon and, from the CLI, the base model's whole-word tokens), and
+/// many different letters follow the prefix / precede the suffix (successor variety, Harris),
+/// which rules out the inside of a longer affix (`ng` of `-ing`). With `n` words carrying the
+/// candidate, `k` of them with a known stem, and `H` the entropy (bits) of the boundary letter:
+///
+/// `score = k · (k / n) · H`
+///
+/// (the share `k / n` keeps word onsets such as `co-`, frequent but rarely followed by a word,
+/// out). The `count` best of each kind are kept, ties alphabetically, each with its first
+/// `examples` words that have a known stem, then others, in list order (stored sorted).
+pub fn mine_affixes(
+    words: &[String],
+    known: &dyn Fn(&str) -> bool,
+    options: AffixOptions,
+) -> MorphemeData {
     let lower: Vec<Vec<char>> = words
         .iter()
         .map(|w| w.to_lowercase().chars().collect())
         .collect();
     let pick = |suffix: bool| -> BTreeMap<String, Vec<String>> {
-        // affix → (boundary characters, examples in order)
-        let mut stats: HashMap<String, (HashMap<char, usize>, Vec<usize>)> = HashMap::new();
+        #[derive(Default)]
+        struct Stats {
+            boundary: HashMap<char, usize>,
+            with_known_stem: Vec<usize>,
+            others: Vec<usize>,
+        }
+        let mut stats: HashMap<String, Stats> = HashMap::new();
         for (i, w) in lower.iter().enumerate() {
             for len in options.min_len..=options.max_len {
                 if w.len() < len + options.min_stem {
                     break;
                 }
-                let (affix, boundary): (&[char], char) = if suffix {
-                    (&w[w.len() - len..], w[w.len() - len - 1])
+                let (affix, stem, boundary): (&[char], &[char], char) = if suffix {
+                    let cut = w.len() - len;
+                    (&w[cut..], &w[..cut], w[cut - 1])
                 } else {
-                    (&w[..len], w[len])
+                    (&w[..len], &w[len..], w[len])
                 };
                 if !affix.iter().all(|c| c.is_alphabetic()) || !affix.iter().any(|&c| is_vowel(c)) {
                     continue;
                 }
                 let entry = stats.entry(affix.iter().collect()).or_default();
-                *entry.0.entry(boundary).or_default() += 1;
-                entry.1.push(i);
+                *entry.boundary.entry(boundary).or_default() += 1;
+                if known(&stem.iter().collect::<String>()) {
+                    entry.with_known_stem.push(i);
+                } else {
+                    entry.others.push(i);
+                }
             }
         }
         let mut scored: Vec<(f64, String, Vec<usize>)> = stats
             .into_iter()
-            .map(|(affix, (next, ex))| {
-                let n = ex.len() as f64;
-                let entropy: f64 = next
+            .map(|(affix, st)| {
+                let n = (st.with_known_stem.len() + st.others.len()) as f64;
+                let k = st.with_known_stem.len() as f64;
+                let entropy: f64 = st
+                    .boundary
                     .values()
                     .map(|&c| {
                         let p = c as f64 / n;
                         -p * p.log2()
                     })
                     .sum();
-                (n * entropy, affix, ex)
+                let order = st.with_known_stem.into_iter().chain(st.others).collect();
+                (k * (k / n) * entropy, affix, order)
             })
             .collect();
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         scored
             .into_iter()
             .take(options.count)
-            .map(|(_, affix, ex)| {
+            .map(|(_, affix, order)| {
                 let mut examples: Vec<String> = Vec::new();
-                for i in ex {
+                for i in order {
                     let w = &words[i];
                     if !examples.contains(w) {
                         examples.push(w.clone());
@@ -384,22 +407,29 @@ mod tests {
     fn mines_productive_affixes() {
         let words: Vec<String> = [
             "unhappy", "undone", "unkind", "unless", "unmade", "untold", "rebuild", "remade",
-            "retold", "rethink", "running", "making", "telling", "thinking", "holding", "going",
-            "building", "sitting",
+            "retold", "rethink", "cobalt", "cocoa", "cotton", "cobweb", "colour", "copper",
+            "holding", "thinking", "building", "telling", "running", "sitting", "going",
         ]
         .iter()
         .map(|w| w.to_string())
         .collect();
+        let stems = [
+            "happy", "done", "kind", "made", "told", "build", "think", "web", "hold", "tell",
+        ];
+        let known = |s: &str| stems.contains(&s);
         let options = AffixOptions {
             count: 2,
             examples: 3,
             ..AffixOptions::default()
         };
-        let m = mine_affixes(&words, options);
+        let m = mine_affixes(&words, &known, options);
+        // co- starts six words with five different next letters, but leaves no known word.
         assert_eq!(m.prefixes.keys().collect::<Vec<_>>(), ["re", "un"]);
+        // Examples with a known stem come first.
         assert_eq!(m.prefixes["un"], ["undone", "unhappy", "unkind"]);
         assert!(m.suffixes.contains_key("ing"), "{:?}", m.suffixes);
         assert!(!m.suffixes.contains_key("ng"), "{:?}", m.suffixes);
+        assert_eq!(m.suffixes["ing"], ["building", "holding", "thinking"]);
     }
 
     #[test]

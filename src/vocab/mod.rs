@@ -186,8 +186,7 @@ pub fn inject(
         (_, false) => (None, None),
         (Some((data, source)), true) => (Some(data), Some(source.clone())),
         (None, true) => {
-            let lower: Vec<String> = lexicon.words.iter().map(|w| w.to_lowercase()).collect();
-            mined = crate::lexicon::morphemes::mine_affixes(&lower, Default::default());
+            mined = mine_morphemes(lexicon, Some(&base));
             (Some(&mined), Some(format!("mined from {lexicon_path}")))
         }
     };
@@ -281,6 +280,21 @@ pub fn inject(
         stats,
         composition,
     })
+}
+
+/// Morpheme data mined from `lexicon` with the default options; stems count as known when
+/// they are lexicon words or (with `base`) whole-word tokens of the base vocabulary.
+pub fn mine_morphemes(lexicon: &Lexicon, base: Option<&BaseTokenizer>) -> MorphemeData {
+    let lower: Vec<String> = lexicon.words.iter().map(|w| w.to_lowercase()).collect();
+    let mut known: std::collections::HashSet<String> = lower.iter().cloned().collect();
+    if let Some(base) = base {
+        known.extend(base.whole_words());
+    }
+    crate::lexicon::morphemes::mine_affixes(
+        &lower,
+        &|stem| known.contains(stem),
+        Default::default(),
+    )
 }
 
 /// Files copied unchanged from the base directory when present.

@@ -155,6 +155,28 @@ impl BaseTokenizer {
         Ok(tokens.into_iter().map(|t| t.id).collect())
     }
 
+    /// The words the base vocabulary has as one word-start token (`Ġword`, `▁word`), lower-cased,
+    /// letters only (ASCII letters for byte-level BPE, whose spelling of other letters is
+    /// mangled), at least 3 letters.
+    pub fn whole_words(&self) -> HashSet<String> {
+        let marker = match self.family {
+            Family::ByteLevel => "Ġ",
+            Family::SentencePiece => "\u{2581}",
+        };
+        self.bpe()
+            .get_vocab()
+            .into_keys()
+            .filter_map(|piece| {
+                let word = piece.strip_prefix(marker)?;
+                let letters = match self.family {
+                    Family::ByteLevel => word.chars().all(|c| c.is_ascii_alphabetic()),
+                    Family::SentencePiece => word.chars().all(char::is_alphabetic),
+                };
+                (letters && word.chars().count() >= 3).then(|| word.to_lowercase())
+            })
+            .collect()
+    }
+
     /// Every id the base tokenizer knows (vocabulary and added tokens), sorted.
     pub fn known_ids(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.tokenizer.get_vocab(true).into_values().collect();
