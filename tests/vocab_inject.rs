@@ -411,3 +411,80 @@ fn written_directory_loads_and_scores() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The TinyLlama path end to end: a tiny random Llama with Llama 2's SentencePiece vocabulary
+/// (32,000 tokens from the vocabulary-only GGUF) and an untied head gets the lexicon; the
+/// written directory loads, matches Wake words as `▁word` ids, and scores text.
+#[test]
+fn sentencepiece_model_end_to_end() {
+    let base_dir = temp_dir("spm-base");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/tokenizers/ggml-vocab-llama-spm.gguf");
+    wake2vec::gguf::import(&gguf, &base_dir).unwrap();
+    // tiny-llama's blocks with 32,000-row embedding and head drawn from a seeded generator.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap())
+            .unwrap();
+    config["vocab_size"] = 32_000.into();
+    config["bos_token_id"] = 1.into();
+    config["eos_token_id"] = 2.into();
+    std::fs::write(base_dir.join("config.json"), config.to_string()).unwrap();
+    let mut weights: BTreeMap<String, Tensor> =
+        wake2vec::model::weights::load_dir(&fixture("tiny-llama"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut rng = wake2vec::sampling::Rng::new(11);
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let mut z = vec![0.0f64; 32_000 * 64];
+        rng.fill_normal(&mut z);
+        let v: Vec<f32> = z.iter().map(|x| (0.15 * x) as f32).collect();
+        weights.insert(
+            name.into(),
+            Tensor::from_vec(v, (32_000, 64), &Device::Cpu).unwrap(),
+        );
+    }
+    wake2vec::model::weights::save_file(&weights, &base_dir.join("model.safetensors")).unwrap();
+
+    let lex = lexicon(2000);
+    let inj = vocab::inject(
+        &base_dir,
+        "tiny-spm",
+        &lex,
+        "test",
+        &options(InitScheme::named("compositional").unwrap(), 42),
+    )
+    .unwrap();
+    assert_eq!(inj.manifest.tokenizer.family, vocab::Family::SentencePiece);
+    assert_eq!(inj.manifest.wake_start, 32_000);
+    assert!(inj.manifest.unreachable.is_empty());
+    assert!(inj.manifest.init.head.is_some(), "untied head rows");
+    let out = temp_dir("spm-out");
+    vocab::write(&inj, &base_dir, &out).unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast");
+    let loaded = LoadedModel::load(&out).unwrap();
+    assert_eq!(
+        loaded.model.head().dims2().unwrap().0,
+        32_000 + inj.manifest.wake_count
+    );
+    let word = &inj.manifest.words[0];
+    let text = format!("{word}, {word} and {word}");
+    let enc = loaded.tokenizer.encode(text.as_str(), false).unwrap();
+    let wake_id = inj.manifest.wake_start as u32;
+    // The first word (after the prepended ▁) and the two after spaces are all the new id.
+    assert_eq!(
+        enc.get_ids().iter().filter(|&&i| i == wake_id).count(),
+        3,
+        "{:?}",
+        enc.get_tokens()
+    );
+    assert_eq!(enc.get_tokens()[0], format!("▁{word}"));
+    assert_eq!(loaded.tokenizer.decode(enc.get_ids(), false).unwrap(), text);
+    let s = wake2vec::score::score_text(&loaded.model, &loaded.tokenizer, &text, 64).unwrap();
+    assert!(s.mean_loss.is_finite());
+    std::fs::remove_dir_all(&base_dir).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+}

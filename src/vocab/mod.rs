@@ -298,11 +298,31 @@ pub fn mine_morphemes(lexicon: &Lexicon, base: Option<&BaseTokenizer>) -> Morphe
 }
 
 /// Files copied unchanged from the base directory when present.
-const COPIED: [&str; 3] = [
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-];
+const COPIED: [&str; 2] = ["generation_config.json", "special_tokens_map.json"];
+
+/// The base `tokenizer_config.json` (or an empty one) with `tokenizer_class` set to
+/// `PreTrainedTokenizerFast`. transformers 5 rebuilds a model-specific tokenizer class
+/// (`LlamaTokenizer`, `Qwen2Tokenizer`, …) from the vocabulary and merges alone, with that
+/// class's own pre-tokenizer and without `ignore_merges`, which would drop the whole-word
+/// matching; the generic class loads tokenizer.json as written. (transformers 5 still forces
+/// its own class for a few model types, Qwen2 and Phi-3 among them: load those with
+/// `PreTrainedTokenizerFast(tokenizer_file=...)`.)
+fn tokenizer_config(base_dir: &Path) -> Result<Value> {
+    let path = base_dir.join("tokenizer_config.json");
+    let mut config = if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?
+    } else {
+        Value::Object(Default::default())
+    };
+    let map = config
+        .as_object_mut()
+        .with_context(|| format!("{} is not a JSON object", path.display()))?;
+    map.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    Ok(config)
+}
 
 /// Refuses an `out` that exists and is not an empty directory.
 pub fn check_out_dir(out: &Path) -> Result<()> {
@@ -321,11 +341,12 @@ pub fn check_out_dir(out: &Path) -> Result<()> {
 }
 
 /// Writes the injected model to `out` (created; must not exist or be empty): config.json,
-/// model.safetensors, tokenizer.json, wake2vec.json and the base's tokenizer_config.json,
-/// generation_config.json, special_tokens_map.json. Everything is written into a temporary
+/// model.safetensors, tokenizer.json, tokenizer_config.json (see [`tokenizer_config`]),
+/// wake2vec.json and the base's generation_config.json and special_tokens_map.json. Everything is written into a temporary
 /// directory beside `out` and renamed, so a failure leaves nothing behind.
 pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
     check_out_dir(out)?;
+    let tokenizer_config = tokenizer_config(base_dir)?;
     let tmp: PathBuf = crate::atomic::tmp_path(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
@@ -342,6 +363,10 @@ pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
         crate::atomic::write(
             &tmp.join(MANIFEST),
             &serde_json::to_vec_pretty(&injected.manifest)?,
+        )?;
+        crate::atomic::write(
+            &tmp.join("tokenizer_config.json"),
+            &json(&tokenizer_config)?,
         )?;
         for name in COPIED {
             let from = base_dir.join(name);
