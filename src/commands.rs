@@ -379,14 +379,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     )?;
     eprintln!();
     println!(
-        "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token",
+        "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token, {:.4} bits/byte",
         Path::new(&args.corpus).display(),
         r.tokens,
         r.blocks,
         r.block_len,
         r.validation_blocks,
         r.seed,
-        r.mean_loss
+        r.mean_loss,
+        r.bits_per_byte
     );
     Ok(())
 }

@@ -41,6 +41,9 @@ pub struct ValLoss {
     pub seed: u64,
     /// Mean loss of the validation blocks, nats per token.
     pub mean_loss: f64,
+    /// Total loss in bits over the UTF-8 bytes the scored tokens cover: comparable across
+    /// tokenizers, unlike nats per token.
+    pub bits_per_byte: f64,
 }
 
 /// Mean validation loss of `model` on `text` tokenized by `tokenizer`. `progress` is called
@@ -67,6 +70,7 @@ pub fn validation_loss(
         .encode(text, false)
         .map_err(|e| anyhow!("cannot tokenize the corpus: {e}"))?;
     let ids = enc.get_ids();
+    let offsets = enc.get_offsets();
     let all = blocks(ids, block_len);
     if all.len() < 2 {
         bail!(
@@ -77,10 +81,17 @@ pub fn validation_loss(
     let val = validation_indices(all.len(), fraction, seed);
     let mut total = 0.0f64;
     let mut count = 0usize;
+    let mut bytes = 0usize;
     for (done, &i) in val.iter().enumerate() {
         let lp = crate::score::logprobs(model, all[i])?;
         total -= lp.iter().map(|&x| x as f64).sum::<f64>();
         count += lp.len();
+        // Scored tokens are positions 1.. of the block.
+        let start = i * block_len;
+        bytes += offsets[start + 1..start + block_len]
+            .iter()
+            .map(|(a, b)| b - a)
+            .sum::<usize>();
         progress(done + 1, val.len());
     }
     Ok(ValLoss {
@@ -90,6 +101,7 @@ pub fn validation_loss(
         block_len,
         seed,
         mean_loss: total / count as f64,
+        bits_per_byte: total / std::f64::consts::LN_2 / bytes.max(1) as f64,
     })
 }
 
