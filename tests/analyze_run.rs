@@ -85,8 +85,27 @@ fn make_run(root: &Path) -> (usize, usize) {
 fn analyze_a_run_directory_and_write_its_report() {
     let root = tmpdir("run");
     let (rows, dim) = make_run(&root);
+    let morph = root.join("groups.jsonl");
+    std::fs::write(
+        &morph,
+        concat!(
+            r#"{"morpheme":"-ing","morpheme_type":"suffix","examples":["wakeword1","wakeword2","nosuchword"],"bases":["wakeword11","wakeword12","wakeword13"],"n_examples":3}"#,
+            "\n",
+            r#"{"morpheme":"un-","morpheme_type":"prefix","examples":["wakeword3"],"bases":["wakeword4"],"n_examples":1}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let devices = root.join("devices.jsonl");
+    std::fs::write(
+        &devices,
+        "{\"device\":\"pun\",\"examples\":[\"wakeword5\",\"wakeword6\",\"wakeword7\"]}\n{\"device\":\"nonce\",\"examples\":[\"wakeword8\",\"nosuchword\"]}\n",
+    )
+    .unwrap();
     let req = AnalyzeRequest {
         path: root.clone(),
+        morphemes: Some(morph),
+        devices: Some(devices),
         options: Options {
             query_words: vec!["wakeword7".into()],
             ..Options::default()
@@ -126,6 +145,20 @@ fn analyze_a_run_directory_and_write_its_report() {
         .iter()
         .all(|n| n.id < BASE && n.cos <= 1.0 + 1e-9));
     assert_eq!(user.neighbours.len(), 5);
+
+    // morphemes: "-ing" has 3 usable pairs (a word outside the lexicon is the mean of its
+    // tokens), "un-" has 1 and is not used
+    let m = s.geometry.morphemes.as_ref().unwrap();
+    assert_eq!((m.groups_in_file, m.groups_used, m.pairs_used), (2, 1, 3));
+    assert_eq!(m.groups[0].morpheme, "-ing");
+    assert!(m.groups[0].consistency_mean > 0.0 && m.groups[0].consistency_mean <= 1.0 + 1e-12);
+    let d = s.geometry.devices.as_ref().unwrap();
+    assert_eq!((d.groups[0].n_found, d.groups[1].n_found), (3, 2));
+    assert!(d
+        .groups
+        .iter()
+        .all(|g| g.intra_mean_cos.abs() <= 1.0 + 1e-12));
+    assert!((d.centroid_cos[0][0] - 1.0).abs() < 1e-12);
 
     // loss and trajectory
     let loss = s.loss.as_ref().unwrap();
