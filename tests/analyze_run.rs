@@ -308,3 +308,71 @@ fn errors_name_the_file_and_the_fix() {
     assert!(e.contains("does not match"), "{e}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_checkpoint_of_trained_wake_rows_replaces_the_models_rows() {
+    // the training engine's P1 checkpoint: params.safetensors holds `wake_embed` only, and
+    // run.toml names the injected model
+    let root = tmpdir("params");
+    let model = root.join("model");
+    copy_dir(Path::new(TINY), &model);
+    let e = load::load_embeddings(&model).unwrap();
+    let wake = e.rows - BASE;
+    std::fs::write(
+        model.join("wake2vec.json"),
+        serde_json::json!({"format": 1, "base_model": "tiny-llama", "base_vocab": BASE,
+            "wake_start": BASE, "wake_count": wake, "words": []})
+        .to_string(),
+    )
+    .unwrap();
+    let run = root.join("run");
+    std::fs::create_dir_all(run.join("checkpoints/step-3")).unwrap();
+    std::fs::write(
+        run.join("run.toml"),
+        "phase = \"p1\"\nmodel = \"../model\"\n",
+    )
+    .unwrap();
+    let save = |rows: usize, value: f32| {
+        let t = Tensor::full(value, (rows, e.dim), &Device::Cpu).unwrap();
+        wake2vec::model::weights::save_file(
+            &BTreeMap::from([("wake_embed".to_string(), t)]),
+            &run.join("checkpoints/step-3/params.safetensors"),
+        )
+        .unwrap();
+    };
+    save(wake, 0.5);
+    let out = report::analyze_path(&AnalyzeRequest {
+        path: run.clone(),
+        out: Some(root.join("out")),
+        no_figures: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(out.summary.source.checkpoint.as_deref(), Some("step-3"));
+    assert!(out.summary.source.params.is_some());
+    let w = out.summary.geometry.norms.wake.as_ref().unwrap();
+    let want = 0.5 * (e.dim as f64).sqrt();
+    assert!((w.mean - want).abs() < 1e-9 && (w.max - w.min).abs() < 1e-9);
+    // base rows are the model's own
+    let b = &out.summary.geometry.norms.base;
+    let base_norm0 = e
+        .row(0)
+        .iter()
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(b.min <= base_norm0 && base_norm0 <= b.max);
+    // a checkpoint of another shape is refused with the reason
+    save(wake - 1, 0.5);
+    let err = report::analyze_path(&AnalyzeRequest {
+        path: run,
+        out: Some(root.join("out")),
+        no_figures: true,
+        ..Default::default()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("does not belong to this model"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -122,11 +122,11 @@ fn range_of(sets: &[&[f64]]) -> (f64, f64) {
 /// span apart, trailing zeros dropped (one kept), never "-0.0".
 fn tick_for(lo: f64, hi: f64) -> impl Fn(&f64) -> String {
     let span = (hi - lo).abs().max(1e-300);
-    let decimals = (-(span / 10.0).log10()).ceil().clamp(1.0, 12.0) as usize;
+    let decimals = (-(span / 10.0).log10()).ceil().clamp(0.0, 12.0) as usize;
     move |v: &f64| {
         let v = if v.abs() < span * 1e-9 { 0.0 } else { *v };
         let mut t = format!("{v:.decimals$}");
-        while t.ends_with('0') && !t.ends_with(".0") {
+        while t.contains('.') && t.ends_with('0') && !t.ends_with(".0") {
             t.pop();
         }
         t
@@ -165,7 +165,7 @@ fn draw_histograms<DB: DrawingBackend>(
         .caption(title, (FAMILY, TITLE))
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(lo..hi, 0.0..ymax)
         .map_err(pe)?;
     chart
@@ -298,7 +298,7 @@ fn six_panels<DB: DrawingBackend>(
             .caption("Cumulative explained variance (PCA)", (FAMILY, TITLE))
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(1f64..kmax as f64, 0f64..1.02)
             .map_err(pe)?;
         chart
@@ -390,7 +390,7 @@ fn six_panels<DB: DrawingBackend>(
             )
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(0f64..n.max(1) as f64, lo..hi)
             .map_err(pe)?;
         chart
@@ -435,7 +435,7 @@ fn six_panels<DB: DrawingBackend>(
             .caption("Top-20 components: explained variance", (FAMILY, TITLE))
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(0.5f64..top as f64 + 0.5, 0f64..ymax)
             .map_err(pe)?;
         chart
@@ -525,7 +525,7 @@ fn loss_panels<DB: DrawingBackend>(
         .caption("Loss (nats/token)", (FAMILY, TITLE))
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(0f64..xmax, ylo..yhi)
         .map_err(pe)?;
     chart
@@ -580,7 +580,7 @@ fn loss_panels<DB: DrawingBackend>(
             .caption("Validation bits per byte", (FAMILY, TITLE))
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(0f64..xmax, lo..hi)
             .map_err(pe)?;
         chart
@@ -644,7 +644,7 @@ fn trajectory_panels<DB: DrawingBackend>(
         )
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(pe)?;
     chart
@@ -713,7 +713,7 @@ fn trajectory_panels<DB: DrawingBackend>(
         .caption("Mean distance from first snapshot", (FAMILY, TITLE))
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(0f64..xmax, 0f64..ymax)
         .map_err(pe)?;
     chart
@@ -772,6 +772,8 @@ mod tests {
         assert_eq!(t(&0.4), "0.4");
         assert_eq!(t(&-0.2), "-0.2");
         assert_eq!(tick_for(0.0, 8.0)(&6.0), "6.0");
+        // large spans: whole numbers, zeros kept
+        assert_eq!(tick_for(0.0, 3500.0)(&3000.0), "3000");
         // drift of base rows lives in 0.99990..1.0: ticks must differ
         let d = tick_for(0.9999, 1.0);
         assert_eq!(d(&0.99992), "0.99992");
