@@ -81,10 +81,12 @@ pub fn build(
 ) -> Result<String> {
     let g = &summary.geometry;
     let mut h = String::new();
-    // the analyzed model, named by its directory
+    // the run, or the analyzed model, named by its directory
     let model_name = summary
         .source
-        .model_dir
+        .run_dir
+        .as_deref()
+        .unwrap_or(&summary.source.model_dir)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| summary.source.input.display().to_string());
