@@ -111,6 +111,90 @@ fn lane_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + x.chunks_exact(32).remainder().iter().sum::<f32>()
 }
 
+/// `(name, wake2vec, reference, relative difference)` for every statistic both compute:
+/// `ours` is a serialized [`crate::analysis::Geometry`], `reference` analysis_reference.py's JSON.
+/// p-values that underflow to 0 on both sides are skipped.
+pub fn compare_with_reference(
+    ours: &serde_json::Value,
+    reference: &serde_json::Value,
+) -> Vec<(String, f64, f64, f64)> {
+    let mut out = Vec::new();
+    let mut cmp = |name: String, a: &serde_json::Value, b: &serde_json::Value| {
+        if let (Some(a), Some(b)) = (a.as_f64(), b.as_f64()) {
+            if a == 0.0 && b == 0.0 {
+                return;
+            }
+            let rel = if b == 0.0 {
+                a.abs()
+            } else {
+                ((a - b) / b).abs()
+            };
+            out.push((name, a, b, rel));
+        }
+    };
+    let (t, rt) = (
+        &ours["norms"]["tests"],
+        &reference["norm_tests_new_vs_base"],
+    );
+    cmp("Welch t".into(), &t["welch"]["t"], &rt["welch_t"]);
+    cmp("Welch df".into(), &t["welch"]["df"], &rt["welch_df"]);
+    cmp("Welch p".into(), &t["welch"]["p"], &rt["welch_p"]);
+    cmp(
+        "Mann-Whitney U".into(),
+        &t["mann_whitney"]["U"],
+        &rt["mannwhitney_U"],
+    );
+    cmp(
+        "Mann-Whitney p".into(),
+        &t["mann_whitney"]["p"],
+        &rt["mannwhitney_p"],
+    );
+    cmp(
+        "Cohen's d pooled".into(),
+        &t["cohens_d"]["pooled"],
+        &rt["cohens_d"],
+    );
+    for (r, o) in [("all", "all"), ("base", "base"), ("new", "wake")] {
+        let (i, ri) = (&ours["isotropy"][o], &reference["isotropy"][r]);
+        cmp(format!("Mu isotropy {o}"), &i["mu2018"], &ri["isotropy_pm"]);
+        cmp(
+            format!("mean cosine {o}"),
+            &i["mean_cos"],
+            &reference["mean_pairwise_cosine"][r],
+        );
+    }
+    for (r, o) in [("base", "base"), ("new", "wake")] {
+        let (p, rp) = (&ours["pca"][o], &reference["pca"][r]);
+        cmp(format!("PCA k90 {o}"), &p["k90"], &rp["k90_uncapped"]);
+        cmp(format!("PCA k95 {o}"), &p["k95"], &rp["k95_uncapped"]);
+        if let (Some(a), Some(b)) = (p["top10_ratios"].as_array(), rp["top10_ratios"].as_array()) {
+            for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                cmp(format!("PCA ratio {j} {o}"), x, y);
+            }
+        }
+    }
+    let (c, rc) = (&ours["pairwise_cosine"], &reference["pairwise_cosine"]);
+    for (o, r) in [
+        ("base_base", "base_base"),
+        ("wake_wake", "new_new"),
+        ("base_wake", "base_new"),
+    ] {
+        cmp(format!("pairwise {o} mean"), &c[o]["mean"], &rc[r]["mean"]);
+        cmp(
+            format!("pairwise {o} sd"),
+            &c[o]["sd_sample"],
+            &rc[r]["std"],
+        );
+    }
+    let (k, rk) = (
+        &c["ks_base_base_vs_wake_wake"],
+        &rc["ks_base_base_vs_new_new"],
+    );
+    cmp("KS D".into(), &k["D"], &rk["statistic"]);
+    cmp("KS p".into(), &k["p"], &rk["pvalue"]);
+    out
+}
+
 /// User + system CPU seconds of the waited-for child processes.
 fn children_cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the struct we pass; it has no other effect.
@@ -211,6 +295,7 @@ pub fn analysis(
     );
     let mut best = f64::INFINITY;
     let mut best_cpu = f64::INFINITY;
+    let mut last = None;
     for run in 0..repeats.max(1) {
         let start = Instant::now();
         let cpu0 = analysis::process_cpu_seconds();
@@ -236,6 +321,7 @@ pub fn analysis(
         );
         best = best.min(t);
         best_cpu = best_cpu.min(cpu);
+        last = Some(a.geometry);
     }
     // baseline: f64 XᵀX of the whole matrix, best of 3
     let x: Vec<f64> = e.data.iter().map(|&v| v as f64).collect();
@@ -281,6 +367,19 @@ pub fn analysis(
         let t = &json["timings"];
         let total = t["total_s"].as_f64().unwrap_or(f64::NAN) - t["load_s"].as_f64().unwrap_or(0.0);
         let child_cpu = children_cpu_seconds() - child_cpu0;
+        if let Some(g) = &last {
+            let ours = serde_json::to_value(g)?;
+            let diffs = compare_with_reference(&ours, &json);
+            let worst = diffs
+                .iter()
+                .max_by(|a, b| a.3.total_cmp(&b.3))
+                .map(|d| format!("{:.1e} ({}: {} vs {})", d.3, d.0, d.1, d.2))
+                .unwrap_or_default();
+            println!(
+                "same numbers: {} statistics compared with the reference, largest relative difference {worst}",
+                diffs.len()
+            );
+        }
         println!(
             "reference: numpy/scipy/sklearn {total:.2} s wall without loading -> wake2vec is {:.1}x faster; \
              {child_cpu:.1} s CPU for the whole script (start-up and loading included) -> {:.1}x",
@@ -291,4 +390,34 @@ pub fn analysis(
     }
     println!("peak memory: {:.0} MiB", peak_rss_mib());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_comparison_pairs_the_right_fields() {
+        let ours = serde_json::json!({
+            "norms": {"tests": {"welch": {"t": 2.0, "df": 10.0, "p": 0.0},
+                                "mann_whitney": {"U": 5.0, "p": 0.5},
+                                "cohens_d": {"pooled": 0.3}}},
+            "pca": {"base": {"k90": 3, "k95": 4, "top10_ratios": [0.5, 0.3]}},
+            "pairwise_cosine": {"ks_base_base_vs_wake_wake": {"D": 0.2, "p": 0.01}}
+        });
+        let reference = serde_json::json!({
+            "norm_tests_new_vs_base": {"welch_t": 2.0, "welch_df": 10.0, "welch_p": 0.0,
+                                       "mannwhitney_U": 5.0, "mannwhitney_p": 0.4, "cohens_d": 0.3},
+            "pca": {"base": {"k90_uncapped": 3, "k95_uncapped": 5, "top10_ratios": [0.5, 0.3]}},
+            "pairwise_cosine": {"ks_base_base_vs_new_new": {"statistic": 0.2, "pvalue": 0.01}}
+        });
+        let d = compare_with_reference(&ours, &reference);
+        let get = |n: &str| d.iter().find(|x| x.0 == n).map(|x| x.3);
+        assert_eq!(get("Welch p"), None, "both underflowed: skipped");
+        assert_eq!(get("Welch t"), Some(0.0));
+        assert!((get("Mann-Whitney p").unwrap() - 0.25).abs() < 1e-12);
+        assert!((get("PCA k95 base").unwrap() - 0.2).abs() < 1e-12);
+        assert_eq!(get("PCA ratio 1 base"), Some(0.0));
+        assert_eq!(get("KS D"), Some(0.0));
+    }
 }

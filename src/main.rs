@@ -347,6 +347,9 @@ struct ScoreArgs {
     /// Print JSON (summary and every token) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Print per-word surprisal (the sum over each word's tokens) instead of per-token.
+    #[arg(long)]
+    words: bool,
 }
 
 #[derive(Args)]
@@ -549,7 +552,28 @@ fn run_score(args: ScoreArgs) -> Result<()> {
         return Ok(());
     }
     const TABLE_LIMIT: usize = 400;
-    if s.per_token.len() <= TABLE_LIMIT {
+    if args.words && s.per_word.len() <= TABLE_LIMIT {
+        writeln!(
+            out,
+            "{:<24} {:>7} {:>10} {:>10}",
+            "word", "tokens", "nats", "bits"
+        )?;
+        for w in &s.per_word {
+            writeln!(
+                out,
+                "{:<24} {:>7} {:>10.4} {:>10.4}{}",
+                format!("{:?}", w.word),
+                w.tokens,
+                w.surprisal_nats,
+                w.surprisal_bits,
+                if w.complete {
+                    ""
+                } else {
+                    "  (first token unscored)"
+                }
+            )?;
+        }
+    } else if !args.words && s.per_token.len() <= TABLE_LIMIT {
         writeln!(
             out,
             "{:>8}  {:<20} {:>10} {:>10} {:>10}",

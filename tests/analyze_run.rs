@@ -85,8 +85,27 @@ fn make_run(root: &Path) -> (usize, usize) {
 fn analyze_a_run_directory_and_write_its_report() {
     let root = tmpdir("run");
     let (rows, dim) = make_run(&root);
+    let morph = root.join("groups.jsonl");
+    std::fs::write(
+        &morph,
+        concat!(
+            r#"{"morpheme":"-ing","morpheme_type":"suffix","examples":["wakeword1","wakeword2","nosuchword"],"bases":["wakeword11","wakeword12","wakeword13"],"n_examples":3}"#,
+            "\n",
+            r#"{"morpheme":"un-","morpheme_type":"prefix","examples":["wakeword3"],"bases":["wakeword4"],"n_examples":1}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let devices = root.join("devices.jsonl");
+    std::fs::write(
+        &devices,
+        "{\"device\":\"pun\",\"examples\":[\"wakeword5\",\"wakeword6\",\"wakeword7\"]}\n{\"device\":\"nonce\",\"examples\":[\"wakeword8\",\"nosuchword\"]}\n",
+    )
+    .unwrap();
     let req = AnalyzeRequest {
         path: root.clone(),
+        morphemes: Some(morph),
+        devices: Some(devices),
         options: Options {
             query_words: vec!["wakeword7".into()],
             ..Options::default()
@@ -126,6 +145,20 @@ fn analyze_a_run_directory_and_write_its_report() {
         .iter()
         .all(|n| n.id < BASE && n.cos <= 1.0 + 1e-9));
     assert_eq!(user.neighbours.len(), 5);
+
+    // morphemes: "-ing" has 3 usable pairs (a word outside the lexicon is the mean of its
+    // tokens), "un-" has 1 and is not used
+    let m = s.geometry.morphemes.as_ref().unwrap();
+    assert_eq!((m.groups_in_file, m.groups_used, m.pairs_used), (2, 1, 3));
+    assert_eq!(m.groups[0].morpheme, "-ing");
+    assert!(m.groups[0].consistency_mean > 0.0 && m.groups[0].consistency_mean <= 1.0 + 1e-12);
+    let d = s.geometry.devices.as_ref().unwrap();
+    assert_eq!((d.groups[0].n_found, d.groups[1].n_found), (3, 2));
+    assert!(d
+        .groups
+        .iter()
+        .all(|g| g.intra_mean_cos.abs() <= 1.0 + 1e-12));
+    assert!((d.centroid_cos[0][0] - 1.0).abs() < 1e-12);
 
     // loss and trajectory
     let loss = s.loss.as_ref().unwrap();
@@ -273,5 +306,73 @@ fn errors_name_the_file_and_the_fix() {
     .unwrap()
     .to_string();
     assert!(e.contains("does not match"), "{e}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_checkpoint_of_trained_wake_rows_replaces_the_models_rows() {
+    // the training engine's P1 checkpoint: params.safetensors holds `wake_embed` only, and
+    // run.toml names the injected model
+    let root = tmpdir("params");
+    let model = root.join("model");
+    copy_dir(Path::new(TINY), &model);
+    let e = load::load_embeddings(&model).unwrap();
+    let wake = e.rows - BASE;
+    std::fs::write(
+        model.join("wake2vec.json"),
+        serde_json::json!({"format": 1, "base_model": "tiny-llama", "base_vocab": BASE,
+            "wake_start": BASE, "wake_count": wake, "words": []})
+        .to_string(),
+    )
+    .unwrap();
+    let run = root.join("run");
+    std::fs::create_dir_all(run.join("checkpoints/step-3")).unwrap();
+    std::fs::write(
+        run.join("run.toml"),
+        "phase = \"p1\"\nmodel = \"../model\"\n",
+    )
+    .unwrap();
+    let save = |rows: usize, value: f32| {
+        let t = Tensor::full(value, (rows, e.dim), &Device::Cpu).unwrap();
+        wake2vec::model::weights::save_file(
+            &BTreeMap::from([("wake_embed".to_string(), t)]),
+            &run.join("checkpoints/step-3/params.safetensors"),
+        )
+        .unwrap();
+    };
+    save(wake, 0.5);
+    let out = report::analyze_path(&AnalyzeRequest {
+        path: run.clone(),
+        out: Some(root.join("out")),
+        no_figures: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(out.summary.source.checkpoint.as_deref(), Some("step-3"));
+    assert!(out.summary.source.params.is_some());
+    let w = out.summary.geometry.norms.wake.as_ref().unwrap();
+    let want = 0.5 * (e.dim as f64).sqrt();
+    assert!((w.mean - want).abs() < 1e-9 && (w.max - w.min).abs() < 1e-9);
+    // base rows are the model's own
+    let b = &out.summary.geometry.norms.base;
+    let base_norm0 = e
+        .row(0)
+        .iter()
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(b.min <= base_norm0 && base_norm0 <= b.max);
+    // a checkpoint of another shape is refused with the reason
+    save(wake - 1, 0.5);
+    let err = report::analyze_path(&AnalyzeRequest {
+        path: run,
+        out: Some(root.join("out")),
+        no_figures: true,
+        ..Default::default()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("does not belong to this model"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -18,6 +18,9 @@ pub struct Source {
     pub run_dir: Option<PathBuf>,
     /// `step-N` when the model is a run's checkpoint.
     pub checkpoint: Option<String>,
+    /// The checkpoint's trained parameters when it is not a whole model directory
+    /// (`params.safetensors`: `wake_embed` replaces the Wake rows of `model_dir`).
+    pub params: Option<PathBuf>,
 }
 
 fn step_of(name: &str) -> Option<u64> {
@@ -26,6 +29,25 @@ fn step_of(name: &str) -> Option<u64> {
 
 fn has_weights(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
+}
+
+/// The `model = "..."` of a run's run.toml (relative paths are relative to the run directory).
+fn run_model(run: &Path) -> Result<PathBuf> {
+    let path = run.join("run.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: a checkpoint without model.safetensors needs the run's model",
+            path.display()
+        )
+    })?;
+    let v: toml::Value =
+        toml::from_str(&text).with_context(|| format!("{} is not TOML", path.display()))?;
+    let model = v
+        .get("model")
+        .and_then(|m| m.as_str())
+        .with_context(|| format!("{} has no `model = \"DIR\"` entry", path.display()))?;
+    let m = PathBuf::from(model);
+    Ok(if m.is_absolute() { m } else { run.join(m) })
 }
 
 /// Resolves a model directory (has `config.json`) or a run directory (has `checkpoints/`,
@@ -44,6 +66,7 @@ pub fn resolve(path: &Path) -> Result<Source> {
             model_dir: path.to_path_buf(),
             run_dir: None,
             checkpoint: None,
+            params: None,
         });
     }
     let ckpts = path.join("checkpoints");
@@ -56,21 +79,29 @@ pub fn resolve(path: &Path) -> Result<Source> {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(n) = step_of(&name) {
                 let dir = entry.path();
-                if has_weights(&dir) && best.as_ref().is_none_or(|(b, _)| n > *b) {
+                let usable = has_weights(&dir) || dir.join("params.safetensors").is_file();
+                if usable && best.as_ref().is_none_or(|(b, _)| n > *b) {
                     best = Some((n, dir));
                 }
             }
         }
         if let Some((n, dir)) = best {
+            let (model_dir, params) = if has_weights(&dir) {
+                (dir, None)
+            } else {
+                (run_model(path)?, Some(dir.join("params.safetensors")))
+            };
             return Ok(Source {
                 input: path.to_path_buf(),
-                model_dir: dir,
+                model_dir,
                 run_dir: Some(path.to_path_buf()),
                 checkpoint: Some(format!("step-{n}")),
+                params,
             });
         }
         bail!(
-            "{} has no checkpoint with weights (checkpoints/step-N/model.safetensors)",
+            "{} has no checkpoint with weights (checkpoints/step-N/ with model.safetensors or \
+             params.safetensors)",
             path.display()
         );
     }
@@ -98,6 +129,30 @@ pub fn load_embeddings(model_dir: &Path) -> Result<Embeddings> {
         "no embed_tokens.weight tensor in {}: is it a Llama-family model directory?",
         model_dir.display()
     )
+}
+
+/// Replaces the Wake rows of `e` with a checkpoint's trained `wake_embed` (`[wake_count,
+/// hidden]`); returns false when the checkpoint holds no `wake_embed` (the Wake rows were not
+/// trained, e.g. a LoRA phase).
+pub fn apply_params(e: &mut Embeddings, layout: &Layout, params: &Path) -> Result<bool> {
+    let (w, _) = weights::load_file_filtered(params, |n| n == "wake_embed", &Device::Cpu)?;
+    let Some(t) = w.get("wake_embed") else {
+        return Ok(false);
+    };
+    let (rows, dim) = t.dims2()?;
+    if rows != layout.wake_count || dim != e.dim {
+        bail!(
+            "{}: wake_embed is {rows} × {dim}, the model has {} Wake rows of width {}: the \
+             checkpoint does not belong to this model",
+            params.display(),
+            layout.wake_count,
+            e.dim
+        );
+    }
+    let data = t.flatten_all()?.to_vec1::<f32>()?;
+    let start = layout.wake_start * e.dim;
+    e.data[start..start + data.len()].copy_from_slice(&data);
+    Ok(true)
 }
 
 /// Loads a drift reference: a model directory, a safetensors file holding `*embed_tokens.weight`

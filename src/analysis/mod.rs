@@ -10,6 +10,7 @@
 pub mod linalg;
 pub mod load;
 pub mod morph;
+pub mod npy_random;
 pub mod stats;
 pub mod trajectory;
 
@@ -511,23 +512,45 @@ fn partition_sums(s: &[f32], n: usize, dim: usize) -> Result<(Vec<f64>, f64)> {
     Ok((z, off))
 }
 
-/// Isotropy of the rows `x` (`n × dim`, already sampled) under both definitions.
-pub fn isotropy(x: &[f32], dim: usize) -> Result<Isotropy> {
+/// Mean row (f64) of the rows `range` of `e`.
+pub fn group_mean(e: &Embeddings, range: Range<usize>) -> Vec<f64> {
+    let n = range.len().max(1) as f64;
+    let mut m = e
+        .slice(range)
+        .par_chunks(e.dim * 1024)
+        .map(|block| {
+            let mut acc = vec![0f64; e.dim];
+            for r in block.chunks_exact(e.dim) {
+                acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v as f64);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f64; e.dim],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    m.iter_mut().for_each(|v| *v /= n);
+    m
+}
+
+/// Isotropy of the rows `x` (`n × dim`, already sampled) under both definitions; `centre` is
+/// the mean of the whole group the rows were drawn from (the original centres the set, then
+/// samples).
+pub fn isotropy(x: &[f32], dim: usize, centre: &[f64]) -> Result<Isotropy> {
     let n = x.len() / dim;
     if n < 2 {
         bail!("isotropy needs at least 2 rows, got {n}");
     }
     // --- the original: centred, normalised, self-referential partition ratio (f32 gram)
-    let mut mean = vec![0f64; dim];
-    for r in x.chunks_exact(dim) {
-        mean.iter_mut().zip(r).for_each(|(m, &v)| *m += v as f64);
-    }
-    mean.iter_mut().for_each(|m| *m /= n as f64);
+    let mean = centre;
     let mut s = vec![0f32; x.len()];
     s.par_chunks_exact_mut(dim)
         .zip(x.par_chunks_exact(dim))
         .for_each(|(o, r)| {
-            let c: Vec<f64> = r.iter().zip(&mean).map(|(&v, m)| v as f64 - m).collect();
+            let c: Vec<f64> = r.iter().zip(mean).map(|(&v, m)| v as f64 - m).collect();
             let nn = c.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
             o.iter_mut().zip(&c).for_each(|(a, b)| *a = (b / nn) as f32);
         });
@@ -812,24 +835,38 @@ pub fn analyze(
     };
     lap("norms_tests", &mut timings);
 
-    // ---- isotropy: a fresh generator per group, as the original
-    let iso_of = |range: Range<usize>| -> Result<Isotropy> {
-        let mut rng = Rng::new(opts.seed);
-        let idx: Vec<usize> = sample_indices(&mut rng, range.len(), opts.isotropy_rows)
+    // ---- isotropy. One numpy-compatible generator (default_rng(seed)) draws, in order, the
+    // isotropy rows of all / base / Wake, the reference's 20 random query rows, then the
+    // pairwise rows of base and Wake: the same rows as analysis_reference.py takes.
+    let mut rng = npy_random::Pcg64::new(opts.seed);
+    let mut draw = |range: Range<usize>, k: usize| -> Vec<usize> {
+        rng.choice(range.len(), k.min(range.len()))
             .into_iter()
             .map(|i| range.start + i)
-            .collect();
-        isotropy(&e.gather(&idx), dim)
+            .collect()
     };
-    // the three groups run side by side: the eigen-solver's many small parallel steps leave
-    // cores idle that another group's work fills
     let mut iso_groups = vec![0..e.rows, 0..base_vocab];
     if has_wake {
         iso_groups.push(layout.wake());
     }
-    let mut iso: Vec<Isotropy> = iso_groups
+    let iso_rows: Vec<(Vec<usize>, Range<usize>)> = iso_groups
+        .into_iter()
+        .map(|g| (draw(g.clone(), opts.isotropy_rows), g))
+        .collect();
+    let pair_rows = if has_wake {
+        let _reference_queries = draw(layout.wake(), 20);
+        Some((
+            draw(0..base_vocab, opts.pair_rows),
+            draw(layout.wake(), opts.pair_rows),
+        ))
+    } else {
+        None
+    };
+    // the groups run side by side: the eigen-solver's many small parallel steps leave cores
+    // idle that another group's work fills
+    let mut iso: Vec<Isotropy> = iso_rows
         .into_par_iter()
-        .map(iso_of)
+        .map(|(idx, g)| isotropy(&e.gather(&idx), dim, &group_mean(e, g)))
         .collect::<Result<Vec<_>>>()?;
     let wake_iso = if has_wake { iso.pop() } else { None };
     let base_iso = iso.pop().expect("two groups");
@@ -885,15 +922,9 @@ pub fn analyze(
     };
     lap("pca", &mut timings);
 
-    // ---- pairwise cosines: one generator for the three draws, in the original's order
+    // ---- pairwise cosines on the rows drawn above
     let mut figures = FigureData::default();
-    let pairwise = if has_wake {
-        let mut rng = Rng::new(opts.seed);
-        let ib = sample_indices(&mut rng, base_vocab, opts.pair_rows);
-        let iw: Vec<usize> = sample_indices(&mut rng, layout.wake_count, opts.pair_rows)
-            .into_iter()
-            .map(|i| layout.wake_start + i)
-            .collect();
+    let pairwise = if let Some((ib, iw)) = pair_rows {
         let (xb, xw) = (e.gather(&ib), e.gather(&iw));
         let bb = pair_cosines(&xb, &xb, dim, true)?;
         let ww = pair_cosines(&xw, &xw, dim, true)?;

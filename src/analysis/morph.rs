@@ -96,10 +96,32 @@ pub fn load_devices(path: &Path) -> Result<Vec<DeviceGroup>> {
         .collect())
 }
 
+/// Wake word → row, built once per analysis (the lexicon has ~45,000 words).
+pub struct WordIndex(std::collections::HashMap<String, usize>);
+
+impl WordIndex {
+    pub fn new(vocab: &Vocabulary) -> Self {
+        let start = vocab.layout.wake_start;
+        WordIndex(
+            vocab
+                .layout
+                .words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w.clone(), start + i))
+                .collect(),
+        )
+    }
+}
+
 /// The vector of a word (f64), or `None` when the vocabulary cannot place it.
-pub fn word_vector(e: &Embeddings, vocab: &Vocabulary, word: &str) -> Option<Vec<f64>> {
-    if let Some(i) = vocab.layout.words.iter().position(|w| w == word) {
-        let row = vocab.layout.wake_start + i;
+pub fn word_vector(
+    e: &Embeddings,
+    vocab: &Vocabulary,
+    index: &WordIndex,
+    word: &str,
+) -> Option<Vec<f64>> {
+    if let Some(&row) = index.0.get(word) {
         if row < e.rows {
             return Some(e.row(row).iter().map(|&v| v as f64).collect());
         }
@@ -173,6 +195,7 @@ pub fn morpheme_directions(
     groups: &[MorphemeGroup],
     vocab: &Vocabulary,
 ) -> Result<MorphemeReport> {
+    let index = WordIndex::new(vocab);
     let mut stats = Vec::new();
     let mut means: Vec<(String, Vec<f64>)> = Vec::new();
     let mut pairs_used = 0;
@@ -181,8 +204,8 @@ pub fn morpheme_directions(
             .pairs
             .iter()
             .filter_map(|(w, b)| {
-                let wv = word_vector(e, vocab, w)?;
-                let bv = word_vector(e, vocab, b)?;
+                let wv = word_vector(e, vocab, &index, w)?;
+                let bv = word_vector(e, vocab, &index, b)?;
                 Some(wv.iter().zip(&bv).map(|(x, y)| x - y).collect())
             })
             .collect();
@@ -264,13 +287,14 @@ pub fn device_cohesion(
     groups: &[DeviceGroup],
     vocab: &Vocabulary,
 ) -> Result<DeviceReport> {
+    let index = WordIndex::new(vocab);
     let mut out = Vec::new();
     let mut centroids = Vec::new();
     for g in groups {
         let vs: Vec<Vec<f64>> = g
             .words
             .iter()
-            .filter_map(|w| word_vector(e, vocab, w))
+            .filter_map(|w| word_vector(e, vocab, &index, w))
             .collect();
         let units: Vec<Vec<f64>> = vs
             .iter()

@@ -118,6 +118,21 @@ fn range_of(sets: &[&[f64]]) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// Tick labels for an axis spanning `lo..hi`: enough decimals to tell ticks a tenth of the
+/// span apart, trailing zeros dropped (one kept), never "-0.0".
+fn tick_for(lo: f64, hi: f64) -> impl Fn(&f64) -> String {
+    let span = (hi - lo).abs().max(1e-300);
+    let decimals = (-(span / 10.0).log10()).ceil().clamp(0.0, 12.0) as usize;
+    move |v: &f64| {
+        let v = if v.abs() < span * 1e-9 { 0.0 } else { *v };
+        let mut t = format!("{v:.decimals$}");
+        while t.contains('.') && t.ends_with('0') && !t.ends_with(".0") {
+            t.pop();
+        }
+        t
+    }
+}
+
 fn mean(x: &[f64]) -> f64 {
     x.iter().sum::<f64>() / x.len().max(1) as f64
 }
@@ -150,13 +165,15 @@ fn draw_histograms<DB: DrawingBackend>(
         .caption(title, (FAMILY, TITLE))
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(lo..hi, 0.0..ymax)
         .map_err(pe)?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("density")
+        .x_label_formatter(&tick_for(lo, hi))
+        .y_label_formatter(&tick_for(0.0, ymax))
         .label_style((FAMILY, LABEL))
         .axis_desc_style((FAMILY, LABEL))
         .light_line_style(WHITE.mix(0.0))
@@ -281,7 +298,7 @@ fn six_panels<DB: DrawingBackend>(
             .caption("Cumulative explained variance (PCA)", (FAMILY, TITLE))
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(1f64..kmax as f64, 0f64..1.02)
             .map_err(pe)?;
         chart
@@ -329,11 +346,20 @@ fn six_panels<DB: DrawingBackend>(
     }
 
     // 4. drift
+    let all_drift = d.drift_base_cos.iter().chain(&d.drift_wake_cos);
+    let dlo = all_drift.clone().copied().fold(f64::INFINITY, f64::min);
+    let dhi = all_drift.copied().fold(f64::NEG_INFINITY, f64::max);
     if d.drift_base_cos.is_empty() && d.drift_wake_cos.is_empty() {
         draw_message(
             &panels[3],
             "Drift (cosine to reference)",
             "unavailable: no --pre snapshot",
+        )?;
+    } else if dlo > 1.0 - 1e-6 && dhi < 1.0 + 1e-6 {
+        draw_message(
+            &panels[3],
+            "Drift (cosine to reference)",
+            "no drift: every cosine rounds to 1.000000",
         )?;
     } else {
         draw_histograms(
@@ -364,7 +390,7 @@ fn six_panels<DB: DrawingBackend>(
             )
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(0f64..n.max(1) as f64, lo..hi)
             .map_err(pe)?;
         chart
@@ -409,7 +435,7 @@ fn six_panels<DB: DrawingBackend>(
             .caption("Top-20 components: explained variance", (FAMILY, TITLE))
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(0.5f64..top as f64 + 0.5, 0f64..ymax)
             .map_err(pe)?;
         chart
@@ -499,7 +525,7 @@ fn loss_panels<DB: DrawingBackend>(
         .caption("Loss (nats/token)", (FAMILY, TITLE))
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(0f64..xmax, ylo..yhi)
         .map_err(pe)?;
     chart
@@ -554,7 +580,7 @@ fn loss_panels<DB: DrawingBackend>(
             .caption("Validation bits per byte", (FAMILY, TITLE))
             .margin(14)
             .x_label_area_size(44)
-            .y_label_area_size(64)
+            .y_label_area_size(78)
             .build_cartesian_2d(0f64..xmax, lo..hi)
             .map_err(pe)?;
         chart
@@ -618,15 +644,15 @@ fn trajectory_panels<DB: DrawingBackend>(
         )
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(pe)?;
     chart
         .configure_mesh()
         .x_desc("PC 1")
         .y_desc("PC 2")
-        .x_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
-        .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
+        .x_label_formatter(&tick_for(x0, x1))
+        .y_label_formatter(&tick_for(y0, y1))
         .label_style((FAMILY, LABEL))
         .axis_desc_style((FAMILY, LABEL))
         .light_line_style(WHITE.mix(0.0))
@@ -687,7 +713,7 @@ fn trajectory_panels<DB: DrawingBackend>(
         .caption("Mean distance from first snapshot", (FAMILY, TITLE))
         .margin(14)
         .x_label_area_size(44)
-        .y_label_area_size(64)
+        .y_label_area_size(78)
         .build_cartesian_2d(0f64..xmax, 0f64..ymax)
         .map_err(pe)?;
     chart
@@ -737,6 +763,21 @@ mod tests {
 
     fn ab_glyph_font_ok() -> bool {
         plotters::style::register_font("test-family", FontStyle::Normal, FONT).is_ok()
+    }
+
+    #[test]
+    fn tick_labels_follow_the_span_and_are_never_negative_zero() {
+        let t = tick_for(-0.6, 1.0);
+        assert_eq!(t(&-1e-17), "0.0");
+        assert_eq!(t(&0.4), "0.4");
+        assert_eq!(t(&-0.2), "-0.2");
+        assert_eq!(tick_for(0.0, 8.0)(&6.0), "6.0");
+        // large spans: whole numbers, zeros kept
+        assert_eq!(tick_for(0.0, 3500.0)(&3000.0), "3000");
+        // drift of base rows lives in 0.99990..1.0: ticks must differ
+        let d = tick_for(0.9999, 1.0);
+        assert_eq!(d(&0.99992), "0.99992");
+        assert_ne!(d(&0.99992), d(&0.99994));
     }
 
     #[test]

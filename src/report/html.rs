@@ -81,13 +81,16 @@ pub fn build(
 ) -> Result<String> {
     let g = &summary.geometry;
     let mut h = String::new();
-    let title = format!(
-        "Wake2Vec report — {}",
-        summary
-            .base_model
-            .clone()
-            .unwrap_or_else(|| summary.source.input.display().to_string())
-    );
+    // the run, or the analyzed model, named by its directory
+    let model_name = summary
+        .source
+        .run_dir
+        .as_deref()
+        .unwrap_or(&summary.source.model_dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| summary.source.input.display().to_string());
+    let title = format!("Wake2Vec report — {model_name}");
     write!(
         h,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\

@@ -76,8 +76,16 @@ fn write_figure(
 /// Runs `wake2vec analyze`.
 pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let source = load::resolve(&req.path)?;
-    let emb = load::load_embeddings(&source.model_dir)?;
+    let mut emb = load::load_embeddings(&source.model_dir)?;
     let (layout, wake_json) = load::load_layout(&source, emb.rows, req.base_vocab)?;
+    if let Some(p) = &source.params {
+        if !load::apply_params(&mut emb, &layout, p)? {
+            eprintln!(
+                "note: {} holds no wake_embed; the model's own Wake rows are analyzed",
+                p.display()
+            );
+        }
+    }
     let tok_path = source.model_dir.join("tokenizer.json");
     let tokenizer = if tok_path.is_file() {
         Some(
@@ -133,6 +141,12 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let name = wake_json
         .as_ref()
         .and_then(|w| w.base_model.clone())
+        .map(|m| {
+            // a path names the model by its directory
+            Path::new(&m)
+                .file_name()
+                .map_or(m.clone(), |n| n.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| {
             source
                 .model_dir
