@@ -11,3 +11,4 @@ pub mod gguf;
 pub mod model;
 pub mod sampling;
 pub mod score;
+pub mod train;

@@ -5,6 +5,7 @@
 
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::Weights;
+use crate::train::ops::FrozenLinear;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -177,7 +178,23 @@ impl Llama {
 
     /// Final hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`, continuing after the
     /// positions held in `cache` (pass `None` for a stateless whole-sequence pass).
-    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_states_with(ids, cache, Mode::Inference)
+    }
+
+    /// Final hidden states for training: every weight frozen (backward computes input gradients
+    /// only, DESIGN.md §2), except the Wake rows of the embedding when `wake` is given, which are
+    /// read from its trainable block.
+    pub fn hidden_states_train(&self, ids: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
+        self.hidden_states_with(ids, None, Mode::Train(wake))
+    }
+
+    fn hidden_states_with(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode<'_>,
+    ) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + seq > self.max_positions() {
@@ -190,19 +207,77 @@ impl Llama {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.blocks.len(), None);
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?;
+        let flat = ids.flatten_all()?;
+        let mut x = match mode {
+            Mode::Train(Some(wake)) => self.embed_with_wake(&flat, wake)?,
+            _ => self.embed.index_select(&flat, 0)?,
+        }
+        .reshape((batch, seq, self.config.hidden_size))?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
         let mask = causal_mask(seq, offset, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache)?;
+            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache, mode)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Embedding lookup where Wake ids read the trainable block and every other id the frozen
+    /// matrix: `base[id]·(1 − m) + wake[id − start]·m`, `m` = 1 on Wake positions. Only the Wake
+    /// block is in the graph, so only it receives a gradient.
+    fn embed_with_wake(&self, ids: &Tensor, wake: &WakeRows) -> Result<Tensor> {
+        let ids_v: Vec<u32> = ids.to_vec1()?;
+        let (start, count) = (wake.start as u32, wake.count() as u32);
+        let is_wake = |&id: &u32| id >= start && id < start + count;
+        let base_ids: Vec<u32> = ids_v
+            .iter()
+            .map(|id| if is_wake(id) { 0 } else { *id })
+            .collect();
+        let wake_ids: Vec<u32> = ids_v
+            .iter()
+            .map(|id| if is_wake(id) { id - start } else { 0 })
+            .collect();
+        let m: Vec<f32> = ids_v.iter().map(|id| f32::from(is_wake(id))).collect();
+        let device = ids.device();
+        let n = ids_v.len();
+        let base = self
+            .embed
+            .index_select(&Tensor::from_vec(base_ids, n, device)?, 0)?;
+        if !ids_v.iter().any(is_wake) {
+            return Ok(base);
+        }
+        let m = Tensor::from_vec(m, (n, 1), device)?;
+        let rows = wake
+            .embed
+            .index_select(&Tensor::from_vec(wake_ids, n, device)?, 0)?;
+        Ok((base.broadcast_mul(&(1.0 - &m)?)? + rows.broadcast_mul(&m)?)?)
+    }
+
+    /// Training logits `[rows, vocab]` for final hidden states `[rows, hidden]`: the frozen head
+    /// rows through [`FrozenLinear`], the Wake rows (when `wake` is given) from the trainable
+    /// block: the embedding block when the head is tied, the head block when it is not.
+    pub fn logits_train(&self, h: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
+        let head = self.head();
+        let Some(wake) = wake else {
+            return FrozenLinear::new(head, None)?.forward(h);
+        };
+        let rows = head.dim(0)?;
+        let (start, count) = (wake.start, wake.count());
+        let trainable = match (&self.lm_head, &wake.head) {
+            (None, _) => &wake.embed,
+            (Some(_), Some(t)) => t,
+            (Some(_), None) => {
+                bail!("the head is untied but no trainable Wake head rows were given")
+            }
+        };
+        let mut parts = vec![FrozenLinear::new(&head.narrow(0, 0, start)?, None)?.forward(h)?];
+        parts.push(h.matmul(&trainable.t()?)?);
+        if start + count < rows {
+            let tail = head.narrow(0, start + count, rows - start - count)?;
+            parts.push(FrozenLinear::new(&tail, None)?.forward(h)?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]`.
@@ -215,6 +290,7 @@ impl Llama {
         .forward(&h)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         b: &Block,
@@ -223,8 +299,15 @@ impl Llama {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mode: Mode<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
+        let project = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+            match mode {
+                Mode::Inference => l.forward(x),
+                Mode::Train(_) => FrozenLinear::new(&l.weight, l.bias.as_ref())?.forward(x),
+            }
+        };
         let (batch, seq, _) = x.dims3()?;
         let h = rms_norm(x, &b.input_norm, c.rms_norm_eps)?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -232,9 +315,9 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope(&heads(b.q.forward(&h)?, c.num_heads)?, cos, sin)?;
-        let mut k = rope(&heads(b.k.forward(&h)?, c.num_kv_heads)?, cos, sin)?;
-        let mut v = heads(b.v.forward(&h)?, c.num_kv_heads)?;
+        let q = rope(&heads(project(&b.q, &h)?, c.num_heads)?, cos, sin)?;
+        let mut k = rope(&heads(project(&b.k, &h)?, c.num_kv_heads)?, cos, sin)?;
+        let mut v = heads(project(&b.v, &h)?, c.num_kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -253,16 +336,45 @@ impl Llama {
         let attn = attn
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
-        let x = (x + b.o.forward(&attn)?)?;
+        let x = (x + project(&b.o, &attn)?)?;
         let h = rms_norm(&x, &b.post_attention_norm, c.rms_norm_eps)?;
-        let mlp = b
-            .down
-            .forward(&(b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?)?;
+        let mlp = project(
+            &b.down,
+            &(project(&b.gate, &h)?.silu()? * project(&b.up, &h)?)?,
+        )?;
         Ok((x + mlp)?)
     }
 }
 
 use std::path::Path;
+
+/// How a forward pass treats the weights.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Plain matmuls (generation, scoring).
+    Inference,
+    /// Frozen projections that give their weights no gradient, and optionally trainable Wake rows.
+    Train(Option<&'a WakeRows>),
+}
+
+/// The trainable Wake rows of Phase 1: rows `start .. start + count` of the embedding matrix
+/// (and of the head) are read from these blocks instead of the frozen matrix.
+#[derive(Debug, Clone)]
+pub struct WakeRows {
+    /// First Wake row (`wake_start` of wake2vec.json).
+    pub start: usize,
+    /// The embedding's Wake rows `[count, hidden]`; also the head's when it is tied.
+    pub embed: Tensor,
+    /// The untied head's Wake rows `[count, hidden]`.
+    pub head: Option<Tensor>,
+}
+
+impl WakeRows {
+    /// How many Wake rows there are.
+    pub fn count(&self) -> usize {
+        self.embed.dim(0).unwrap_or(0)
+    }
+}
 
 /// RMSNorm composed from differentiable ops: `x / sqrt(mean(x²) + eps) · w`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

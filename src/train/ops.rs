@@ -1,0 +1,481 @@
+//! Differentiable operations the training path needs beyond candle's own, each a `CustomOp`
+//! with an analytic backward pass (and a finite-difference test below):
+//!
+//! - [`FrozenLinear`]: `y = x·Wᵀ (+ b)` with a frozen `W`. Its backward returns only the input
+//!   gradient `g·W`; candle's `matmul` would also compute `xᵀ·g` for `W` even when `W` is a plain
+//!   tensor (DESIGN.md §2, trap 2), which is most of the backward work of a frozen model.
+//! - [`cross_entropy`]: per-row `logsumexp(l) − l[target]` over `[rows, vocab]` logits in one
+//!   pass, whose backward is `softmax − onehot` in one more pass; the composed version would
+//!   materialise several vocabulary-sized intermediates per row.
+//!
+//! The forward of [`FrozenLinear`] calls `gemm` exactly as candle's CPU `matmul` does, so it is
+//! bit-identical to the inference path's `x.matmul(&w.t())`.
+
+use anyhow::{bail, ensure, Result};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Target id that contributes neither loss nor gradient.
+pub const IGNORE: u32 = u32::MAX;
+
+/// A projection whose weight (and bias) never train: `y = x·Wᵀ (+ b)`, `W` stored `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    /// Wraps a weight `[out, in]` (f32, contiguous) and an optional bias `[out]`.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        if let Some(b) = bias {
+            ensure!(
+                b.dims1()? == out,
+                "bias has {} values for {out} outputs",
+                b.dims1()?
+            );
+        }
+        Ok(Self {
+            weight: weight.detach().contiguous()?,
+            bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        })
+    }
+
+    /// Applies the projection to `x` `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op1(self.clone())?)
+    }
+}
+
+/// Runs `f` on the f32 values of a contiguous CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("wake2vec's training ops run on the CPU only")
+    };
+    if !layout.is_contiguous() {
+        candle_core::bail!("internal: expected a contiguous tensor");
+    }
+    let s = cpu.as_slice::<f32>()?;
+    Ok(f(
+        &s[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()]
+    ))
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]` with explicit (row, column) strides, through `gemm` with the
+/// same arguments candle's CPU matmul uses.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if !l.is_contiguous() {
+            candle_core::bail!("frozen-linear: the input must be contiguous");
+        }
+        let dims = l.dims();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let (out, w_in) = self.weight.dims2()?;
+        if w_in != inner {
+            candle_core::bail!("frozen-linear: input has {inner} features, weight expects {w_in}");
+        }
+        let x = &s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + rows * inner];
+        let mut dst = vec![0f32; rows * out];
+        with_f32(&self.weight, |w| {
+            gemm_f32(rows, out, inner, &mut dst, x, (inner, 1), w, (1, inner))
+        })?;
+        if let Some(b) = &self.bias {
+            with_f32(b, |b| {
+                dst.par_chunks_mut(out.max(1)).for_each(|row| {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                })
+            })?;
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = out;
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (out, inner) = self.weight.dims2()?;
+        let rows = grad.elem_count() / out.max(1);
+        let g = grad.reshape((rows, out))?.matmul(&self.weight)?;
+        debug_assert_eq!(g.dim(1)?, inner);
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+/// Per-row cross-entropy of `[rows, vocab]` logits against `targets` (one id per row,
+/// [`IGNORE`] for rows without a target): `[rows]` values `logsumexp(row) − row[target]`.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    ensure!(
+        rows == targets.len(),
+        "{rows} rows of logits but {} targets",
+        targets.len()
+    );
+    if let Some(t) = targets
+        .iter()
+        .find(|&&t| t != IGNORE && t as usize >= vocab)
+    {
+        bail!("target id {t} is outside the vocabulary of {vocab}");
+    }
+    let op = CrossEntropy {
+        targets: targets.to_vec(),
+        lse: Mutex::new(Vec::new()),
+    };
+    Ok(logits.contiguous()?.apply_op1(op)?)
+}
+
+/// Mean cross-entropy over the rows that have a target: a scalar.
+pub fn mean_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let counted = targets.iter().filter(|&&t| t != IGNORE).count();
+    ensure!(counted > 0, "no row has a target");
+    Ok((cross_entropy(logits, targets)?.sum_all()? / counted as f64)?)
+}
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+    /// logsumexp of each row, kept from the forward pass for the backward pass.
+    lse: Mutex<Vec<f32>>,
+}
+
+/// `log Σ exp(x)` of one row, shifted by its maximum, the sum in f64.
+fn logsumexp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f64 = row.iter().map(|&x| ((x - max).exp()) as f64).sum();
+    (sum.ln() as f32) + max
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        if !l.is_contiguous() {
+            candle_core::bail!("cross-entropy: the logits must be contiguous");
+        }
+        let x = &s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + rows * vocab];
+        let lse: Vec<f32> = x.par_chunks(vocab).map(logsumexp).collect();
+        let loss: Vec<f32> = (0..rows)
+            .map(|r| match self.targets[r] {
+                IGNORE => 0.0,
+                t => lse[r] - x[r * vocab + t as usize],
+            })
+            .collect();
+        *self.lse.lock().expect("cross-entropy state") = lse;
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (rows, vocab) = arg.dims2()?;
+        let g: Vec<f32> = grad.to_vec1()?;
+        let lse = self.lse.lock().expect("cross-entropy state").clone();
+        let arg = arg.contiguous()?;
+        let mut dst = vec![0f32; rows * vocab];
+        with_f32(&arg, |x| {
+            dst.par_chunks_mut(vocab)
+                .zip(x.par_chunks(vocab))
+                .enumerate()
+                .for_each(|(r, (d, x))| {
+                    let t = self.targets[r];
+                    if t == IGNORE || g[r] == 0.0 {
+                        return;
+                    }
+                    let (gr, m) = (g[r], lse[r]);
+                    d.iter_mut()
+                        .zip(x)
+                        .for_each(|(d, &x)| *d = gr * (x - m).exp());
+                    d[t as usize] -= gr;
+                })
+        })?;
+        Ok(Some(Tensor::from_storage(
+            Storage::Cpu(CpuStorage::F32(dst)),
+            (rows, vocab),
+            BackpropOp::none(),
+            false,
+        )))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::llama::{rms_norm, rope, softmax_last_dim};
+    use crate::sampling::Rng;
+    use candle_core::{Device, Var, D};
+
+    /// A tensor of uniform values in [-scale, scale).
+    pub(crate) fn uniform(rng: &mut Rng, shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks the analytic gradient of `f` (a scalar function of `inputs`) against central
+    /// differences: every element of small inputs, and one random direction of all of them.
+    /// Returns the largest relative error seen.
+    pub(crate) fn check_gradient(
+        inputs: &[Tensor],
+        f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        tol: f64,
+    ) -> f64 {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let loss = f(&args).unwrap();
+        let grads = loss.backward().unwrap();
+        let eval = |xs: &[Tensor]| -> f64 { f(xs).unwrap().to_scalar::<f32>().unwrap() as f64 };
+        let eps = 1e-2f32;
+        let mut worst = 0f64;
+        for (i, v) in vars.iter().enumerate() {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("input {i} got no gradient: the graph dropped it"));
+            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let x: Vec<f32> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+            let shape = inputs[i].shape().clone();
+            let at = |x: Vec<f32>| -> f64 {
+                let mut xs = inputs.to_vec();
+                xs[i] = Tensor::from_vec(x, shape.clone(), &Device::Cpu).unwrap();
+                eval(&xs)
+            };
+            // Element by element (capped, so big inputs stay quick).
+            let scale = g.iter().map(|v| v.abs() as f64).fold(1e-3, f64::max);
+            for j in (0..x.len()).step_by((x.len() / 64).max(1)) {
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[j] += eps;
+                xm[j] -= eps;
+                let fd = (at(xp) - at(xm)) / (2.0 * eps as f64);
+                let err = (fd - g[j] as f64).abs() / scale;
+                worst = worst.max(err);
+                assert!(
+                    err < tol,
+                    "input {i} element {j}: analytic {} vs finite difference {fd} (rel. err {err:.2e})",
+                    g[j]
+                );
+            }
+            // One random direction over every element.
+            let mut rng = Rng::new(7 + i as u64);
+            let u: Vec<f32> = (0..x.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let dir: f64 = g.iter().zip(&u).map(|(g, u)| (g * u) as f64).sum();
+            let step = |s: f32| x.iter().zip(&u).map(|(x, u)| x + s * u).collect::<Vec<_>>();
+            let fd = (at(step(eps)) - at(step(-eps))) / (2.0 * eps as f64);
+            let err = (fd - dir).abs() / dir.abs().max(1e-3);
+            worst = worst.max(err);
+            assert!(
+                err < tol,
+                "input {i}: directional derivative {dir} vs finite difference {fd} (rel. err {err:.2e})"
+            );
+        }
+        worst
+    }
+
+    /// `Σ w ⊙ y`: a scalar that weighs every output differently.
+    pub(crate) fn weighted_sum(y: &Tensor, seed: u64) -> Result<Tensor> {
+        let w = uniform(&mut Rng::new(seed), y.dims(), 1.0);
+        Ok((y * w)?.sum_all()?)
+    }
+
+    #[test]
+    fn frozen_linear_forward_is_bit_identical_to_matmul() {
+        let mut rng = Rng::new(1);
+        let x = uniform(&mut rng, &[2, 5, 12], 1.0);
+        let w = uniform(&mut rng, &[7, 12], 1.0);
+        let b = uniform(&mut rng, &[7], 1.0);
+        let ours = FrozenLinear::new(&w, Some(&b))
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let theirs = crate::model::llama::Linear {
+            weight: w,
+            bias: Some(b),
+        }
+        .forward(&x)
+        .unwrap();
+        let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn frozen_linear_gradient() {
+        let mut rng = Rng::new(2);
+        let x = uniform(&mut rng, &[3, 4, 6], 1.0);
+        let w = uniform(&mut rng, &[5, 6], 1.0);
+        let b = uniform(&mut rng, &[5], 1.0);
+        let lin = FrozenLinear::new(&w, Some(&b)).unwrap();
+        check_gradient(&[x], &|a| weighted_sum(&lin.forward(&a[0])?, 3), 1e-2);
+    }
+
+    #[test]
+    fn frozen_linear_gives_the_weight_no_gradient() {
+        let mut rng = Rng::new(3);
+        let x = Var::from_tensor(&uniform(&mut rng, &[4, 6], 1.0)).unwrap();
+        let w = Var::from_tensor(&uniform(&mut rng, &[5, 6], 1.0)).unwrap();
+        let y = FrozenLinear::new(w.as_tensor(), None)
+            .unwrap()
+            .forward(x.as_tensor())
+            .unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(w.as_tensor()).is_none());
+    }
+
+    #[test]
+    fn cross_entropy_matches_composed_log_softmax() {
+        let mut rng = Rng::new(4);
+        let logits = uniform(&mut rng, &[6, 11], 4.0);
+        let targets = [3u32, 0, 10, IGNORE, 7, 7];
+        let ours: Vec<f32> = cross_entropy(&logits, &targets).unwrap().to_vec1().unwrap();
+        let lse: Vec<f32> = logits.log_sum_exp(D::Minus1).unwrap().to_vec1().unwrap();
+        let l: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+        for (r, &t) in targets.iter().enumerate() {
+            let want = if t == IGNORE {
+                0.0
+            } else {
+                lse[r] - l[r][t as usize]
+            };
+            assert!(
+                (ours[r] - want).abs() < 1e-5,
+                "row {r}: {} vs {want}",
+                ours[r]
+            );
+        }
+    }
+
+    #[test]
+    fn cross_entropy_gradient() {
+        let mut rng = Rng::new(5);
+        let logits = uniform(&mut rng, &[5, 9], 3.0);
+        let targets = [1u32, 8, IGNORE, 0, 4];
+        check_gradient(&[logits], &|a| mean_cross_entropy(&a[0], &targets), 1e-2);
+    }
+
+    #[test]
+    fn rms_norm_gradient() {
+        let mut rng = Rng::new(6);
+        let x = uniform(&mut rng, &[2, 3, 8], 1.0);
+        let w = uniform(&mut rng, &[8], 1.0);
+        check_gradient(
+            &[x, w],
+            &|a| weighted_sum(&rms_norm(&a[0], &a[1], 1e-5)?, 8),
+            1e-2,
+        );
+    }
+
+    #[test]
+    fn softmax_gradient() {
+        let mut rng = Rng::new(9);
+        let x = uniform(&mut rng, &[2, 3, 7], 2.0);
+        check_gradient(&[x], &|a| weighted_sum(&softmax_last_dim(&a[0])?, 10), 1e-2);
+    }
+
+    #[test]
+    fn rope_gradient() {
+        let mut rng = Rng::new(11);
+        let x = uniform(&mut rng, &[1, 2, 5, 8], 1.0);
+        let cos = uniform(&mut rng, &[5, 4], 1.0);
+        let sin = uniform(&mut rng, &[5, 4], 1.0);
+        check_gradient(&[x], &|a| weighted_sum(&rope(&a[0], &cos, &sin)?, 12), 1e-2);
+    }
+
+    #[test]
+    fn silu_mlp_gradient() {
+        let mut rng = Rng::new(13);
+        let x = uniform(&mut rng, &[4, 6], 1.0);
+        let gate = FrozenLinear::new(&uniform(&mut rng, &[10, 6], 0.5), None).unwrap();
+        let up = FrozenLinear::new(&uniform(&mut rng, &[10, 6], 0.5), None).unwrap();
+        let down = FrozenLinear::new(&uniform(&mut rng, &[6, 10], 0.5), None).unwrap();
+        check_gradient(
+            &[x],
+            &|a| {
+                let h = (gate.forward(&a[0])?.silu()? * up.forward(&a[0])?)?;
+                weighted_sum(&down.forward(&h)?, 14)
+            },
+            1e-2,
+        );
+    }
+
+    #[test]
+    fn embedding_lookup_gradient() {
+        let mut rng = Rng::new(15);
+        let table = uniform(&mut rng, &[7, 4], 1.0);
+        let ids = Tensor::new(&[3u32, 0, 3, 6, 1], &Device::Cpu).unwrap();
+        check_gradient(
+            &[table],
+            &|a| weighted_sum(&a[0].index_select(&ids, 0)?, 16),
+            1e-2,
+        );
+    }
+}
