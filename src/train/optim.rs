@@ -257,8 +257,8 @@ impl Optimizer {
 
     /// The state as named f32 buffers (`NAME.row`, `NAME.col`, `NAME.exp_avg`, `NAME.m`,
     /// `NAME.v`, each with its shape) and step counts, for a checkpoint.
-    pub fn export(&self) -> (Vec<(String, Vec<usize>, Vec<f32>)>, BTreeMap<String, u64>) {
-        let mut bufs = Vec::new();
+    pub fn export(&self) -> (super::Buffers, BTreeMap<String, u64>) {
+        let mut bufs = super::Buffers::new();
         let mut steps = BTreeMap::new();
         for (name, (rows, cols, state)) in &self.states {
             let full = vec![*rows, *cols];
@@ -270,16 +270,16 @@ impl Optimizer {
                     exp_avg,
                 } => {
                     steps.insert(name.clone(), *step);
-                    bufs.push((format!("{name}.row"), vec![row.len()], row.clone()));
-                    bufs.push((format!("{name}.col"), vec![col.len()], col.clone()));
+                    bufs.insert(format!("{name}.row"), (vec![row.len()], row.clone()));
+                    bufs.insert(format!("{name}.col"), (vec![col.len()], col.clone()));
                     if !exp_avg.is_empty() {
-                        bufs.push((format!("{name}.exp_avg"), full.clone(), exp_avg.clone()));
+                        bufs.insert(format!("{name}.exp_avg"), (full.clone(), exp_avg.clone()));
                     }
                 }
                 State::AdamW { step, m, v } => {
                     steps.insert(name.clone(), *step);
-                    bufs.push((format!("{name}.m"), full.clone(), m.clone()));
-                    bufs.push((format!("{name}.v"), full, v.clone()));
+                    bufs.insert(format!("{name}.m"), (full.clone(), m.clone()));
+                    bufs.insert(format!("{name}.v"), (full, v.clone()));
                 }
             }
         }
@@ -623,7 +623,7 @@ mod tests {
         let (bufs, steps) = a.export();
         let mut b = Optimizer::new(OptimizerConfig::default()).unwrap();
         b.import(
-            bufs.into_iter().map(|(n, _, v)| (n, v)).collect(),
+            bufs.into_iter().map(|(n, (_, v))| (n, v)).collect(),
             &steps,
             &BTreeMap::from([("w".to_string(), (3, 4))]),
         )
