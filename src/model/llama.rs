@@ -5,7 +5,7 @@
 
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::Weights;
-use crate::train::ops::FrozenLinear;
+use crate::train::ops::{FrozenLinear, WakeHeadLoss};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -252,6 +252,29 @@ impl Llama {
             .embed
             .index_select(&Tensor::from_vec(wake_ids, n, device)?, 0)?;
         Ok((base.broadcast_mul(&(1.0 - &m)?)? + rows.broadcast_mul(&m)?)?)
+    }
+
+    /// Per-row next-token loss `[rows]` of final hidden states `[rows, hidden]` against
+    /// `targets` for training: the head and the cross-entropy fused ([`WakeHeadLoss`]) when
+    /// `wake` is given, else the frozen head and the fused cross-entropy.
+    pub fn head_loss_train(
+        &self,
+        h: &Tensor,
+        targets: &[u32],
+        wake: Option<&WakeRows>,
+    ) -> Result<Tensor> {
+        let Some(wake) = wake else {
+            let logits = FrozenLinear::new(self.head(), None)?.forward(h)?;
+            return crate::train::ops::cross_entropy(&logits, targets);
+        };
+        let trainable = match (&self.lm_head, &wake.head) {
+            (None, _) => &wake.embed,
+            (Some(_), Some(t)) => t,
+            (Some(_), None) => {
+                bail!("the head is untied but no trainable Wake head rows were given")
+            }
+        };
+        WakeHeadLoss::forward(self.head(), wake.start, trainable, h, targets)
     }
 
     /// Training logits `[rows, vocab]` for final hidden states `[rows, hidden]`: the frozen head

@@ -6,7 +6,6 @@
 use super::checkpoint::{self, Checkpoint, EarlyStop, TrainState};
 use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
-use super::ops::mean_cross_entropy;
 use super::optim::{self, Optimizer};
 use super::schedule::Schedule;
 use crate::model::llama::WakeRows;
@@ -711,8 +710,8 @@ pub fn batch_loss(model: &Llama, blocks: &[&[u32]], wake: Option<&WakeRows>) -> 
         .narrow(1, 0, t - 1)?
         .contiguous()?
         .reshape((blocks.len() * (t - 1), model.config.hidden_size))?;
-    let logits = model.logits_train(&h, wake)?;
-    mean_cross_entropy(&logits, &targets)
+    let per_row = model.head_loss_train(&h, &targets, wake)?;
+    Ok((per_row.sum_all()? / targets.len() as f64)?)
 }
 
 /// Adds this micro-batch's gradients to the parameters' buffers (`first`: replaces them).

@@ -74,20 +74,50 @@ pub(crate) fn gemm_f32(
     k: usize,
     dst: &mut [f32],
     lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    gemm_strided(m, n, k, dst, n, false, lhs, lhs_strides, rhs, rhs_strides)
+}
+
+/// `dst (+)= lhs · rhs` where `dst` rows are `dst_rs` apart (a column block of a wider matrix)
+/// and `accumulate` adds to what `dst` holds.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    assert!(dst.len() >= m * n);
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() > (m - 1) * dst_rs + (n - 1) && dst_rs >= n);
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs)
+                .take(m)
+                .for_each(|row| row[..n].iter_mut().for_each(|x| *x = 0.0));
+        }
+        return;
+    }
+    assert!(k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above keep every index gemm touches inside the three slices.
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and the
+    // destination rows do not overlap (dst_rs >= n).
     unsafe {
         gemm::gemm(
             m,
@@ -95,15 +125,15 @@ pub(crate) fn gemm_f32(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
-            false,
+            dst_rs as isize,
+            accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -260,6 +290,227 @@ impl CustomOp1 for CrossEntropy {
             BackpropOp::none(),
             false,
         )))
+    }
+}
+
+/// Logits `[rows × vocab]` and per-row logsumexp kept from the forward pass.
+type Saved = (Vec<f32>, Vec<f32>);
+
+/// The head and the cross-entropy of Phase 1 in one operation: logits `h·Wᵀ` over a head whose
+/// rows `start .. start + count` come from the trainable block `wake` and all others from the
+/// frozen matrix `head`, then per-row `logsumexp − logit[target]`.
+///
+/// The logits are written by three `gemm` calls straight into one `[rows, vocab]` buffer (no
+/// concatenation), kept for the backward pass and overwritten there by `g·(softmax − onehot)`,
+/// from which `dh` (two accumulating `gemm`s over the frozen and trainable rows) and `dwake`
+/// (one `gemm`) are computed. The frozen rows get no gradient work.
+#[derive(Clone)]
+pub struct WakeHeadLoss {
+    /// The whole head `[vocab, hidden]` (its Wake rows are ignored).
+    head: Tensor,
+    start: usize,
+    count: usize,
+    targets: std::sync::Arc<Vec<u32>>,
+    /// Logits and per-row logsumexp from the forward pass.
+    saved: std::sync::Arc<Mutex<Option<Saved>>>,
+}
+
+impl WakeHeadLoss {
+    /// Per-row loss `[rows]` of hidden states `h` `[rows, hidden]` against `targets`.
+    pub fn forward(
+        head: &Tensor,
+        start: usize,
+        wake: &Tensor,
+        h: &Tensor,
+        targets: &[u32],
+    ) -> Result<Tensor> {
+        let (vocab, hidden) = head.dims2()?;
+        let (count, wake_hidden) = wake.dims2()?;
+        let (rows, h_hidden) = h.dims2()?;
+        ensure!(
+            wake_hidden == hidden && h_hidden == hidden && start + count <= vocab,
+            "wake-head-loss: head {vocab}×{hidden}, Wake block {count}×{wake_hidden} at {start}, hidden states {rows}×{h_hidden}"
+        );
+        ensure!(
+            rows == targets.len(),
+            "{rows} rows but {} targets",
+            targets.len()
+        );
+        if let Some(t) = targets
+            .iter()
+            .find(|&&t| t != IGNORE && t as usize >= vocab)
+        {
+            bail!("target id {t} is outside the vocabulary of {vocab}");
+        }
+        let op = WakeHeadLoss {
+            head: head.detach().contiguous()?,
+            start,
+            count,
+            targets: std::sync::Arc::new(targets.to_vec()),
+            saved: std::sync::Arc::new(Mutex::new(None)),
+        };
+        Ok(h.contiguous()?.apply_op2(&wake.contiguous()?, op)?)
+    }
+}
+
+impl candle_core::CustomOp2 for WakeHeadLoss {
+    fn name(&self) -> &'static str {
+        "wake-head-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d) = l1.shape().dims2()?;
+        let (vocab, _) = self.head.dims2()?;
+        let h = &s1.as_slice::<f32>()?[l1.start_offset()..l1.start_offset() + rows * d];
+        let wake = &s2.as_slice::<f32>()?[l2.start_offset()..l2.start_offset() + self.count * d];
+        let mut logits = crate::model::weights::huge_page_vec(rows * vocab);
+        logits.resize(rows * vocab, 0.0);
+        let (start, end) = (self.start, self.start + self.count);
+        with_f32(&self.head, |w| {
+            // Frozen rows before and after the Wake block, then the Wake block.
+            gemm_strided(
+                rows,
+                start,
+                d,
+                &mut logits,
+                vocab,
+                false,
+                h,
+                (d, 1),
+                w,
+                (1, d),
+            );
+            if end < vocab {
+                gemm_strided(
+                    rows,
+                    vocab - end,
+                    d,
+                    &mut logits[end..],
+                    vocab,
+                    false,
+                    h,
+                    (d, 1),
+                    &w[end * d..],
+                    (1, d),
+                );
+            }
+        })?;
+        gemm_strided(
+            rows,
+            self.count,
+            d,
+            &mut logits[start..],
+            vocab,
+            false,
+            h,
+            (d, 1),
+            wake,
+            (1, d),
+        );
+        let lse: Vec<f32> = logits.par_chunks(vocab).map(logsumexp).collect();
+        let loss: Vec<f32> = (0..rows)
+            .map(|r| match self.targets[r] {
+                IGNORE => 0.0,
+                t => lse[r] - logits[r * vocab + t as usize],
+            })
+            .collect();
+        *self.saved.lock().expect("wake-head-loss state") = Some((logits, lse));
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        wake: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, d) = h.dims2()?;
+        let (vocab, _) = self.head.dims2()?;
+        let (start, end) = (self.start, self.start + self.count);
+        let g: Vec<f32> = grad.to_vec1()?;
+        let Some((mut dl, lse)) = self.saved.lock().expect("wake-head-loss state").take() else {
+            candle_core::bail!("wake-head-loss: backward ran twice or without a forward pass");
+        };
+        // dlogits = g · (softmax − onehot), in place.
+        dl.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+            let t = self.targets[r];
+            if t == IGNORE || g[r] == 0.0 {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                return;
+            }
+            let (gr, m) = (g[r], lse[r]);
+            row.iter_mut().for_each(|x| *x = gr * (*x - m).exp());
+            row[t as usize] -= gr;
+        });
+        let mut dh = vec![0f32; rows * d];
+        let mut dwake = vec![0f32; self.count * d];
+        with_f32(&self.head, |w| {
+            gemm_strided(rows, d, start, &mut dh, d, true, &dl, (vocab, 1), w, (d, 1));
+            if end < vocab {
+                gemm_strided(
+                    rows,
+                    d,
+                    vocab - end,
+                    &mut dh,
+                    d,
+                    true,
+                    &dl[end..],
+                    (vocab, 1),
+                    &w[end * d..],
+                    (d, 1),
+                );
+            }
+        })?;
+        let wake_c = wake.contiguous()?;
+        with_f32(&wake_c, |wv| {
+            gemm_strided(
+                rows,
+                d,
+                self.count,
+                &mut dh,
+                d,
+                true,
+                &dl[start..],
+                (vocab, 1),
+                wv,
+                (d, 1),
+            )
+        })?;
+        let h_c = h.contiguous()?;
+        with_f32(&h_c, |hv| {
+            // dwake = dlogits[:, start..end]ᵀ · h
+            gemm_strided(
+                self.count,
+                d,
+                rows,
+                &mut dwake,
+                d,
+                false,
+                &dl[start..],
+                (1, vocab),
+                hv,
+                (d, 1),
+            )
+        })?;
+        let tensor = |v: Vec<f32>, shape: (usize, usize)| {
+            Tensor::from_storage(
+                Storage::Cpu(CpuStorage::F32(v)),
+                shape,
+                BackpropOp::none(),
+                false,
+            )
+        };
+        Ok((
+            Some(tensor(dh, (rows, d))),
+            Some(tensor(dwake, (self.count, d))),
+        ))
     }
 }
 
@@ -477,5 +728,67 @@ pub(crate) mod tests {
             &|a| weighted_sum(&a[0].index_select(&ids, 0)?, 16),
             1e-2,
         );
+    }
+}
+
+#[cfg(test)]
+mod head_loss_tests {
+    use super::tests::{check_gradient, uniform};
+    use super::*;
+    use crate::sampling::Rng;
+
+    /// The fused op against the composed path (frozen head rows + trainable rows, cat, CE).
+    fn composed(head: &Tensor, start: usize, wake: &Tensor, h: &Tensor, t: &[u32]) -> Tensor {
+        let (vocab, _) = head.dims2().unwrap();
+        let count = wake.dim(0).unwrap();
+        let mut parts = vec![h
+            .matmul(&head.narrow(0, 0, start).unwrap().t().unwrap())
+            .unwrap()];
+        parts.push(h.matmul(&wake.t().unwrap()).unwrap());
+        if start + count < vocab {
+            let tail = head
+                .narrow(0, start + count, vocab - start - count)
+                .unwrap();
+            parts.push(h.matmul(&tail.t().unwrap()).unwrap());
+        }
+        cross_entropy(&Tensor::cat(&parts, 1).unwrap(), t).unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_head_and_cross_entropy_with_and_without_a_tail() {
+        let mut rng = Rng::new(21);
+        for (vocab, start, count) in [(40, 25, 15), (40, 20, 12), (40, 0, 40)] {
+            let head = uniform(&mut rng, &[vocab, 8], 1.0);
+            let wake = uniform(&mut rng, &[count, 8], 1.0);
+            let h = uniform(&mut rng, &[6, 8], 1.0);
+            let t = [3u32, (vocab - 1) as u32, IGNORE, 22, 0, (start + 1) as u32];
+            let ours: Vec<f32> = WakeHeadLoss::forward(&head, start, &wake, &h, &t)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let theirs: Vec<f32> = composed(&head, start, &wake, &h, &t).to_vec1().unwrap();
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!((a - b).abs() < 1e-5, "{vocab}/{start}/{count}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_of_hidden_states_and_wake_rows() {
+        let mut rng = Rng::new(22);
+        let head = uniform(&mut rng, &[30, 6], 1.0);
+        let wake = uniform(&mut rng, &[10, 6], 1.0);
+        let h = uniform(&mut rng, &[5, 6], 1.0);
+        let t = [1u32, 29, 15, IGNORE, 24];
+        for start in [12, 20] {
+            check_gradient(
+                &[h.clone(), wake.clone()],
+                &|a| {
+                    let l = WakeHeadLoss::forward(&head, start, &a[1], &a[0], &t)?;
+                    super::tests::weighted_sum(&l, 23)
+                },
+                1e-2,
+            );
+        }
     }
 }
