@@ -348,14 +348,20 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let rep = c.num_heads / c.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (c.head_dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let attn = match mode {
+            // Training never uses the cache: one whole causal sequence.
+            Mode::Train(_) => crate::train::ops::causal_attention(&q, &k, &v)?,
+            Mode::Inference => {
+                let rep = c.num_heads / c.num_kv_heads;
+                let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+                let scores = (q.matmul(&k.t()?)? * (1.0 / (c.head_dim as f64).sqrt()))?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                softmax_last_dim(&scores)?.matmul(&v)?
+            }
         };
-        let attn = softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;

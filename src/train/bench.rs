@@ -59,6 +59,52 @@ fn append_synthetic_rows(model: &mut Llama, count: usize, seed: u64) -> Result<W
     })
 }
 
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Floating-point operations of one Phase-1 step on a block of `t` tokens: the projections
+/// forward and their input gradients, attention (four products forward and backward per head),
+/// the head forward and its input gradient, and the Wake rows' gradient.
+fn step_flops(model: &Llama, wake_count: usize, t: usize) -> f64 {
+    let c = &model.config;
+    let per_layer: usize = model.blocks.first().map_or(0, |b| {
+        [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+            .iter()
+            .map(|l| l.weight.elem_count())
+            .sum()
+    });
+    let (t, d) = (t as f64, c.hidden_size as f64);
+    let projections = 2.0 * 2.0 * t * (per_layer * c.num_layers) as f64;
+    let attention =
+        (2.0 + 4.0) * 2.0 * t * t * c.head_dim as f64 * (c.num_heads * c.num_layers) as f64;
+    let vocab = model.embed.dim(0).unwrap_or(0) as f64;
+    let head = 2.0 * 2.0 * (t - 1.0) * vocab * d + 2.0 * (t - 1.0) * wake_count as f64 * d;
+    projections + attention + head
+}
+
+/// The best rate of one large product of the step's shape (`t × hidden` by `hidden × 49152`),
+/// in FLOP/s, measured now: the ceiling the step's products can reach on this machine.
+fn gemm_rate(t: usize, hidden: usize) -> f64 {
+    let n = 49_152;
+    let a = vec![0.5f32; t * hidden];
+    let b = vec![0.25f32; hidden * n];
+    let mut c = vec![0f32; t * n];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        super::ops::gemm_f32(t, n, hidden, &mut c, &a, (hidden, 1), &b, (1, hidden));
+        best = best.max(2.0 * (t * n * hidden) as f64 / start.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    best
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -116,14 +162,14 @@ pub fn phase1(
     // wake2vec: frozen-weight projections, trainable Wake block, fused Adafactor.
     let mut params = wake_params(&model, &wake)?;
     let mut optimizer = Optimizer::new(OptimizerConfig::default())?;
-    let (mut fwd, mut bwd, mut opt, mut total) = (vec![], vec![], vec![], vec![]);
+    let (mut fwd, mut bwd, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![], vec![]);
     for r in 0..=repeats.max(1) {
         let wake_rows = WakeRows {
             start: wake.wake_start,
             embed: params[0].var.as_tensor().clone(),
             head: params.get(1).map(|p| p.var.as_tensor().clone()),
         };
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         let loss = batch_loss(&model, &[&block], Some(&wake_rows))?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
@@ -137,6 +183,7 @@ pub fn phase1(
             bwd.push((t2 - t1).as_secs_f64());
             opt.push((t3 - t2).as_secs_f64());
             total.push((t3 - t0).as_secs_f64());
+            cpu.push(cpu_seconds() - c0);
         }
     }
     let ours_peak = peak_rss_mib();
@@ -157,6 +204,24 @@ pub fn phase1(
         }
     );
     let ours_fb = median(fwd.iter().zip(&bwd).map(|(a, b)| a + b).collect());
+    let rate = gemm_rate(seq_len, model.config.hidden_size);
+    let flops = step_flops(&model, wake.wake_count, seq_len);
+    println!(
+        "CPU time:           {:.3} s per step ({} threads); load average now {}",
+        median(cpu),
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().next().unwrap_or("?").to_string())
+            .unwrap_or_else(|_| "?".into())
+    );
+    println!(
+        "products:           {:.0} GFLOP per step; a {seq_len}x{}x49152 product runs at {:.0} GFLOP/s now, so the step cannot beat {:.3} s here -> the step is {:.2}x that floor",
+        flops / 1e9,
+        model.config.hidden_size,
+        rate / 1e9,
+        flops / rate,
+        step / (flops / rate)
+    );
     if baseline {
         drop(params);
         reset_peak_rss();

@@ -81,6 +81,26 @@ pub(crate) fn gemm_f32(
     gemm_strided(m, n, k, dst, n, false, lhs, lhs_strides, rhs, rhs_strides)
 }
 
+thread_local! {
+    /// Set inside tasks that already run in parallel (one attention head each): their products
+    /// run on the calling thread.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn serial() -> bool {
+    SERIAL.with(|s| s.get())
+}
+
+/// Runs `f` with this thread's products single-threaded.
+fn in_serial<R>(f: impl FnOnce() -> R) -> R {
+    SERIAL.with(|s| {
+        let old = s.replace(true);
+        let r = f();
+        s.set(old);
+        r
+    })
+}
+
 /// `dst (+)= lhs · rhs` where `dst` rows are `dst_rs` apart (a column block of a wider matrix)
 /// and `accumulate` adds to what `dst` holds.
 #[allow(clippy::too_many_arguments)]
@@ -110,7 +130,11 @@ pub(crate) fn gemm_strided(
     }
     assert!(k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     assert!(k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    let threads = candle_core::utils::get_num_threads();
+    let threads = if serial() {
+        1
+    } else {
+        candle_core::utils::get_num_threads()
+    };
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -290,6 +314,198 @@ impl CustomOp1 for CrossEntropy {
             BackpropOp::none(),
             false,
         )))
+    }
+}
+
+/// Causal self-attention with grouped-query heads, forward and backward by hand:
+/// `O = softmax(Q·Kᵀ/√d + causal mask)·V` per head, query head `h` reading key/value head
+/// `h / (heads / kv_heads)`. Only the probabilities `P` are kept for the backward pass
+/// (`dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ = dS·K/√d`,
+/// `dK = dSᵀ·Q/√d`); the composed version keeps about five `[heads, seq, seq]` tensors per layer
+/// and runs some twenty separate passes over them.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (kb, kvh, kt, kd) = k.dims4()?;
+    ensure!(
+        (kb, kt, kd) == (b, t, d) && v.dims4()? == (b, kvh, t, d) && kvh > 0 && h % kvh == 0,
+        "attention: q {:?}, k {:?}, v {:?} do not fit together",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    let op = Attention {
+        saved: std::sync::Arc::new(Mutex::new(None)),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+#[derive(Clone)]
+struct Attention {
+    /// `P` of every (batch, head), `[b·h, t, t]`.
+    saved: std::sync::Arc<Mutex<Option<Vec<f32>>>>,
+}
+
+/// The slice of a contiguous `[.., t, d]` tensor's storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let n = l.shape().elem_count();
+    Ok(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + n])
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let kvh = l2.shape().dims4()?.1;
+        let rep = h / kvh;
+        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut p = vec![0f32; b * h * t * t];
+        let mut out = vec![0f32; b * h * t * d];
+        p.par_chunks_mut(t * t)
+            .zip(out.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(bh, (p, o))| {
+                let kv = (bh / h) * kvh + (bh % h) / rep;
+                let (q, k, v) = (
+                    &q[bh * t * d..(bh + 1) * t * d],
+                    &k[kv * t * d..(kv + 1) * t * d],
+                    &v[kv * t * d..(kv + 1) * t * d],
+                );
+                in_serial(|| {
+                    gemm_strided(t, t, d, p, t, false, q, (d, 1), k, (1, d));
+                    for (i, row) in p.chunks_mut(t).enumerate() {
+                        let live = &mut row[..=i];
+                        let max = live
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+                        let mut sum = 0f32;
+                        for x in live.iter_mut() {
+                            *x = (*x * scale - max).exp();
+                            sum += *x;
+                        }
+                        live.iter_mut().for_each(|x| *x /= sum);
+                        row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+                    }
+                    gemm_strided(t, d, t, o, d, false, p, (t, 1), v, (d, 1));
+                });
+            });
+        *self.saved.lock().expect("attention state") = Some(p);
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, t, d) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let rep = h / kvh;
+        let scale = 1.0 / (d as f32).sqrt();
+        let Some(p) = self.saved.lock().expect("attention state").take() else {
+            candle_core::bail!("attention: backward ran twice or without a forward pass");
+        };
+        let (q, k, v, g) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            grad.contiguous()?,
+        );
+        let mut dq = vec![0f32; b * h * t * d];
+        // Per query head: dK and dV contributions, summed into the key/value heads below.
+        let mut dk_h = vec![0f32; b * h * t * d];
+        let mut dv_h = vec![0f32; b * h * t * d];
+        with_f32(&q, |q| {
+            with_f32(&k, |k| {
+                with_f32(&v, |v| {
+                    with_f32(&g, |g| {
+                        dq.par_chunks_mut(t * d)
+                            .zip(dk_h.par_chunks_mut(t * d))
+                            .zip(dv_h.par_chunks_mut(t * d))
+                            .enumerate()
+                            .for_each(|(bh, ((dq, dk), dv))| {
+                                let kv = (bh / h) * kvh + (bh % h) / rep;
+                                let n = t * d;
+                                let (q, k, v, g) = (
+                                    &q[bh * n..(bh + 1) * n],
+                                    &k[kv * n..(kv + 1) * n],
+                                    &v[kv * n..(kv + 1) * n],
+                                    &g[bh * n..(bh + 1) * n],
+                                );
+                                let p = &p[bh * t * t..(bh + 1) * t * t];
+                                let mut ds = vec![0f32; t * t];
+                                in_serial(|| {
+                                    // dV = Pᵀ·dO
+                                    gemm_strided(t, d, t, dv, d, false, p, (1, t), g, (d, 1));
+                                    // dP = dO·Vᵀ
+                                    gemm_strided(t, t, d, &mut ds, t, false, g, (d, 1), v, (1, d));
+                                    for (i, (dsr, pr)) in
+                                        ds.chunks_mut(t).zip(p.chunks(t)).enumerate()
+                                    {
+                                        let dot: f32 = dsr[..=i]
+                                            .iter()
+                                            .zip(&pr[..=i])
+                                            .map(|(a, b)| a * b)
+                                            .sum();
+                                        for (x, &pv) in dsr[..=i].iter_mut().zip(&pr[..=i]) {
+                                            *x = pv * (*x - dot) * scale;
+                                        }
+                                        dsr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+                                    }
+                                    // dQ = dS·K, dK = dSᵀ·Q (the scale is in dS)
+                                    gemm_strided(t, d, t, dq, d, false, &ds, (t, 1), k, (d, 1));
+                                    gemm_strided(t, d, t, dk, d, false, &ds, (1, t), q, (d, 1));
+                                });
+                            });
+                    })
+                })
+            })
+        })????;
+        let mut dk = vec![0f32; b * kvh * t * d];
+        let mut dv = vec![0f32; b * kvh * t * d];
+        for bh in 0..b * h {
+            let kv = (bh / h) * kvh + (bh % h) / rep;
+            let (src_k, src_v) = (
+                &dk_h[bh * t * d..(bh + 1) * t * d],
+                &dv_h[bh * t * d..(bh + 1) * t * d],
+            );
+            dk[kv * t * d..(kv + 1) * t * d]
+                .iter_mut()
+                .zip(src_k)
+                .for_each(|(a, x)| *a += x);
+            dv[kv * t * d..(kv + 1) * t * d]
+                .iter_mut()
+                .zip(src_v)
+                .for_each(|(a, x)| *a += x);
+        }
+        let tensor = |v: Vec<f32>, heads: usize| {
+            Tensor::from_storage(
+                Storage::Cpu(CpuStorage::F32(v)),
+                (b, heads, t, d),
+                BackpropOp::none(),
+                false,
+            )
+        };
+        Ok((
+            Some(tensor(dq, h)),
+            Some(tensor(dk, kvh)),
+            Some(tensor(dv, kvh)),
+        ))
     }
 }
 
@@ -790,5 +1006,72 @@ mod head_loss_tests {
                 1e-2,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod attention_tests {
+    use super::tests::{check_gradient, uniform, weighted_sum};
+    use super::*;
+    use crate::model::llama::softmax_last_dim;
+    use crate::sampling::Rng;
+
+    /// The composed attention of the inference path (GQA repeat, scale, causal mask, softmax).
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, h, t, d) = q.dims4().unwrap();
+        let kvh = k.dim(1).unwrap();
+        let rep = h / kvh;
+        let expand = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, kvh, rep, t, d))
+                .unwrap()
+                .reshape((b, h, t, d))
+                .unwrap()
+        };
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &candle_core::Device::Cpu).unwrap();
+        let s = (q.matmul(&expand(k).t().unwrap()).unwrap() * (1.0 / (d as f64).sqrt())).unwrap();
+        softmax_last_dim(&s.broadcast_add(&mask).unwrap())
+            .unwrap()
+            .matmul(&expand(v))
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_attention() {
+        let mut rng = Rng::new(31);
+        let q = uniform(&mut rng, &[2, 6, 9, 8], 1.5);
+        let k = uniform(&mut rng, &[2, 2, 9, 8], 1.5);
+        let v = uniform(&mut rng, &[2, 2, 9, 8], 1.0);
+        let ours: Vec<f32> = causal_attention(&q, &k, &v)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs: Vec<f32> = composed(&q, &k, &v)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gradient_of_queries_keys_and_values() {
+        let mut rng = Rng::new(32);
+        let q = uniform(&mut rng, &[1, 4, 5, 3], 1.0);
+        let k = uniform(&mut rng, &[1, 2, 5, 3], 1.0);
+        let v = uniform(&mut rng, &[1, 2, 5, 3], 1.0);
+        check_gradient(
+            &[q, k, v],
+            &|a| weighted_sum(&causal_attention(&a[0], &a[1], &a[2])?, 33),
+            1e-2,
+        );
     }
 }
