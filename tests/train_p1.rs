@@ -538,6 +538,7 @@ fn end_to_end_gradient(fixture: &str) {
             start,
             embed: e.clone(),
             head: h.cloned(),
+            sink: None,
         };
         wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake))
             .unwrap()
@@ -548,6 +549,7 @@ fn end_to_end_gradient(fixture: &str) {
         start,
         embed: embed.as_tensor().clone(),
         head: head.as_ref().map(|h| h.as_tensor().clone()),
+        sink: None,
     };
     let l = wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake)).unwrap();
     // The training loss equals the inference forward's on the same (unchanged) weights.
@@ -565,6 +567,40 @@ fn end_to_end_gradient(fixture: &str) {
         "training loss {l_val} vs inference {reference}"
     );
     let grads = l.backward().unwrap();
+    // The engine's path (gradients into buffers, bypassing candle's store) gives the same.
+    let sink =
+        wake2vec::model::llama::GradSink::new(count, model.config.hidden_size, head.is_some());
+    let fast = WakeRows {
+        sink: Some(sink.clone()),
+        ..wake.clone()
+    };
+    let lf = wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&fast)).unwrap();
+    assert_eq!(
+        lf.to_scalar::<f32>().unwrap(),
+        l.to_scalar::<f32>().unwrap()
+    );
+    let gf = lf.backward().unwrap();
+    sink.collect_inputs(&gf).unwrap();
+    let mut pairs = vec![(&embed, sink.embed.clone())];
+    if let (Some(h), Some(s)) = (&head, &sink.head) {
+        pairs.push((h, s.clone()));
+    }
+    for (var, buf) in pairs {
+        let slow: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let fast = buf.lock().unwrap().clone();
+        for (a, b) in slow.iter().zip(&fast) {
+            assert!(
+                (a - b).abs() <= 1e-6 + 1e-5 * a.abs(),
+                "{fixture}: store {a} vs sink {b}"
+            );
+        }
+    }
     let mut vars = vec![&embed];
     vars.extend(head.as_ref());
     for (k, var) in vars.iter().enumerate() {

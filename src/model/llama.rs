@@ -248,9 +248,42 @@ impl Llama {
             return Ok(base);
         }
         let m = Tensor::from_vec(m, (n, 1), device)?;
-        let rows = wake
-            .embed
-            .index_select(&Tensor::from_vec(wake_ids, n, device)?, 0)?;
+        let rows = match &wake.sink {
+            None => wake
+                .embed
+                .index_select(&Tensor::from_vec(wake_ids, n, device)?, 0)?,
+            Some(sink) => {
+                // Only the rows this batch reads become a (small) leaf variable; the engine adds
+                // its gradient into the sink's rows after the backward pass.
+                let wanted: Vec<u32> = ids_v
+                    .iter()
+                    .filter(|id| is_wake(id))
+                    .map(|id| id - start)
+                    .collect();
+                let leaf = candle_core::Var::from_tensor(
+                    &wake
+                        .embed
+                        .detach()
+                        .index_select(&Tensor::new(wanted.as_slice(), device)?, 0)?,
+                )?;
+                let mut k = 0u32;
+                let position: Vec<u32> = ids_v
+                    .iter()
+                    .map(|id| {
+                        let here = k.min(wanted.len() as u32 - 1);
+                        if is_wake(id) {
+                            k += 1;
+                        }
+                        here
+                    })
+                    .collect();
+                let rows = leaf
+                    .as_tensor()
+                    .index_select(&Tensor::from_vec(position, n, device)?, 0)?;
+                *sink.inputs.lock().expect("gradient sink") = Some((wanted, leaf));
+                rows
+            }
+        };
         Ok((base.broadcast_mul(&(1.0 - &m)?)? + rows.broadcast_mul(&m)?)?)
     }
 
@@ -274,7 +307,11 @@ impl Llama {
                 bail!("the head is untied but no trainable Wake head rows were given")
             }
         };
-        WakeHeadLoss::forward(self.head(), wake.start, trainable, h, targets)
+        let sink = wake.sink.as_ref().map(|s| match &self.lm_head {
+            None => s.embed.clone(),
+            Some(_) => s.head.clone().unwrap_or_else(|| s.embed.clone()),
+        });
+        WakeHeadLoss::forward(self.head(), wake.start, trainable, h, targets, sink)
     }
 
     /// Training logits `[rows, vocab]` for final hidden states `[rows, hidden]`: the frozen head
@@ -396,6 +433,59 @@ pub struct WakeRows {
     pub embed: Tensor,
     /// The untied head's Wake rows `[count, hidden]`.
     pub head: Option<Tensor>,
+    /// Where the Wake rows' gradients go; `None`: to candle's gradient store, for `embed` and
+    /// `head` as variables.
+    pub sink: Option<GradSink>,
+}
+
+/// The Wake rows a forward pass read as inputs: their row indices and the leaf variable that
+/// held them.
+pub type InputRows = (Vec<u32>, candle_core::Var);
+
+/// Phase 1's fast gradient path: the Wake rows' gradients are accumulated straight into these
+/// buffers instead of going through candle's gradient store, which would allocate, zero and add
+/// several `[count, hidden]` tensors per micro-batch (45K × 576 floats each).
+#[derive(Debug, Clone)]
+pub struct GradSink {
+    /// Gradient of the embedding's Wake block (and of the tied head's), `count × hidden`.
+    pub embed: std::sync::Arc<std::sync::Mutex<Vec<f32>>>,
+    /// Gradient of the untied head's Wake block.
+    pub head: Option<std::sync::Arc<std::sync::Mutex<Vec<f32>>>>,
+    /// The Wake rows the last forward pass read as inputs (row indices) and the leaf variable
+    /// that held them; [`GradSink::collect_inputs`] adds its gradient into `embed`.
+    pub inputs: std::sync::Arc<std::sync::Mutex<Option<InputRows>>>,
+}
+
+impl GradSink {
+    /// Zeroed buffers for `count × hidden` blocks (and a head block when untied).
+    pub fn new(count: usize, hidden: usize, untied: bool) -> Self {
+        let buf = || std::sync::Arc::new(std::sync::Mutex::new(vec![0f32; count * hidden]));
+        Self {
+            embed: buf(),
+            head: untied.then(buf),
+            inputs: Default::default(),
+        }
+    }
+
+    /// After a backward pass: adds the input rows' gradients into `embed`.
+    pub fn collect_inputs(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let Some((rows, leaf)) = self.inputs.lock().expect("gradient sink").take() else {
+            return Ok(());
+        };
+        let Some(g) = grads.get(leaf.as_tensor()) else {
+            return Ok(());
+        };
+        let hidden = leaf.dim(1)?;
+        let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let mut embed = self.embed.lock().expect("gradient sink");
+        for (i, &r) in rows.iter().enumerate() {
+            let dst = &mut embed[r as usize * hidden..(r as usize + 1) * hidden];
+            dst.iter_mut()
+                .zip(&g[i * hidden..(i + 1) * hidden])
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
 }
 
 impl WakeRows {

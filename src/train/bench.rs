@@ -4,10 +4,9 @@
 //! gradients, the embedding as one matrix with the Wake block joined by `cat`, and a composed
 //! cross-entropy).
 
-use super::engine::{accumulate, apply_update, batch_loss, wake_params, WakeLayout};
+use super::engine::{apply_update, batch_loss, wake_params, wake_rows_of, zero_grads, WakeLayout};
 use super::optim::{Optimizer, OptimizerConfig};
 use crate::bench::peak_rss_mib;
-use crate::model::llama::WakeRows;
 use crate::model::{Llama, LoadedModel};
 use crate::sampling::Rng;
 use anyhow::Result;
@@ -164,17 +163,16 @@ pub fn phase1(
     let mut optimizer = Optimizer::new(OptimizerConfig::default())?;
     let (mut fwd, mut bwd, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![], vec![]);
     for r in 0..=repeats.max(1) {
-        let wake_rows = WakeRows {
-            start: wake.wake_start,
-            embed: params[0].var.as_tensor().clone(),
-            head: params.get(1).map(|p| p.var.as_tensor().clone()),
-        };
+        let wake_rows = wake_rows_of(wake.wake_start, &params);
+        zero_grads(&params);
         let (t0, c0) = (Instant::now(), cpu_seconds());
         let loss = batch_loss(&model, &[&block], Some(&wake_rows))?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        accumulate(&mut params, &grads, true)?;
+        if let Some(sink) = &wake_rows.sink {
+            sink.collect_inputs(&grads)?;
+        }
         drop(grads);
         apply_update(&mut params, &mut optimizer, 3e-4, 1.0)?;
         let t3 = Instant::now();

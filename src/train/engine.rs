@@ -8,7 +8,7 @@ use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
 use super::schedule::Schedule;
-use crate::model::llama::WakeRows;
+use crate::model::llama::{GradSink, WakeRows};
 use crate::model::{Llama, LoadedModel};
 use crate::sampling::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -20,6 +20,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Set by SIGINT/SIGTERM; the loop saves a checkpoint and returns when it sees it.
@@ -108,7 +109,8 @@ pub(crate) struct Param {
     pub(crate) var: Var,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
-    pub(crate) grad: Vec<f32>,
+    /// Its gradient, accumulated over the micro-batches of a step.
+    pub(crate) grad: Arc<Mutex<Vec<f32>>>,
 }
 
 /// A training run in progress.
@@ -330,13 +332,10 @@ impl Trainer {
         Ok(p.var.as_tensor().flatten_all()?.to_vec1()?)
     }
 
-    /// The Wake rows as the forward pass reads them.
+    /// The Wake rows as the forward pass reads them, their gradients going to the parameters'
+    /// buffers.
     fn wake_rows(&self) -> WakeRows {
-        WakeRows {
-            start: self.wake.wake_start,
-            embed: self.params[0].var.as_tensor().clone(),
-            head: self.params.get(1).map(|p| p.var.as_tensor().clone()),
-        }
+        wake_rows_of(self.wake.wake_start, &self.params)
     }
 
     /// Trains until the configured number of steps, early stopping, or an interrupt.
@@ -494,6 +493,7 @@ impl Trainer {
     fn step(&mut self) -> Result<Option<(f64, f64, f64)>> {
         let start_cursor = self.stream.cursor();
         let accum = self.config.grad_accum;
+        zero_grads(&self.params);
         let mut loss_sum = 0f64;
         for micro in 0..accum {
             if INTERRUPTED.load(Ordering::SeqCst) {
@@ -516,7 +516,9 @@ impl Trainer {
             }
             loss_sum += value;
             let grads = (loss / accum as f64)?.backward()?;
-            accumulate(&mut self.params, &grads, micro == 0)?;
+            wake.sink
+                .as_ref()
+                .map_or(Ok(()), |s| s.collect_inputs(&grads))?;
         }
         let lr = self.schedule.lr(self.state.step);
         let norm = apply_update(
@@ -714,25 +716,31 @@ pub fn batch_loss(model: &Llama, blocks: &[&[u32]], wake: Option<&WakeRows>) -> 
     Ok((per_row.sum_all()? / targets.len() as f64)?)
 }
 
-/// Adds this micro-batch's gradients to the parameters' buffers (`first`: replaces them).
-pub(crate) fn accumulate(
-    params: &mut [Param],
-    grads: &candle_core::backprop::GradStore,
-    first: bool,
-) -> Result<()> {
-    for p in params {
-        let g = grads
-            .get(p.var.as_tensor())
-            .with_context(|| format!("internal: no gradient reached '{}'", p.name))?
-            .contiguous()?;
-        let g = g.flatten_all()?.to_vec1::<f32>()?;
-        if first {
-            p.grad = g;
-        } else {
-            add_into(&mut p.grad, &g);
-        }
+/// The Wake rows of `params` (the embedding block, then the untied head's) for the forward pass,
+/// with the parameters' gradient buffers as the sink.
+pub(crate) fn wake_rows_of(start: usize, params: &[Param]) -> WakeRows {
+    WakeRows {
+        start,
+        embed: params[0].var.as_tensor().clone(),
+        head: params.get(1).map(|p| p.var.as_tensor().clone()),
+        sink: Some(GradSink {
+            embed: params[0].grad.clone(),
+            head: params.get(1).map(|p| p.grad.clone()),
+            inputs: Default::default(),
+        }),
     }
-    Ok(())
+}
+
+/// Zeroes the gradient buffers (at the start of an optimizer step).
+pub(crate) fn zero_grads(params: &[Param]) {
+    use rayon::prelude::*;
+    for p in params {
+        p.grad
+            .lock()
+            .expect("gradient buffer")
+            .par_chunks_mut(1 << 16)
+            .for_each(|c| c.fill(0.0));
+    }
 }
 
 /// Clips the accumulated gradients to `max_grad_norm` (0: no clipping) and updates every
@@ -743,7 +751,11 @@ pub(crate) fn apply_update(
     lr: f64,
     max_grad_norm: f64,
 ) -> Result<f64> {
-    let grads: Vec<&[f32]> = params.iter().map(|p| p.grad.as_slice()).collect();
+    let guards: Vec<_> = params
+        .iter()
+        .map(|p| p.grad.lock().expect("gradient buffer"))
+        .collect();
+    let grads: Vec<&[f32]> = guards.iter().map(|g| g.as_slice()).collect();
     let (norm, scale) = if max_grad_norm > 0.0 {
         optim::clip_factor(&grads, max_grad_norm)
     } else {
@@ -752,8 +764,8 @@ pub(crate) fn apply_update(
     if !norm.is_finite() {
         return Ok(norm);
     }
-    for p in params {
-        let (name, grad, shape) = (&p.name, &p.grad, (p.rows, p.cols));
+    for (p, grad) in params.iter().zip(&guards) {
+        let (name, grad, shape) = (&p.name, &grad[..], (p.rows, p.cols));
         let mut update = |values: &mut [f32]| optimizer.step(name, values, grad, shape, lr, scale);
         p.var
             .as_tensor()
@@ -772,7 +784,7 @@ pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>
             var: Var::from_tensor(&rows.contiguous()?)?,
             rows: wake.wake_count,
             cols: hidden,
-            grad: vec![],
+            grad: Arc::new(Mutex::new(vec![0f32; wake.wake_count * hidden])),
         })
     };
     let mut params = vec![make("wake_embed", &model.embed)?];
@@ -780,14 +792,6 @@ pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>
         params.push(make("wake_head", head)?);
     }
     Ok(params)
-}
-
-/// `acc += x`, in parallel.
-fn add_into(acc: &mut [f32], x: &[f32]) {
-    use rayon::prelude::*;
-    acc.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

@@ -529,16 +529,21 @@ pub struct WakeHeadLoss {
     targets: std::sync::Arc<Vec<u32>>,
     /// Logits and per-row logsumexp from the forward pass.
     saved: std::sync::Arc<Mutex<Option<Saved>>>,
+    /// When set, the Wake block's gradient is added here instead of being returned.
+    sink: Option<std::sync::Arc<Mutex<Vec<f32>>>>,
 }
 
 impl WakeHeadLoss {
-    /// Per-row loss `[rows]` of hidden states `h` `[rows, hidden]` against `targets`.
+    /// Per-row loss `[rows]` of hidden states `h` `[rows, hidden]` against `targets`. With a
+    /// `sink` (a `count × hidden` buffer) the Wake block's gradient is accumulated into it and
+    /// the block gets none through candle.
     pub fn forward(
         head: &Tensor,
         start: usize,
         wake: &Tensor,
         h: &Tensor,
         targets: &[u32],
+        sink: Option<std::sync::Arc<Mutex<Vec<f32>>>>,
     ) -> Result<Tensor> {
         let (vocab, hidden) = head.dims2()?;
         let (count, wake_hidden) = wake.dims2()?;
@@ -564,6 +569,12 @@ impl WakeHeadLoss {
             count,
             targets: std::sync::Arc::new(targets.to_vec()),
             saved: std::sync::Arc::new(Mutex::new(None)),
+            sink,
+        };
+        let wake = if op.sink.is_some() {
+            wake.detach()
+        } else {
+            wake.clone()
         };
         Ok(h.contiguous()?.apply_op2(&wake.contiguous()?, op)?)
     }
@@ -666,7 +677,6 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
             row[t as usize] -= gr;
         });
         let mut dh = vec![0f32; rows * d];
-        let mut dwake = vec![0f32; self.count * d];
         with_f32(&self.head, |w| {
             gemm_strided(rows, d, start, &mut dh, d, true, &dl, (vocab, 1), w, (d, 1));
             if end < vocab {
@@ -700,21 +710,38 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
             )
         })?;
         let h_c = h.contiguous()?;
-        with_f32(&h_c, |hv| {
-            // dwake = dlogits[:, start..end]ᵀ · h
-            gemm_strided(
-                self.count,
-                d,
-                rows,
-                &mut dwake,
-                d,
-                false,
-                &dl[start..],
-                (1, vocab),
-                hv,
-                (d, 1),
-            )
-        })?;
+        // dwake = dlogits[:, start..end]ᵀ · h, into the sink or a new buffer.
+        let dwake_into = |dst: &mut [f32], accumulate: bool| {
+            with_f32(&h_c, |hv| {
+                gemm_strided(
+                    self.count,
+                    d,
+                    rows,
+                    dst,
+                    d,
+                    accumulate,
+                    &dl[start..],
+                    (1, vocab),
+                    hv,
+                    (d, 1),
+                )
+            })
+        };
+        let dwake = match &self.sink {
+            Some(sink) => {
+                let mut buf = sink.lock().expect("gradient sink");
+                if buf.len() != self.count * d {
+                    candle_core::bail!("wake-head-loss: the gradient sink has the wrong size");
+                }
+                dwake_into(&mut buf, true)?;
+                None
+            }
+            None => {
+                let mut buf = vec![0f32; self.count * d];
+                dwake_into(&mut buf, false)?;
+                Some(buf)
+            }
+        };
         let tensor = |v: Vec<f32>, shape: (usize, usize)| {
             Tensor::from_storage(
                 Storage::Cpu(CpuStorage::F32(v)),
@@ -725,7 +752,7 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
         };
         Ok((
             Some(tensor(dh, (rows, d))),
-            Some(tensor(dwake, (self.count, d))),
+            dwake.map(|v| tensor(v, (self.count, d))),
         ))
     }
 }
@@ -978,7 +1005,7 @@ mod head_loss_tests {
             let wake = uniform(&mut rng, &[count, 8], 1.0);
             let h = uniform(&mut rng, &[6, 8], 1.0);
             let t = [3u32, (vocab - 1) as u32, IGNORE, 22, 0, (start + 1) as u32];
-            let ours: Vec<f32> = WakeHeadLoss::forward(&head, start, &wake, &h, &t)
+            let ours: Vec<f32> = WakeHeadLoss::forward(&head, start, &wake, &h, &t, None)
                 .unwrap()
                 .to_vec1()
                 .unwrap();
@@ -1000,7 +1027,7 @@ mod head_loss_tests {
             check_gradient(
                 &[h.clone(), wake.clone()],
                 &|a| {
-                    let l = WakeHeadLoss::forward(&head, start, &a[1], &a[0], &t)?;
+                    let l = WakeHeadLoss::forward(&head, start, &a[1], &a[0], &t, None)?;
                     super::tests::weighted_sum(&l, 23)
                 },
                 1e-2,
