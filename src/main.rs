@@ -328,7 +328,7 @@ fn run(cli: Cli) -> Result<()> {
             if phase != 1 {
                 anyhow::bail!("bench train measures phase 1 only (got --phase {phase})");
             }
-            wake2vec::train::tune_threads();
+            wake2vec::train::tune_runtime();
             let dir = cache::resolve(&model, true)?;
             wake2vec::train::bench::phase1(&dir, wake_rows, seq_len, repeats, !no_baseline)
         }
@@ -469,7 +469,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn run_train(args: TrainArgs) -> Result<()> {
     use wake2vec::train::{Outcome, TrainConfig, Trainer};
-    wake2vec::train::tune_threads();
+    wake2vec::train::tune_runtime();
     wake2vec::train::install_interrupt_handler();
     let mut trainer = match &args.resume {
         Some(dir) => {

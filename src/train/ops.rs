@@ -509,8 +509,46 @@ impl candle_core::CustomOp3 for Attention {
     }
 }
 
+/// Logits buffers handed back by the backward pass for the next forward pass: a fresh
+/// `[rows, vocab]` buffer (about 95 MB for SmolLM2 with the Wake rows) would be page-faulted and
+/// cleared by the kernel at every micro-batch.
+static LOGITS_BUFFERS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// A buffer of `n` floats (contents unspecified), reused when one is free.
+fn take_buffer(n: usize) -> Vec<f32> {
+    let reused = {
+        let mut pool = LOGITS_BUFFERS.lock().expect("buffer pool");
+        let i = pool.iter().position(|b| b.capacity() >= n);
+        i.map(|i| pool.swap_remove(i))
+    };
+    let mut v = reused.unwrap_or_else(|| crate::model::weights::huge_page_vec(n));
+    v.resize(n, 0.0);
+    v
+}
+
+/// Returns a buffer to the pool (at most two are kept).
+fn give_buffer(v: Vec<f32>) {
+    let mut pool = LOGITS_BUFFERS.lock().expect("buffer pool");
+    if pool.len() < 2 {
+        pool.push(v);
+    }
+}
+
 /// Logits `[rows × vocab]` and per-row logsumexp kept from the forward pass.
 type Saved = (Vec<f32>, Vec<f32>);
+
+/// The forward pass's logits until the backward pass takes them; a forward pass without a
+/// backward one (evaluation) returns them to the pool when the graph is dropped.
+#[derive(Default)]
+struct SavedLogits(Mutex<Option<Saved>>);
+
+impl Drop for SavedLogits {
+    fn drop(&mut self) {
+        if let Some((logits, _)) = self.0.lock().ok().and_then(|mut s| s.take()) {
+            give_buffer(logits);
+        }
+    }
+}
 
 /// The head and the cross-entropy of Phase 1 in one operation: logits `h·Wᵀ` over a head whose
 /// rows `start .. start + count` come from the trainable block `wake` and all others from the
@@ -528,7 +566,7 @@ pub struct WakeHeadLoss {
     count: usize,
     targets: std::sync::Arc<Vec<u32>>,
     /// Logits and per-row logsumexp from the forward pass.
-    saved: std::sync::Arc<Mutex<Option<Saved>>>,
+    saved: std::sync::Arc<SavedLogits>,
     /// When set, the Wake block's gradient is added here instead of being returned.
     sink: Option<std::sync::Arc<Mutex<Vec<f32>>>>,
 }
@@ -568,7 +606,7 @@ impl WakeHeadLoss {
             start,
             count,
             targets: std::sync::Arc::new(targets.to_vec()),
-            saved: std::sync::Arc::new(Mutex::new(None)),
+            saved: Default::default(),
             sink,
         };
         let wake = if op.sink.is_some() {
@@ -596,8 +634,7 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
         let (vocab, _) = self.head.dims2()?;
         let h = &s1.as_slice::<f32>()?[l1.start_offset()..l1.start_offset() + rows * d];
         let wake = &s2.as_slice::<f32>()?[l2.start_offset()..l2.start_offset() + self.count * d];
-        let mut logits = crate::model::weights::huge_page_vec(rows * vocab);
-        logits.resize(rows * vocab, 0.0);
+        let mut logits = take_buffer(rows * vocab);
         let (start, end) = (self.start, self.start + self.count);
         with_f32(&self.head, |w| {
             // Frozen rows before and after the Wake block, then the Wake block.
@@ -647,7 +684,7 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
                 t => lse[r] - logits[r * vocab + t as usize],
             })
             .collect();
-        *self.saved.lock().expect("wake-head-loss state") = Some((logits, lse));
+        *self.saved.0.lock().expect("wake-head-loss state") = Some((logits, lse));
         Ok((CpuStorage::F32(loss), Shape::from(rows)))
     }
 
@@ -662,7 +699,7 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
         let (vocab, _) = self.head.dims2()?;
         let (start, end) = (self.start, self.start + self.count);
         let g: Vec<f32> = grad.to_vec1()?;
-        let Some((mut dl, lse)) = self.saved.lock().expect("wake-head-loss state").take() else {
+        let Some((mut dl, lse)) = self.saved.0.lock().expect("wake-head-loss state").take() else {
             candle_core::bail!("wake-head-loss: backward ran twice or without a forward pass");
         };
         // dlogits = g · (softmax − onehot), in place.
@@ -742,6 +779,7 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
                 Some(buf)
             }
         };
+        give_buffer(dl);
         let tensor = |v: Vec<f32>, shape: (usize, usize)| {
             Tensor::from_storage(
                 Storage::Cpu(CpuStorage::F32(v)),
