@@ -58,6 +58,19 @@ enum Command {
     /// resolved settings), log.jsonl, checkpoints/ and snapshots/. Ctrl-C saves a checkpoint and
     /// exits; `--resume RUN_DIR` continues exactly where it stopped.
     Train(Box<TrainArgs>),
+    /// Write a run's trained model as an HF directory: the run's base model with the Wake rows
+    /// of one of its checkpoints (config, tokenizer and wake2vec.json copied).
+    Export {
+        /// The run directory.
+        run: PathBuf,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// `last`, `best` (lowest validation loss; kept when keep_best is on) or a checkpoint
+        /// name such as step-200.
+        #[arg(long, default_value = "last")]
+        checkpoint: String,
+    },
     /// Measure speed, reported as ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -317,6 +330,22 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(args) => run_train(*args),
+        Command::Export {
+            run,
+            out,
+            checkpoint,
+        } => {
+            let name = wake2vec::train::engine::checkpoint_name(&run, &checkpoint)?;
+            let trainer = wake2vec::train::Trainer::resume(&run, Some(&name))?;
+            trainer.export_model(&out)?;
+            println!(
+                "wrote {} (the Wake rows of {} at step {})",
+                out.display(),
+                run.display(),
+                trainer.step_done()
+            );
+            Ok(())
+        }
         Command::Bench(BenchCommand::Train {
             model,
             phase,

@@ -238,6 +238,19 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_resume_continues_exactly() {
     assert!(run.join(format!("checkpoints/step-{saved}")).is_dir());
     run_ok(bin().args(["train", "--resume", run.to_str().unwrap(), "--quiet"]));
     assert_same_log(&t.0.join("reference"), &run);
+    // The finished run exports a loadable model directory.
+    let out = t.0.join("exported");
+    run_ok(bin().args([
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--checkpoint",
+        "best",
+    ]));
+    let m = wake2vec::model::LoadedModel::load(&out).unwrap();
+    assert_eq!(m.model.embed.dim(0).unwrap(), 400);
+    assert!(out.join("wake2vec.json").is_file());
 }
 
 #[test]

@@ -774,6 +774,38 @@ pub(crate) fn apply_update(
     Ok(norm)
 }
 
+/// The checkpoint of `run` that `which` names: `last` (the newest), `best` (the best validation
+/// loss, as recorded by the newest checkpoint) or a directory name such as `step-200`.
+pub fn checkpoint_name(run: &Path, which: &str) -> Result<String> {
+    let dir = run.join("checkpoints");
+    let all = checkpoint::list(&dir);
+    let newest = all
+        .last()
+        .with_context(|| format!("{} has no checkpoints yet", run.display()))?;
+    match which {
+        "last" => Ok(checkpoint::name(newest.0)),
+        "best" => {
+            let state = checkpoint::load(&newest.1)?.state;
+            let step = state
+                .early
+                .best
+                .map(|_| state.early.best_step)
+                .with_context(|| {
+                    format!(
+                        "{} has no evaluation yet, so no best checkpoint",
+                        run.display()
+                    )
+                })?;
+            ensure!(
+                all.iter().any(|(s, _)| *s == step),
+                "the best validation loss was at step {step}, but its checkpoint was not kept (keep_best = false)"
+            );
+            Ok(checkpoint::name(step))
+        }
+        name => Ok(name.to_string()),
+    }
+}
+
 /// The Wake rows of the embedding (and of an untied head) as trainable variables.
 pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>> {
     let hidden = model.config.hidden_size;
