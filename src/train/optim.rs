@@ -461,26 +461,48 @@ fn adafactor_step(
         }
         (vec![], row.iter().map(|&v| 1.0 / v.sqrt()).collect())
     };
-    let update = |i: usize, x: f32| -> f32 {
-        let x = if scale == 1.0 { x } else { x * scale };
+    // The update is (r_factor[row] · c_factor[col]) · g, or c_factor[i] · g for a vector. Passes
+    // go row by row (a chunk is a whole number of rows), so no index is divided per element.
+    let (chunk, unit) = if factored {
+        let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
+        (rows_per_chunk * cols, cols)
+    } else {
+        (CHUNK, CHUNK)
+    };
+    let row_factor = |k: usize, u: usize| {
         if factored {
-            (r_factor[i / cols] * c_factor[i % cols]) * x
+            r_factor[k * (chunk / cols) + u]
         } else {
-            c_factor[i] * x
+            1.0
         }
     };
+    let col_factors = |k: usize| -> &[f32] {
+        if factored {
+            &c_factor
+        } else {
+            &c_factor[k * chunk..]
+        }
+    };
+    let scaled = |x: f32| if scale == 1.0 { x } else { x * scale };
     // RMS of the update, then the clipped, scaled update applied in one more pass.
     let parts: Vec<f64> = g
-        .par_chunks(CHUNK)
+        .par_chunks(chunk)
         .enumerate()
         .map(|(k, c)| {
-            c.iter()
-                .enumerate()
-                .map(|(j, &x)| {
-                    let u = update(k * CHUNK + j, x) as f64;
-                    u * u
-                })
-                .sum()
+            let cf = col_factors(k);
+            let mut s = 0f64;
+            for (u, g_row) in c.chunks(unit).enumerate() {
+                let rf = row_factor(k, u);
+                s += g_row
+                    .iter()
+                    .zip(cf)
+                    .map(|(&x, &cf)| {
+                        let u = ((rf * cf) * scaled(x)) as f64;
+                        u * u
+                    })
+                    .sum::<f64>();
+            }
+            s
         })
         .collect();
     let update_rms = (parts.iter().sum::<f64>() / (rows * cols) as f64).sqrt();
@@ -489,22 +511,27 @@ fn adafactor_step(
     let decay = (-c.weight_decay * lr) as f32;
     let beta1 = c.beta1.map(|b| (b as f32, (1.0 - b) as f32));
     let apply = |k: usize, p: &mut [f32], g: &[f32], mut m: Option<&mut [f32]>| {
-        for (j, (p, &x)) in p.iter_mut().zip(g).enumerate() {
-            let mut u = (update(k * CHUNK + j, x) / denom) * lr32;
-            if let (Some((b1, w)), Some(m)) = (beta1, m.as_deref_mut()) {
-                m[j] = m[j] * b1 + u * w;
-                u = m[j];
+        let cf = col_factors(k);
+        for (u, (p_row, g_row)) in p.chunks_mut(unit).zip(g.chunks(unit)).enumerate() {
+            let rf = row_factor(k, u);
+            for (j, (p, &x)) in p_row.iter_mut().zip(g_row).enumerate() {
+                let mut upd = (((rf * cf[j]) * scaled(x)) / denom) * lr32;
+                if let (Some((b1, w)), Some(m)) = (beta1, m.as_deref_mut()) {
+                    let m = &mut m[u * unit + j];
+                    *m = *m * b1 + upd * w;
+                    upd = *m;
+                }
+                if decay != 0.0 {
+                    *p += *p * decay;
+                }
+                *p += -upd;
             }
-            if decay != 0.0 {
-                *p += *p * decay;
-            }
-            *p += -u;
         }
     };
-    let chunks = p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).enumerate();
+    let chunks = p.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).enumerate();
     if beta1.is_some() {
         chunks
-            .zip(exp_avg.par_chunks_mut(CHUNK))
+            .zip(exp_avg.par_chunks_mut(chunk))
             .for_each(|((k, (p, g)), m)| apply(k, p, g, Some(m)));
     } else {
         chunks.for_each(|(k, (p, g))| apply(k, p, g, None));
@@ -612,6 +639,67 @@ mod tests {
             }),
             Some(1.0),
         );
+    }
+
+    /// Adafactor written the plain way (f64, no chunks), for shapes spanning several chunks.
+    fn naive_adafactor(p: &mut [f64], g: &[f64], rows: usize, cols: usize, lr: f64, steps: usize) {
+        let (mut r, mut c, mut v) = (vec![0f64; rows], vec![0f64; cols], vec![0f64; cols]);
+        for t in 1..=steps {
+            let b = 1.0 - (t as f64).powf(-0.8);
+            let u: Vec<f64> = if rows > 1 {
+                for i in 0..rows {
+                    let m = (0..cols)
+                        .map(|j| g[i * cols + j].powi(2) + 1e-30)
+                        .sum::<f64>()
+                        / cols as f64;
+                    r[i] = b * r[i] + (1.0 - b) * m;
+                }
+                for j in 0..cols {
+                    let m = (0..rows)
+                        .map(|i| g[i * cols + j].powi(2) + 1e-30)
+                        .sum::<f64>()
+                        / rows as f64;
+                    c[j] = b * c[j] + (1.0 - b) * m;
+                }
+                let rm = r.iter().sum::<f64>() / rows as f64;
+                (0..rows * cols)
+                    .map(|k| g[k] / (r[k / cols] / rm).sqrt() / c[k % cols].sqrt())
+                    .collect()
+            } else {
+                for j in 0..cols {
+                    v[j] = b * v[j] + (1.0 - b) * (g[j].powi(2) + 1e-30);
+                }
+                (0..cols).map(|j| g[j] / v[j].sqrt()).collect()
+            };
+            let rms = (u.iter().map(|x| x * x).sum::<f64>() / u.len() as f64).sqrt();
+            let d = rms.max(1.0);
+            p.iter_mut().zip(&u).for_each(|(p, u)| *p -= lr * u / d);
+        }
+    }
+
+    #[test]
+    fn adafactor_over_many_chunks_matches_the_plain_formula() {
+        let mut rng = crate::sampling::Rng::new(5);
+        for (rows, cols) in [(1000usize, 40usize), (3, 20000), (1, 50000)] {
+            let n = rows * cols;
+            let g: Vec<f32> = (0..n)
+                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.1)
+                .collect();
+            let mut p: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32).collect();
+            let mut q: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+            let mut opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+            for _ in 0..3 {
+                opt.step("w", &mut p, &g, (rows, cols), 1e-2, 1.0).unwrap();
+            }
+            let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
+            naive_adafactor(&mut q, &g64, rows, cols, 1e-2, 3);
+            for (i, (a, b)) in p.iter().zip(&q).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 2e-6,
+                    "{rows}x{cols} element {i}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
