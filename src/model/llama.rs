@@ -220,7 +220,12 @@ impl Llama {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache, mode)?;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        match mode {
+            Mode::Inference => rms_norm(&x, &self.norm, self.config.rms_norm_eps),
+            Mode::Train(_) => {
+                crate::train::ops::rms_norm_frozen(&x, &self.norm, self.config.rms_norm_eps)
+            }
+        }
     }
 
     /// Embedding lookup where Wake ids read the trainable block and every other id the frozen
@@ -362,6 +367,18 @@ impl Llama {
         mode: Mode<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
+        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            match mode {
+                Mode::Inference => rms_norm(x, w, c.rms_norm_eps),
+                Mode::Train(_) => crate::train::ops::rms_norm_frozen(x, w, c.rms_norm_eps),
+            }
+        };
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            match mode {
+                Mode::Inference => rope(x, cos, sin),
+                Mode::Train(_) => crate::train::ops::rope_fused(x, cos, sin),
+            }
+        };
         let project = |l: &Linear, x: &Tensor| -> Result<Tensor> {
             match mode {
                 Mode::Inference => l.forward(x),
@@ -369,14 +386,14 @@ impl Llama {
             }
         };
         let (batch, seq, _) = x.dims3()?;
-        let h = rms_norm(x, &b.input_norm, c.rms_norm_eps)?;
+        let h = norm(x, &b.input_norm)?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, n, c.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope(&heads(project(&b.q, &h)?, c.num_heads)?, cos, sin)?;
-        let mut k = rope(&heads(project(&b.k, &h)?, c.num_kv_heads)?, cos, sin)?;
+        let q = rotate(&heads(project(&b.q, &h)?, c.num_heads)?)?;
+        let mut k = rotate(&heads(project(&b.k, &h)?, c.num_kv_heads)?)?;
         let mut v = heads(project(&b.v, &h)?, c.num_kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -403,7 +420,7 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
         let x = (x + project(&b.o, &attn)?)?;
-        let h = rms_norm(&x, &b.post_attention_norm, c.rms_norm_eps)?;
+        let h = norm(&x, &b.post_attention_norm)?;
         let mlp = project(
             &b.down,
             &(project(&b.gate, &h)?.silu()? * project(&b.up, &h)?)?,

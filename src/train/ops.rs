@@ -317,6 +317,180 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// RMSNorm with a frozen weight, `y = x / √(mean(x²) + eps) · w`, as one operation whose backward
+/// gives only `dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x)` (`r` the inverse RMS of the row, kept from the
+/// forward pass); the composed version runs six operations forward and a dozen backward.
+pub fn rms_norm_frozen(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = *x.dims().last().unwrap_or(&0);
+    ensure!(
+        weight.dims1()? == d,
+        "rms-norm: weight of {} for rows of {d}",
+        weight.dims1()?
+    );
+    let op = RmsNorm {
+        weight: weight.detach().contiguous()?,
+        eps: eps as f32,
+        inv_rms: std::sync::Arc::new(Mutex::new(Vec::new())),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+#[derive(Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+    inv_rms: std::sync::Arc<Mutex<Vec<f32>>>,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l.dims().last().unwrap_or(&1);
+        let x = slice(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        let r: Vec<f32> = with_f32(&self.weight, |w| {
+            y.par_chunks_mut(d)
+                .zip(x.par_chunks(d))
+                .map(|(y, x)| {
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let r = 1.0 / (ms + self.eps).sqrt();
+                    y.iter_mut()
+                        .zip(x)
+                        .zip(w)
+                        .for_each(|((y, &x), &w)| *y = (x * r) * w);
+                    r
+                })
+                .collect()
+        })?;
+        *self.inv_rms.lock().expect("rms-norm state") = r;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let d = *arg.dims().last().unwrap_or(&1);
+        let r = self.inv_rms.lock().expect("rms-norm state").clone();
+        let (x, g) = (arg.contiguous()?, grad.contiguous()?);
+        let mut dx = vec![0f32; x.elem_count()];
+        with_f32(&x, |x| {
+            with_f32(&g, |g| {
+                with_f32(&self.weight, |w| {
+                    dx.par_chunks_mut(d)
+                        .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                        .zip(r.par_iter())
+                        .for_each(|((dx, (x, g)), &r)| {
+                            let dot = x
+                                .iter()
+                                .zip(g)
+                                .zip(w)
+                                .map(|((x, g), w)| x * g * w)
+                                .sum::<f32>()
+                                / d as f32;
+                            let c = r * r * r * dot;
+                            dx.iter_mut()
+                                .zip(x.iter().zip(g).zip(w))
+                                .for_each(|(dx, ((&x, &g), &w))| *dx = r * g * w - x * c);
+                        })
+                })
+            })
+        })???;
+        Ok(Some(Tensor::from_storage(
+            Storage::Cpu(CpuStorage::F32(dx)),
+            arg.shape().clone(),
+            BackpropOp::none(),
+            false,
+        )))
+    }
+}
+
+/// Rotary embedding (HF half-split layout) on `x` `[batch, heads, seq, head_dim]` with tables
+/// `[seq, head_dim / 2]`, as one operation: the backward is the inverse rotation of the gradient.
+pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, _, t, d) = x.dims4()?;
+    ensure!(
+        d % 2 == 0 && cos.dims2()? == (t, d / 2) && sin.dims2()? == (t, d / 2),
+        "rope: x {:?} with tables {:?}",
+        x.dims(),
+        cos.dims()
+    );
+    let op = Rope {
+        cos: cos.detach().contiguous()?,
+        sin: sin.detach().contiguous()?,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+#[derive(Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Rotates every `[seq, head_dim]` slice of `x` by `sign · angle`.
+    fn rotate(&self, x: &[f32], t: usize, d: usize, sign: f32) -> candle_core::Result<Vec<f32>> {
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        with_f32(&self.cos, |cos| {
+            with_f32(&self.sin, |sin| {
+                y.par_chunks_mut(t * d)
+                    .zip(x.par_chunks(t * d))
+                    .for_each(|(y, x)| {
+                        for p in 0..t {
+                            let (c, s) = (
+                                &cos[p * half..(p + 1) * half],
+                                &sin[p * half..(p + 1) * half],
+                            );
+                            let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                            for i in 0..half {
+                                let (x1, x2, s) = (xr[i], xr[i + half], sign * s[i]);
+                                yr[i] = x1 * c[i] - x2 * s;
+                                yr[i + half] = x2 * c[i] + x1 * s;
+                            }
+                        }
+                    })
+            })
+        })??;
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, _, t, d) = l.shape().dims4()?;
+        let y = self.rotate(slice(s, l)?, t, d, 1.0)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, t, d) = arg.dims4()?;
+        let g = grad.contiguous()?;
+        let dx = with_f32(&g, |g| self.rotate(g, t, d, -1.0))??;
+        Ok(Some(Tensor::from_storage(
+            Storage::Cpu(CpuStorage::F32(dx)),
+            arg.shape().clone(),
+            BackpropOp::none(),
+            false,
+        )))
+    }
+}
+
 /// Causal self-attention with grouped-query heads, forward and backward by hand:
 /// `O = softmax(Q·Kᵀ/√d + causal mask)·V` per head, query head `h` reading key/value head
 /// `h / (heads / kv_heads)`. Only the probabilities `P` are kept for the backward pass
@@ -1136,6 +1310,59 @@ mod attention_tests {
         check_gradient(
             &[q, k, v],
             &|a| weighted_sum(&causal_attention(&a[0], &a[1], &a[2])?, 33),
+            1e-2,
+        );
+    }
+}
+
+#[cfg(test)]
+mod norm_rope_tests {
+    use super::tests::{check_gradient, uniform, weighted_sum};
+    use super::*;
+    use crate::model::llama::{rms_norm, rope};
+    use crate::sampling::Rng;
+
+    fn close(a: &Tensor, b: &Tensor) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_one_and_its_gradient() {
+        let mut rng = Rng::new(41);
+        let x = uniform(&mut rng, &[2, 3, 8], 1.0);
+        let w = uniform(&mut rng, &[8], 1.0);
+        close(
+            &rms_norm_frozen(&x, &w, 1e-5).unwrap(),
+            &rms_norm(&x, &w, 1e-5).unwrap(),
+        );
+        check_gradient(
+            &[x],
+            &|a| weighted_sum(&rms_norm_frozen(&a[0], &w, 1e-5)?, 42),
+            1e-2,
+        );
+    }
+
+    #[test]
+    fn rope_matches_the_composed_one_and_its_gradient() {
+        let mut rng = Rng::new(43);
+        let x = uniform(&mut rng, &[1, 2, 5, 8], 1.0);
+        let cos = uniform(&mut rng, &[5, 4], 1.0);
+        let sin = uniform(&mut rng, &[5, 4], 1.0);
+        close(
+            &rope_fused(&x, &cos, &sin).unwrap(),
+            &rope(&x, &cos, &sin).unwrap(),
+        );
+        // A true rotation (cos² + sin² = 1) for the gradient check: the backward is its inverse.
+        let angle = uniform(&mut rng, &[5, 4], 3.0);
+        let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
+        check_gradient(
+            &[x],
+            &|a| weighted_sum(&rope_fused(&a[0], &cos, &sin)?, 44),
             1e-2,
         );
     }
