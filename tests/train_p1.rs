@@ -666,3 +666,60 @@ fn wake_row_gradient_matches_finite_differences_tied() {
 fn wake_row_gradient_matches_finite_differences_untied() {
     end_to_end_gradient("tiny-llama");
 }
+
+#[test]
+fn early_stopping_state_survives_a_resume() {
+    let t = Temp::new("early-stop");
+    if setup(&t.0, "tiny-llama", 300, 100, 30_000).is_none() {
+        return;
+    }
+    // A learning rate this large makes the validation loss rise from the first update, so
+    // patience 2 stops the run at the second evaluation after step 0.
+    let args = |out: &str| {
+        let mut a = train_args(&t.0, out);
+        a.extend(
+            [
+                "--seq-len",
+                "32",
+                "--grad-accum",
+                "1",
+                "--lr",
+                "3.0",
+                "--warmup-steps",
+                "1",
+                "--eval-every",
+                "5",
+                "--save-every",
+                "5",
+                "--patience",
+                "2",
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    let out = run_ok(bin().args(args("a")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("early stop at step 10"), "{stderr}");
+    // Resume a copy from step 5, where one bad evaluation is already counted: it must stop at
+    // the same step with the same log (a reset counter would run on).
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(t.0.join("a/checkpoints/step-5/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["early"]["bad_evals"], 1);
+    let b = t.0.join("b");
+    std::fs::create_dir_all(b.join("checkpoints")).unwrap();
+    for f in ["run.toml", "log.jsonl"] {
+        std::fs::copy(t.0.join("a").join(f), b.join(f)).unwrap();
+    }
+    let src = t.0.join("a/checkpoints/step-5");
+    std::fs::create_dir_all(b.join("checkpoints/step-5")).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(e.path(), b.join("checkpoints/step-5").join(e.file_name())).unwrap();
+    }
+    let out = run_ok(bin().args(["train", "--resume", b.to_str().unwrap(), "--quiet"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("early stop at step 10"), "{stderr}");
+    assert_same_log(&t.0.join("a"), &b);
+}
