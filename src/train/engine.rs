@@ -353,7 +353,7 @@ impl Trainer {
         }
         let mut outcome = None;
         if self.state.needs_eval {
-            outcome = self.after_step(true, &bar, elapsed_before, session_start)?;
+            outcome = self.after_step(&bar, elapsed_before, session_start)?;
         }
         while outcome.is_none() && self.state.step < self.config.steps {
             if INTERRUPTED.load(Ordering::SeqCst) {
@@ -394,7 +394,7 @@ impl Trainer {
                 && self.state.step.is_multiple_of(self.config.eval_every)
                 || self.state.step == self.config.steps;
             self.state.needs_eval = eval_due;
-            outcome = self.after_step(false, &bar, elapsed_before, session_start)?;
+            outcome = self.after_step(&bar, elapsed_before, session_start)?;
         }
         bar.finish_and_clear();
         let outcome = outcome.unwrap_or(Outcome::Finished {
@@ -406,7 +406,6 @@ impl Trainer {
     /// Evaluation, early stopping, snapshot and checkpoint after a step (or at step 0).
     fn after_step(
         &mut self,
-        resumed: bool,
         bar: &indicatif::ProgressBar,
         elapsed_before: f64,
         session_start: Instant,
@@ -463,7 +462,6 @@ impl Trainer {
                 stop_early = self.config.patience > 0 && early.bad_evals >= self.config.patience;
             }
         }
-        let _ = resumed;
         self.state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
         let every = |n: u64| n > 0 && step > 0 && step.is_multiple_of(n);
         if every(self.config.snapshot_every) {
