@@ -421,10 +421,12 @@ impl Llama {
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
         let x = (x + project(&b.o, &attn)?)?;
         let h = norm(&x, &b.post_attention_norm)?;
-        let mlp = project(
-            &b.down,
-            &(project(&b.gate, &h)?.silu()? * project(&b.up, &h)?)?,
-        )?;
+        let (gate, up) = (project(&b.gate, &h)?, project(&b.up, &h)?);
+        let act = match mode {
+            Mode::Inference => (gate.silu()? * up)?,
+            Mode::Train(_) => crate::train::ops::swiglu(&gate, &up)?,
+        };
+        let mlp = project(&b.down, &act)?;
         Ok((x + mlp)?)
     }
 }
