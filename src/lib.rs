@@ -17,4 +17,5 @@ pub mod report;
 pub mod sampling;
 pub mod score;
 pub mod text_metrics;
+pub mod train;
 pub mod vocab;

@@ -5,6 +5,7 @@
 
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::Weights;
+use crate::train::ops::{FrozenLinear, WakeHeadLoss};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -177,7 +178,23 @@ impl Llama {
 
     /// Final hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`, continuing after the
     /// positions held in `cache` (pass `None` for a stateless whole-sequence pass).
-    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_states_with(ids, cache, Mode::Inference)
+    }
+
+    /// Final hidden states for training: every weight frozen (backward computes input gradients
+    /// only, DESIGN.md §2), except the Wake rows of the embedding when `wake` is given, which are
+    /// read from its trainable block.
+    pub fn hidden_states_train(&self, ids: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
+        self.hidden_states_with(ids, None, Mode::Train(wake))
+    }
+
+    fn hidden_states_with(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode<'_>,
+    ) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + seq > self.max_positions() {
@@ -190,19 +207,142 @@ impl Llama {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.blocks.len(), None);
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?;
+        let flat = ids.flatten_all()?;
+        let mut x = match mode {
+            Mode::Train(Some(wake)) => self.embed_with_wake(&flat, wake)?,
+            _ => self.embed.index_select(&flat, 0)?,
+        }
+        .reshape((batch, seq, self.config.hidden_size))?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
         let mask = causal_mask(seq, offset, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache)?;
+            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache, mode)?;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        match mode {
+            Mode::Inference => rms_norm(&x, &self.norm, self.config.rms_norm_eps),
+            Mode::Train(_) => {
+                crate::train::ops::rms_norm_frozen(&x, &self.norm, self.config.rms_norm_eps)
+            }
+        }
+    }
+
+    /// Embedding lookup where Wake ids read the trainable block and every other id the frozen
+    /// matrix: `base[id]·(1 − m) + wake[id − start]·m`, `m` = 1 on Wake positions. Only the Wake
+    /// block is in the graph, so only it receives a gradient.
+    fn embed_with_wake(&self, ids: &Tensor, wake: &WakeRows) -> Result<Tensor> {
+        let ids_v: Vec<u32> = ids.to_vec1()?;
+        let (start, count) = (wake.start as u32, wake.count() as u32);
+        let is_wake = |&id: &u32| id >= start && id < start + count;
+        let base_ids: Vec<u32> = ids_v
+            .iter()
+            .map(|id| if is_wake(id) { 0 } else { *id })
+            .collect();
+        let wake_ids: Vec<u32> = ids_v
+            .iter()
+            .map(|id| if is_wake(id) { id - start } else { 0 })
+            .collect();
+        let m: Vec<f32> = ids_v.iter().map(|id| f32::from(is_wake(id))).collect();
+        let device = ids.device();
+        let n = ids_v.len();
+        let base = self
+            .embed
+            .index_select(&Tensor::from_vec(base_ids, n, device)?, 0)?;
+        if !ids_v.iter().any(is_wake) {
+            return Ok(base);
+        }
+        let m = Tensor::from_vec(m, (n, 1), device)?;
+        let rows = match &wake.sink {
+            None => wake
+                .embed
+                .index_select(&Tensor::from_vec(wake_ids, n, device)?, 0)?,
+            Some(sink) => {
+                // Only the rows this batch reads become a (small) leaf variable; the engine adds
+                // its gradient into the sink's rows after the backward pass.
+                let wanted: Vec<u32> = ids_v
+                    .iter()
+                    .filter(|id| is_wake(id))
+                    .map(|id| id - start)
+                    .collect();
+                let leaf = candle_core::Var::from_tensor(
+                    &wake
+                        .embed
+                        .detach()
+                        .index_select(&Tensor::new(wanted.as_slice(), device)?, 0)?,
+                )?;
+                let mut k = 0u32;
+                let position: Vec<u32> = ids_v
+                    .iter()
+                    .map(|id| {
+                        let here = k.min(wanted.len() as u32 - 1);
+                        if is_wake(id) {
+                            k += 1;
+                        }
+                        here
+                    })
+                    .collect();
+                let rows = leaf
+                    .as_tensor()
+                    .index_select(&Tensor::from_vec(position, n, device)?, 0)?;
+                *sink.inputs.lock().expect("gradient sink") = Some((wanted, leaf));
+                rows
+            }
+        };
+        Ok((base.broadcast_mul(&(1.0 - &m)?)? + rows.broadcast_mul(&m)?)?)
+    }
+
+    /// Per-row next-token loss `[rows]` of final hidden states `[rows, hidden]` against
+    /// `targets` for training: the head and the cross-entropy fused ([`WakeHeadLoss`]) when
+    /// `wake` is given, else the frozen head and the fused cross-entropy.
+    pub fn head_loss_train(
+        &self,
+        h: &Tensor,
+        targets: &[u32],
+        wake: Option<&WakeRows>,
+    ) -> Result<Tensor> {
+        let Some(wake) = wake else {
+            let logits = FrozenLinear::new(self.head(), None)?.forward(h)?;
+            return crate::train::ops::cross_entropy(&logits, targets);
+        };
+        let trainable = match (&self.lm_head, &wake.head) {
+            (None, _) => &wake.embed,
+            (Some(_), Some(t)) => t,
+            (Some(_), None) => {
+                bail!("the head is untied but no trainable Wake head rows were given")
+            }
+        };
+        let sink = wake.sink.as_ref().map(|s| match &self.lm_head {
+            None => s.embed.clone(),
+            Some(_) => s.head.clone().unwrap_or_else(|| s.embed.clone()),
+        });
+        WakeHeadLoss::forward(self.head(), wake.start, trainable, h, targets, sink)
+    }
+
+    /// Training logits `[rows, vocab]` for final hidden states `[rows, hidden]`: the frozen head
+    /// rows through [`FrozenLinear`], the Wake rows (when `wake` is given) from the trainable
+    /// block: the embedding block when the head is tied, the head block when it is not.
+    pub fn logits_train(&self, h: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
+        let head = self.head();
+        let Some(wake) = wake else {
+            return FrozenLinear::new(head, None)?.forward(h);
+        };
+        let rows = head.dim(0)?;
+        let (start, count) = (wake.start, wake.count());
+        let trainable = match (&self.lm_head, &wake.head) {
+            (None, _) => &wake.embed,
+            (Some(_), Some(t)) => t,
+            (Some(_), None) => {
+                bail!("the head is untied but no trainable Wake head rows were given")
+            }
+        };
+        let mut parts = vec![FrozenLinear::new(&head.narrow(0, 0, start)?, None)?.forward(h)?];
+        parts.push(h.matmul(&trainable.t()?)?);
+        if start + count < rows {
+            let tail = head.narrow(0, start + count, rows - start - count)?;
+            parts.push(FrozenLinear::new(&tail, None)?.forward(h)?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]`.
@@ -215,6 +355,7 @@ impl Llama {
         .forward(&h)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         b: &Block,
@@ -223,18 +364,37 @@ impl Llama {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mode: Mode<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
+        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            match mode {
+                Mode::Inference => rms_norm(x, w, c.rms_norm_eps),
+                Mode::Train(_) => crate::train::ops::rms_norm_frozen(x, w, c.rms_norm_eps),
+            }
+        };
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            match mode {
+                Mode::Inference => rope(x, cos, sin),
+                Mode::Train(_) => crate::train::ops::rope_fused(x, cos, sin),
+            }
+        };
+        let project = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+            match mode {
+                Mode::Inference => l.forward(x),
+                Mode::Train(_) => FrozenLinear::new(&l.weight, l.bias.as_ref())?.forward(x),
+            }
+        };
         let (batch, seq, _) = x.dims3()?;
-        let h = rms_norm(x, &b.input_norm, c.rms_norm_eps)?;
+        let h = norm(x, &b.input_norm)?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, n, c.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope(&heads(b.q.forward(&h)?, c.num_heads)?, cos, sin)?;
-        let mut k = rope(&heads(b.k.forward(&h)?, c.num_kv_heads)?, cos, sin)?;
-        let mut v = heads(b.v.forward(&h)?, c.num_kv_heads)?;
+        let q = rotate(&heads(project(&b.q, &h)?, c.num_heads)?)?;
+        let mut k = rotate(&heads(project(&b.k, &h)?, c.num_kv_heads)?)?;
+        let mut v = heads(project(&b.v, &h)?, c.num_kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -242,27 +402,117 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let rep = c.num_heads / c.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (c.head_dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let attn = match mode {
+            // Training never uses the cache: one whole causal sequence.
+            Mode::Train(_) => crate::train::ops::causal_attention(&q, &k, &v)?,
+            Mode::Inference => {
+                let rep = c.num_heads / c.num_kv_heads;
+                let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+                let scores = (q.matmul(&k.t()?)? * (1.0 / (c.head_dim as f64).sqrt()))?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                softmax_last_dim(&scores)?.matmul(&v)?
+            }
         };
-        let attn = softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
-        let x = (x + b.o.forward(&attn)?)?;
-        let h = rms_norm(&x, &b.post_attention_norm, c.rms_norm_eps)?;
-        let mlp = b
-            .down
-            .forward(&(b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?)?;
+        let x = (x + project(&b.o, &attn)?)?;
+        let h = norm(&x, &b.post_attention_norm)?;
+        let (gate, up) = (project(&b.gate, &h)?, project(&b.up, &h)?);
+        let act = match mode {
+            Mode::Inference => (gate.silu()? * up)?,
+            Mode::Train(_) => crate::train::ops::swiglu(&gate, &up)?,
+        };
+        let mlp = project(&b.down, &act)?;
         Ok((x + mlp)?)
     }
 }
 
 use std::path::Path;
+
+/// How a forward pass treats the weights.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Plain matmuls (generation, scoring).
+    Inference,
+    /// Frozen projections that give their weights no gradient, and optionally trainable Wake rows.
+    Train(Option<&'a WakeRows>),
+}
+
+/// The trainable Wake rows of Phase 1: rows `start .. start + count` of the embedding matrix
+/// (and of the head) are read from these blocks instead of the frozen matrix.
+#[derive(Debug, Clone)]
+pub struct WakeRows {
+    /// First Wake row (`wake_start` of wake2vec.json).
+    pub start: usize,
+    /// The embedding's Wake rows `[count, hidden]`; also the head's when it is tied.
+    pub embed: Tensor,
+    /// The untied head's Wake rows `[count, hidden]`.
+    pub head: Option<Tensor>,
+    /// Where the Wake rows' gradients go; `None`: to candle's gradient store, for `embed` and
+    /// `head` as variables.
+    pub sink: Option<GradSink>,
+}
+
+/// The Wake rows a forward pass read as inputs: their row indices and the leaf variable that
+/// held them.
+pub type InputRows = (Vec<u32>, candle_core::Var);
+
+/// Phase 1's fast gradient path: the Wake rows' gradients are accumulated straight into these
+/// buffers instead of going through candle's gradient store, which would allocate, zero and add
+/// several `[count, hidden]` tensors per micro-batch (45K × 576 floats each).
+#[derive(Debug, Clone)]
+pub struct GradSink {
+    /// Gradient of the embedding's Wake block (and of the tied head's), `count × hidden`.
+    pub embed: std::sync::Arc<std::sync::Mutex<Vec<f32>>>,
+    /// Gradient of the untied head's Wake block.
+    pub head: Option<std::sync::Arc<std::sync::Mutex<Vec<f32>>>>,
+    /// The Wake rows the last forward pass read as inputs (row indices) and the leaf variable
+    /// that held them; [`GradSink::collect_inputs`] adds its gradient into `embed`.
+    pub inputs: std::sync::Arc<std::sync::Mutex<Option<InputRows>>>,
+}
+
+impl GradSink {
+    /// Zeroed buffers for `count × hidden` blocks (and a head block when untied).
+    pub fn new(count: usize, hidden: usize, untied: bool) -> Self {
+        let buf = || std::sync::Arc::new(std::sync::Mutex::new(vec![0f32; count * hidden]));
+        Self {
+            embed: buf(),
+            head: untied.then(buf),
+            inputs: Default::default(),
+        }
+    }
+
+    /// After a backward pass: adds the input rows' gradients into `embed`.
+    pub fn collect_inputs(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let Some((rows, leaf)) = self.inputs.lock().expect("gradient sink").take() else {
+            return Ok(());
+        };
+        let Some(g) = grads.get(leaf.as_tensor()) else {
+            return Ok(());
+        };
+        let hidden = leaf.dim(1)?;
+        let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let mut embed = self.embed.lock().expect("gradient sink");
+        for (i, &r) in rows.iter().enumerate() {
+            let dst = &mut embed[r as usize * hidden..(r as usize + 1) * hidden];
+            dst.iter_mut()
+                .zip(&g[i * hidden..(i + 1) * hidden])
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+}
+
+impl WakeRows {
+    /// How many Wake rows there are.
+    pub fn count(&self) -> usize {
+        self.embed.dim(0).unwrap_or(0)
+    }
+}
 
 /// RMSNorm composed from differentiable ops: `x / sqrt(mean(x²) + eps) · w`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

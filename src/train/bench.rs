@@ -1,0 +1,283 @@
+//! `wake2vec bench train --phase 1`: one Phase-1 optimizer step (batch 1, accumulation 1)
+//! timed and its peak memory read, against a baseline measured in the same process: the plain
+//! candle forward+backward (candle's matmul, which also computes the frozen weights'
+//! gradients, the embedding as one matrix with the Wake block joined by `cat`, and a composed
+//! cross-entropy).
+
+use super::engine::{apply_update, batch_loss, wake_params, wake_rows_of, zero_grads, WakeLayout};
+use super::optim::{Optimizer, OptimizerConfig};
+use crate::bench::peak_rss_mib;
+use crate::model::{Llama, LoadedModel};
+use crate::sampling::Rng;
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use std::path::Path;
+use std::time::Instant;
+
+/// Text for the benchmark block (the Wake's opening, public domain).
+const TEXT: &str =
+    "riverrun, past Eve and Adam's, from swerve of shore to bend of bay, brings us by a \
+commodius vicus of recirculation back to Howth Castle and Environs. Sir Tristram, violer d'amores, \
+fr'over the short sea, had passencore rearrived from North Armorica on this side the scraggy \
+isthmus of Europe Minor to wielderfight his penisolate war: nor had topsawyer's rocks by the \
+stream Oconee exaggerated themselse to Laurens County's gorgios while they went doublin their \
+mumper all the time: nor avoice from afire bellowsed mishe mishe to tauftauf thuartpeatrick: not \
+yet, though venissoon after, had a kidscad buttended a bland old isaac: not yet, though all's fair \
+in vanessy, were sosie sesthers wroth with twone nathandjoe. ";
+
+/// Appends `count` Wake rows on a sphere of 1.5 × the base rows' RMS radius (the reference's
+/// spherical init) to a tied or untied model.
+fn append_synthetic_rows(model: &mut Llama, count: usize, seed: u64) -> Result<WakeLayout> {
+    let (rows, hidden) = model.embed.dims2()?;
+    let base: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
+    let mean = base.iter().map(|&x| x as f64).sum::<f64>() / base.len() as f64;
+    let var =
+        base.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (base.len() - 1) as f64;
+    let radius = 1.5 * var.sqrt() * (hidden as f64).sqrt();
+    let mut rng = Rng::new(seed);
+    let mut normal = || {
+        let (u, v) = (rng.next_f64().max(1e-300), rng.next_f64());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    };
+    let mut new = Vec::with_capacity(count * hidden);
+    for _ in 0..count {
+        let row: Vec<f64> = (0..hidden).map(|_| normal()).collect();
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        new.extend(row.iter().map(|x| (x / norm * radius) as f32));
+    }
+    let new = Tensor::from_vec(new, (count, hidden), model.embed.device())?;
+    model.embed = Tensor::cat(&[&model.embed, &new], 0)?;
+    if let Some(head) = &model.lm_head {
+        model.lm_head = Some(Tensor::cat(&[head, &new], 0)?);
+    }
+    model.config.vocab_size = rows + count;
+    Ok(WakeLayout {
+        base_vocab: rows,
+        wake_start: rows,
+        wake_count: count,
+    })
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Floating-point operations of one Phase-1 step on a block of `t` tokens: the projections
+/// forward and their input gradients, attention (four products forward and backward per head),
+/// the head forward and its input gradient, and the Wake rows' gradient.
+fn step_flops(model: &Llama, wake_count: usize, t: usize) -> f64 {
+    let c = &model.config;
+    let per_layer: usize = model.blocks.first().map_or(0, |b| {
+        [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+            .iter()
+            .map(|l| l.weight.elem_count())
+            .sum()
+    });
+    let (t, d) = (t as f64, c.hidden_size as f64);
+    let projections = 2.0 * 2.0 * t * (per_layer * c.num_layers) as f64;
+    let attention =
+        (2.0 + 4.0) * 2.0 * t * t * c.head_dim as f64 * (c.num_heads * c.num_layers) as f64;
+    let vocab = model.embed.dim(0).unwrap_or(0) as f64;
+    let head = 2.0 * 2.0 * (t - 1.0) * vocab * d + 2.0 * (t - 1.0) * wake_count as f64 * d;
+    projections + attention + head
+}
+
+/// The best rate of one large product of the step's shape (`t × hidden` by `hidden × 49152`),
+/// in FLOP/s, measured now: the ceiling the step's products can reach on this machine.
+fn gemm_rate(t: usize, hidden: usize) -> f64 {
+    let n = 49_152;
+    let a = vec![0.5f32; t * hidden];
+    let b = vec![0.25f32; hidden * n];
+    let mut c = vec![0f32; t * n];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        super::ops::gemm_f32(t, n, hidden, &mut c, &a, (hidden, 1), &b, (1, hidden));
+        best = best.max(2.0 * (t * n * hidden) as f64 / start.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    best
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Resets the peak-RSS counter of this process (Linux `clear_refs` 5); false where unsupported.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Runs the benchmark and prints the table.
+pub fn phase1(
+    dir: &Path,
+    wake_rows: usize,
+    seq_len: usize,
+    repeats: usize,
+    baseline: bool,
+) -> Result<()> {
+    let LoadedModel {
+        mut model,
+        tokenizer,
+    } = LoadedModel::load(dir)?;
+    let wake = match WakeLayout::read(dir) {
+        Ok(w) => w,
+        Err(_) => append_synthetic_rows(&mut model, wake_rows, 42)?,
+    };
+    // One block: the text's tokens, every 8th replaced by a Wake id so that both the embedding
+    // lookup and the head exercise the Wake rows.
+    let enc = tokenizer
+        .encode(TEXT.repeat(1 + seq_len / 100), false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the benchmark text: {e}"))?;
+    anyhow::ensure!(enc.get_ids().len() >= seq_len, "benchmark text too short");
+    let block: Vec<u32> = enc.get_ids()[..seq_len]
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if i % 8 == 3 {
+                (wake.wake_start + (i * 7919) % wake.wake_count) as u32
+            } else {
+                id
+            }
+        })
+        .collect();
+    let rows = model.embed.dim(0)?;
+    println!(
+        "phase 1 step: {} layers, hidden {}, vocab {rows} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
+        model.config.num_layers,
+        model.config.hidden_size,
+        wake.wake_count,
+        rayon::current_num_threads()
+    );
+    let load_peak = peak_rss_mib();
+    let reset = reset_peak_rss();
+
+    // wake2vec: frozen-weight projections, trainable Wake block, fused Adafactor.
+    let mut params = wake_params(&model, &wake)?;
+    let mut optimizer = Optimizer::new(OptimizerConfig::default())?;
+    let (mut fwd, mut bwd, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![], vec![]);
+    for r in 0..=repeats.max(1) {
+        let wake_rows = wake_rows_of(wake.wake_start, &params);
+        zero_grads(&params);
+        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let loss = batch_loss(&model, &[&block], Some(&wake_rows))?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        if let Some(sink) = &wake_rows.sink {
+            sink.collect_inputs(&grads)?;
+        }
+        drop(grads);
+        apply_update(&mut params, &mut optimizer, 3e-4, 1.0)?;
+        let t3 = Instant::now();
+        if r > 0 {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            opt.push((t3 - t2).as_secs_f64());
+            total.push((t3 - t0).as_secs_f64());
+            cpu.push(cpu_seconds() - c0);
+        }
+    }
+    let ours_peak = peak_rss_mib();
+    let step = median(total.clone());
+    println!(
+        "wake2vec step:      {step:.3} s (median of {repeats}; forward {:.3}, backward {:.3}, clip+Adafactor {:.3}) = {:.0} tokens/s",
+        median(fwd.clone()),
+        median(bwd.clone()),
+        median(opt),
+        seq_len as f64 / step
+    );
+    println!(
+        "peak memory:        {ours_peak:.0} MiB{}",
+        if reset {
+            format!(" (process peak; {load_peak:.0} MiB while loading the model)")
+        } else {
+            " (process peak, including loading)".into()
+        }
+    );
+    let ours_fb = median(fwd.iter().zip(&bwd).map(|(a, b)| a + b).collect());
+    let rate = gemm_rate(seq_len, model.config.hidden_size);
+    let flops = step_flops(&model, wake.wake_count, seq_len);
+    println!(
+        "CPU time:           {:.3} s per step ({} threads); load average now {}",
+        median(cpu),
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().next().unwrap_or("?").to_string())
+            .unwrap_or_else(|_| "?".into())
+    );
+    println!(
+        "products:           {:.0} GFLOP per step; a {seq_len}x{}x49152 product runs at {:.0} GFLOP/s now, so the step cannot beat {:.3} s here -> the step is {:.2}x that floor",
+        flops / 1e9,
+        model.config.hidden_size,
+        rate / 1e9,
+        flops / rate,
+        step / (flops / rate)
+    );
+    if baseline {
+        drop(params);
+        reset_peak_rss();
+        let (base_fb, base_peak) = plain_candle(&model, &wake, &block, repeats)?;
+        println!(
+            "plain candle:       forward+backward {base_fb:.3} s, peak {base_peak:.0} MiB -> wake2vec forward+backward {ours_fb:.3} s is {:.2}x faster",
+            base_fb / ours_fb
+        );
+    }
+    println!(
+        "reference (PyTorch 2.15 + transformers on this machine kind, DESIGN.md §4): 2.06-2.30 s per step, 1.70 s forward+backward, ~3.8 GB"
+    );
+    Ok(())
+}
+
+/// The baseline: the inference forward (candle matmuls) on an embedding that joins the frozen
+/// rows and the Wake block with `cat`, and a composed log-softmax cross-entropy. Returns the
+/// median forward+backward seconds and the peak memory.
+fn plain_candle(
+    model: &Llama,
+    wake: &WakeLayout,
+    block: &[u32],
+    repeats: usize,
+) -> Result<(f64, f64)> {
+    let var = candle_core::Var::from_tensor(
+        &model
+            .embed
+            .narrow(0, wake.wake_start, wake.wake_count)?
+            .contiguous()?,
+    )?;
+    let mut times = vec![];
+    for r in 0..=repeats.max(1) {
+        let t0 = Instant::now();
+        let rows = model.embed.dim(0)?;
+        let mut parts = vec![
+            model.embed.narrow(0, 0, wake.wake_start)?,
+            var.as_tensor().clone(),
+        ];
+        let end = wake.wake_start + wake.wake_count;
+        if end < rows {
+            parts.push(model.embed.narrow(0, end, rows - end)?);
+        }
+        let mut m = model.clone();
+        m.embed = Tensor::cat(&parts, 0)?;
+        let t = block.len();
+        let input = Tensor::new(&block[..t - 1], model.embed.device())?.unsqueeze(0)?;
+        let logits = m.forward(&input, None)?.squeeze(0)?;
+        let targets = Tensor::new(&block[1..], model.embed.device())?.unsqueeze(1)?;
+        let picked = logits.gather(&targets, 1)?.squeeze(1)?;
+        let loss = (logits.log_sum_exp(D::Minus1)? - picked)?.mean_all()?;
+        let grads = loss.backward()?;
+        anyhow::ensure!(
+            grads.get(var.as_tensor()).is_some(),
+            "baseline lost its gradient"
+        );
+        if r > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok((median(times), peak_rss_mib()))
+}

@@ -1,0 +1,290 @@
+//! The configuration of a training run: defaults (the seed's Phase 1), then a TOML file, then
+//! command-line overrides (`key=value`, dotted keys for tables). The resolved value is written to
+//! `RUN/run.toml` with every default spelled out, and read back on resume.
+
+use super::optim::OptimizerConfig;
+use super::schedule::ScheduleKind;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which training phase: what trains and what stays frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Only the Wake rows of the embedding (and of an untied head) train.
+    P1,
+}
+
+impl Phase {
+    /// The name used in logs and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::P1 => "p1",
+        }
+    }
+}
+
+/// Every setting of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub phase: Phase,
+    /// The model directory (HF layout with wake2vec.json).
+    pub model: PathBuf,
+    /// The training text.
+    pub corpus: PathBuf,
+    /// A lexicon file whose text is appended to the corpus (`corpus + "\n" + lexicon`), as some
+    /// original runs did; empty for none.
+    pub append_lexicon: PathBuf,
+    /// Tokens per block.
+    pub seq_len: usize,
+    /// Fraction of blocks that train; the rest validate.
+    pub split: f64,
+    /// Seeds the split and the per-epoch order.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Blocks per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub schedule: ScheduleKind,
+    /// Warmup as a fraction of `steps` (rounded up), unless `warmup_steps > 0`.
+    pub warmup_ratio: f64,
+    pub warmup_steps: u64,
+    /// Gradient-norm clipping; 0 disables it.
+    pub max_grad_norm: f64,
+    /// Evaluate every N optimizer steps (and at step 0 and at the end); 0 only at the ends.
+    pub eval_every: u64,
+    /// Validation blocks per evaluation (the first N of the validation set); 0 for all.
+    pub eval_blocks: usize,
+    /// Checkpoint every N steps (and at the end); 0 only at the end.
+    pub save_every: u64,
+    /// Checkpoints kept besides the best one.
+    pub keep_last: usize,
+    /// Keep the checkpoint of the best validation loss (saving one at each new best).
+    pub keep_best: bool,
+    /// Save the Wake rows every N steps (and at step 0); 0 disables snapshots.
+    pub snapshot_every: u64,
+    /// Stop after this many evaluations without an improvement of more than `min_delta`; 0 off.
+    pub patience: u64,
+    pub min_delta: f64,
+    pub optimizer: OptimizerConfig,
+}
+
+impl Default for TrainConfig {
+    /// The seed's Phase 1 (original-system.md §3.3, TinyLlama P1 as run).
+    fn default() -> Self {
+        Self {
+            phase: Phase::P1,
+            model: PathBuf::new(),
+            corpus: PathBuf::new(),
+            append_lexicon: PathBuf::new(),
+            seq_len: 256,
+            split: 0.9,
+            seed: 42,
+            steps: 3000,
+            batch_size: 1,
+            grad_accum: 16,
+            lr: 3e-4,
+            schedule: ScheduleKind::Linear,
+            warmup_ratio: 0.1,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            eval_every: 100,
+            eval_blocks: 0,
+            save_every: 100,
+            keep_last: 3,
+            keep_best: true,
+            snapshot_every: 50,
+            patience: 0,
+            min_delta: 0.0,
+            optimizer: OptimizerConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Defaults, overlaid with `file` (TOML) if given, then with `overrides` (`key=value`).
+    pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut table = toml::Table::try_from(Self::default())?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
+            let user: toml::Table = text
+                .parse()
+                .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            merge(&mut table, user);
+        }
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("invalid training configuration: {e}"))?;
+        Ok(config)
+    }
+
+    /// Reads a resolved `run.toml`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{} is not a valid run.toml", path.display()))
+    }
+
+    /// The TOML text of the resolved configuration.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
+    /// Checks that the values make sense together.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.model.as_os_str().is_empty(),
+            "no model: pass --model DIR (an injected model directory)"
+        );
+        ensure!(
+            !self.corpus.as_os_str().is_empty(),
+            "no corpus: pass --corpus FILE"
+        );
+        ensure!(
+            self.seq_len >= 2,
+            "seq_len must be at least 2, got {}",
+            self.seq_len
+        );
+        ensure!(
+            self.split > 0.0 && self.split < 1.0,
+            "split must be in (0, 1), got {}",
+            self.split
+        );
+        ensure!(self.steps >= 1, "steps must be at least 1");
+        ensure!(self.batch_size >= 1, "batch_size must be at least 1");
+        ensure!(self.grad_accum >= 1, "grad_accum must be at least 1");
+        ensure!(
+            self.lr.is_finite() && self.lr >= 0.0,
+            "lr must be a finite number >= 0, got {}",
+            self.lr
+        );
+        ensure!(
+            self.max_grad_norm >= 0.0,
+            "max_grad_norm must be >= 0 (0 disables clipping)"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.warmup_ratio),
+            "warmup_ratio must be in [0, 1], got {}",
+            self.warmup_ratio
+        );
+        self.optimizer.validate()
+    }
+
+    /// Warmup steps as HF resolves them.
+    pub fn warmup(&self) -> u64 {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * self.steps as f64).ceil() as u64
+        }
+    }
+}
+
+/// Overlays `user` onto `base`, table by table.
+fn merge(base: &mut toml::Table, user: toml::Table) {
+    for (k, v) in user {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) if k != "optimizer" => merge(b, u),
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => {
+                // A different optimizer replaces the table (its fields differ); the same one
+                // overlays it.
+                if u.get("name").is_some() && u.get("name") != b.get("name") {
+                    *b = u;
+                } else {
+                    merge(b, u);
+                }
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Applies one `key=value` override; `value` is read as TOML (`3e-4`, `true`, `"cosine"`), or as
+/// a string when it is not valid TOML (`schedule=cosine`).
+pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
+    let Some((key, value)) = o.split_once('=') else {
+        bail!("override '{o}' is not key=value (e.g. --set lr=5e-4)");
+    };
+    let value: toml::Value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let path: Vec<&str> = key.trim().split('.').collect();
+    let mut user = toml::Table::new();
+    let mut cur = &mut user;
+    for (i, part) in path.iter().enumerate() {
+        if i + 1 == path.len() {
+            cur.insert(part.to_string(), value.clone());
+        } else {
+            cur = cur
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("just inserted a table");
+        }
+    }
+    merge(table, user);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::AdafactorConfig;
+
+    #[test]
+    fn defaults_are_the_seeds_phase_1_and_round_trip() {
+        let c = TrainConfig::default();
+        assert_eq!(c.warmup(), 300);
+        assert_eq!(
+            c.optimizer,
+            OptimizerConfig::Adafactor(AdafactorConfig::default())
+        );
+        let back: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = std::env::temp_dir().join(format!("w2v-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(
+            &f,
+            "lr = 1e-3\nsteps = 50\n[optimizer]\nname = \"adamw\"\nweight_decay = 0.01\n",
+        )
+        .unwrap();
+        let c = TrainConfig::resolve(
+            Some(&f),
+            &[
+                "steps=60".into(),
+                "schedule=cosine".into(),
+                "optimizer.beta2=0.99".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.lr, c.steps, c.schedule),
+            (1e-3, 60, ScheduleKind::Cosine)
+        );
+        match c.optimizer {
+            OptimizerConfig::Adamw(a) => assert_eq!((a.weight_decay, a.beta2), (0.01, 0.99)),
+            other => panic!("expected adamw, got {other:?}"),
+        }
+        let err = TrainConfig::resolve(None, &["learning_rate=1".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
