@@ -12,33 +12,47 @@ use rayon::prelude::*;
 
 /// `XᵀX` of a row-major `rows × cols` matrix (f64 in, f64 out), via gemm.
 pub fn gram_t(x: &[f64], rows: usize, cols: usize) -> Result<Vec<f64>> {
+    let mut xt = vec![0f64; rows * cols];
+    transpose_into(x, rows, cols, &mut xt);
     let mut acc = vec![0f64; cols * cols];
-    add_gram_sym(x, rows, cols, &mut acc)?;
+    add_gram_sym(&xt, cols, rows, &mut acc)?;
     Ok(acc)
 }
 
-/// Adds `XᵀX` of the row-major `rows × cols` block `x` into `acc` (`cols × cols`). The product
-/// is symmetric, so only the column-block pairs `a ≤ b` go through gemm and are mirrored: with
-/// 4 column blocks that is 10 of 16 block products.
-pub fn add_gram_sym(x: &[f64], rows: usize, cols: usize, acc: &mut [f64]) -> Result<()> {
-    let nb = match cols {
+/// Writes `x[r][c]` to `xt[c][r]` (`x` row-major `rows × cols`), in cache-sized tiles.
+fn transpose_into(x: &[f64], rows: usize, cols: usize, xt: &mut [f64]) {
+    const TILE: usize = 64;
+    xt.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(cb, out)| {
+            let c0 = cb * TILE;
+            let c1 = (c0 + TILE).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let row = &x[r * cols..(r + 1) * cols];
+                    for c in c0..c1 {
+                        out[(c - c0) * rows + r] = row[c];
+                    }
+                }
+            }
+        });
+}
+
+/// Adds `X Xᵀ` of the row-major `n × k` matrix `x` into `acc` (`n × n`); called with
+/// `x = Yᵀ` it adds `YᵀY`. The product is symmetric, so only the row-block pairs `a ≤ b` go
+/// through gemm (as `A Bᵀ`, the layout gemm runs fastest) and are mirrored: with 4 blocks that
+/// is 10 of 16 block products.
+pub fn add_gram_sym(x: &[f64], n: usize, k: usize, acc: &mut [f64]) -> Result<()> {
+    let nb = match n {
         c if c >= 256 => 4,
         c if c >= 64 => 2,
         _ => 1,
     };
-    let bw = cols.div_ceil(nb);
+    let bw = n.div_ceil(nb);
     let blocks = (0..nb)
         .map(|b| {
-            let (lo, hi) = (b * bw, ((b + 1) * bw).min(cols));
-            let t = if nb == 1 {
-                Tensor::from_slice(x, (rows, cols), &Device::Cpu)?
-            } else {
-                let mut v = Vec::with_capacity(rows * (hi - lo));
-                for r in x.chunks_exact(cols) {
-                    v.extend_from_slice(&r[lo..hi]);
-                }
-                Tensor::from_vec(v, (rows, hi - lo), &Device::Cpu)?
-            };
+            let (lo, hi) = (b * bw, ((b + 1) * bw).min(n));
+            let t = Tensor::from_slice(&x[lo * k..hi * k], (hi - lo, k), &Device::Cpu)?;
             Ok((lo, hi, t))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -46,15 +60,15 @@ pub fn add_gram_sym(x: &[f64], rows: usize, cols: usize, acc: &mut [f64]) -> Res
         for b in a..nb {
             let (la, ha, ta) = &blocks[a];
             let (lb, hb, tb) = &blocks[b];
-            let g = ta.t()?.matmul(tb)?.flatten_all()?.to_vec1::<f64>()?;
+            let g = ta.matmul(&tb.t()?)?.flatten_all()?.to_vec1::<f64>()?;
             let (wa, wb) = (ha - la, hb - lb);
             for i in 0..wa {
                 let row = &g[i * wb..(i + 1) * wb];
-                let dst = &mut acc[(la + i) * cols + lb..(la + i) * cols + lb + wb];
+                let dst = &mut acc[(la + i) * n + lb..(la + i) * n + lb + wb];
                 dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
                 if a != b {
                     for (j, v) in row.iter().enumerate() {
-                        acc[(lb + j) * cols + la + i] += v;
+                        acc[(lb + j) * n + la + i] += v;
                     }
                 }
             }
@@ -96,22 +110,36 @@ pub fn covariance(x: &[f32], rows: usize, cols: usize) -> Result<Vec<f64>> {
     mean.iter_mut().for_each(|m| *m /= rows as f64);
     const BLOCK_ROWS: usize = 8192;
     let mut c = vec![0f64; cols * cols];
+    let mut xt = Vec::new();
     for block in x.chunks(BLOCK_ROWS * cols) {
         let n = block.len() / cols;
-        let mut centred = vec![0f64; block.len()];
-        centred
-            .par_chunks_exact_mut(cols)
-            .zip(block.par_chunks_exact(cols))
-            .for_each(|(dst, src)| {
-                for ((d, &v), m) in dst.iter_mut().zip(src).zip(&mean) {
-                    *d = v as f64 - m;
-                }
-            });
-        add_gram_sym(&centred, n, cols, &mut c)?;
+        // centred and transposed (cols × n) in one pass, so gemm runs as A Bᵀ
+        xt.resize(n * cols, 0f64);
+        transpose_centred(block, n, cols, &mean, &mut xt);
+        add_gram_sym(&xt, cols, n, &mut c)?;
     }
     let div = (rows.max(2) - 1) as f64;
     c.iter_mut().for_each(|v| *v /= div);
     Ok(c)
+}
+
+/// `xt[c][r] = x[r][c] − mean[c]` for the row-major `rows × cols` block `x`.
+fn transpose_centred(x: &[f32], rows: usize, cols: usize, mean: &[f64], xt: &mut [f64]) {
+    const TILE: usize = 64;
+    xt.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(cb, out)| {
+            let c0 = cb * TILE;
+            let c1 = (c0 + TILE).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let row = &x[r * cols..(r + 1) * cols];
+                    for c in c0..c1 {
+                        out[(c - c0) * rows + r] = row[c] as f64 - mean[c];
+                    }
+                }
+            }
+        });
 }
 
 /// Eigen-decomposition of a symmetric matrix.
