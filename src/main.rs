@@ -916,24 +916,18 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     for i in 0..args.num_samples {
         let mut out = std::io::stdout();
-        if args.json {
-            let s = generate::generate(
-                &weights,
-                &m.model,
-                &m.tokenizer,
-                &args.prompt,
-                limits,
-                &mut sampler,
-                &mut |_| {},
-            )?;
-            serde_json::to_writer(&mut out, &s)?;
-            writeln!(out)?;
-            continue;
+        if !args.json {
+            if args.num_samples > 1 {
+                writeln!(out, "--- sample {} of {} ---", i + 1, args.num_samples)?;
+            }
+            write!(out, "{}", args.prompt)?;
         }
-        if args.num_samples > 1 {
-            writeln!(out, "--- sample {} of {} ---", i + 1, args.num_samples)?;
-        }
-        write!(out, "{}", args.prompt)?;
+        let mut stream = |t: &str| {
+            if !args.json {
+                print!("{t}");
+                let _ = std::io::stdout().flush();
+            }
+        };
         let s = generate::generate(
             &weights,
             &m.model,
@@ -941,11 +935,13 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             &args.prompt,
             limits,
             &mut sampler,
-            &mut |t| {
-                print!("{t}");
-                let _ = std::io::stdout().flush();
-            },
+            &mut stream,
         )?;
+        if args.json {
+            serde_json::to_writer(&mut out, &s)?;
+            writeln!(out)?;
+            continue;
+        }
         writeln!(out)?;
         eprintln!(
             "[{} new tokens{}, {:.1} tokens/s]",
