@@ -9,6 +9,7 @@
 //! - [`checkpoint`]: atomic, checksummed checkpoints.
 //! - [`engine`]: the loop (accumulation, clipping, evaluation, early stopping, snapshots,
 //!   exact resume, Ctrl-C).
+//! - [`select`]: checkpoint selection rules between phases (`best-val`, `min-gap`, ...).
 //! - [`bench`]: `wake2vec bench train`.
 
 pub mod bench;
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod ops;
 pub mod optim;
 pub mod schedule;
+pub mod select;
 
 pub use config::{Phase, TrainConfig};
 pub use engine::{install_interrupt_handler, Outcome, Trainer, WakeLayout};
