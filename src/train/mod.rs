@@ -9,8 +9,11 @@
 //! - [`checkpoint`]: atomic, checksummed checkpoints.
 //! - [`engine`]: the loop (accumulation, clipping, evaluation, early stopping, snapshots,
 //!   exact resume, Ctrl-C).
+//! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
+//!   gradients.
 //! - [`bench`]: `wake2vec bench train`.
 
+pub mod aux;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
