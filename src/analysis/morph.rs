@@ -114,16 +114,18 @@ impl WordIndex {
     }
 }
 
-/// The vector of a word (f64), or `None` when the vocabulary cannot place it.
-pub fn word_vector(
-    e: &Embeddings,
+/// The rows whose mean is a word's vector, among rows `0..rows`: its Wake row when it is a
+/// Wake word, else the ids of `" word"` (word-start form, no special tokens) under the
+/// tokenizer; `None` when the vocabulary cannot place it. An id may repeat.
+pub fn word_ids(
+    rows: usize,
     vocab: &Vocabulary,
     index: &WordIndex,
     word: &str,
-) -> Option<Vec<f64>> {
+) -> Option<Vec<usize>> {
     if let Some(&row) = index.0.get(word) {
-        if row < e.rows {
-            return Some(e.row(row).iter().map(|&v| v as f64).collect());
+        if row < rows {
+            return Some(vec![row]);
         }
     }
     let t = vocab.tokenizer?;
@@ -132,11 +134,20 @@ pub fn word_vector(
         .get_ids()
         .iter()
         .map(|&i| i as usize)
-        .filter(|&i| i < e.rows)
+        .filter(|&i| i < rows)
         .collect();
-    if ids.is_empty() {
-        return None;
-    }
+    (!ids.is_empty()).then_some(ids)
+}
+
+/// The vector of a word (f64): the mean of its [`word_ids`] rows, or `None` when the
+/// vocabulary cannot place it.
+pub fn word_vector(
+    e: &Embeddings,
+    vocab: &Vocabulary,
+    index: &WordIndex,
+    word: &str,
+) -> Option<Vec<f64>> {
+    let ids = word_ids(e.rows, vocab, index, word)?;
     let mut v = vec![0f64; e.dim];
     for &i in &ids {
         v.iter_mut()

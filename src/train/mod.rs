@@ -10,8 +10,11 @@
 //! - [`engine`]: the loop (accumulation, clipping, evaluation, early stopping, snapshots,
 //!   exact resume, Ctrl-C).
 //! - [`select`]: checkpoint selection rules between phases (`best-val`, `min-gap`, ...).
+//! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
+//!   gradients.
 //! - [`bench`]: `wake2vec bench train`.
 
+pub mod aux;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
