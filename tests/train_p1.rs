@@ -553,7 +553,7 @@ fn end_to_end_gradient(fixture: &str) {
             head: h.cloned(),
             sink: None,
         };
-        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake))
+        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake), None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap() as f64
@@ -564,7 +564,8 @@ fn end_to_end_gradient(fixture: &str) {
         head: head.as_ref().map(|h| h.as_tensor().clone()),
         sink: None,
     };
-    let l = wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake)).unwrap();
+    let l =
+        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake), None).unwrap();
     // The training loss equals the inference forward's on the same (unchanged) weights.
     let reference: f64 = [&block, &block2]
         .iter()
@@ -587,7 +588,8 @@ fn end_to_end_gradient(fixture: &str) {
         sink: Some(sink.clone()),
         ..wake.clone()
     };
-    let lf = wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&fast)).unwrap();
+    let lf =
+        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&fast), None).unwrap();
     assert_eq!(
         lf.to_scalar::<f32>().unwrap(),
         l.to_scalar::<f32>().unwrap()

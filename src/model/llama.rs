@@ -4,9 +4,10 @@
 //! whole-sequence scoring and KV-cached generation.
 
 use super::config::{ModelConfig, RopeScaling};
+use super::lora::{LoraPass, Target};
 use super::weights::Weights;
 use crate::train::ops::{FrozenLinear, WakeHeadLoss};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 /// A projection `y = x·Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
@@ -185,8 +186,26 @@ impl Llama {
     /// Final hidden states for training: every weight frozen (backward computes input gradients
     /// only, DESIGN.md §2), except the Wake rows of the embedding when `wake` is given, which are
     /// read from its trainable block.
-    pub fn hidden_states_train(&self, ids: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
-        self.hidden_states_with(ids, None, Mode::Train(wake))
+    ///
+    /// With `lora`, each target projection adds its adapter's update
+    /// `(α/r)·(dropout(x)·Aᵀ)·Bᵀ` through differentiable candle ops, so the backward pass gives
+    /// the adapters (variables) their gradients; the dropout masks follow from
+    /// `lora.dropout_seed` alone.
+    pub fn hidden_states_train(
+        &self,
+        ids: &Tensor,
+        wake: Option<&WakeRows>,
+        lora: Option<&LoraPass<'_>>,
+    ) -> Result<Tensor> {
+        if let Some(l) = lora {
+            ensure!(
+                l.lora.num_layers() == self.blocks.len(),
+                "the LoRA adapters cover {} layers but the model has {}",
+                l.lora.num_layers(),
+                self.blocks.len()
+            );
+        }
+        self.hidden_states_with(ids, None, Mode::Train { wake, lora })
     }
 
     fn hidden_states_with(
@@ -209,7 +228,9 @@ impl Llama {
         }
         let flat = ids.flatten_all()?;
         let mut x = match mode {
-            Mode::Train(Some(wake)) => self.embed_with_wake(&flat, wake)?,
+            Mode::Train {
+                wake: Some(wake), ..
+            } => self.embed_with_wake(&flat, wake)?,
             _ => self.embed.index_select(&flat, 0)?,
         }
         .reshape((batch, seq, self.config.hidden_size))?;
@@ -218,11 +239,11 @@ impl Llama {
         let mask = causal_mask(seq, offset, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), layer_cache, mode)?;
+            x = self.block_forward(i, block, &x, &cos, &sin, mask.as_ref(), layer_cache, mode)?;
         }
         match mode {
             Mode::Inference => rms_norm(&x, &self.norm, self.config.rms_norm_eps),
-            Mode::Train(_) => {
+            Mode::Train { .. } => {
                 crate::train::ops::rms_norm_frozen(&x, &self.norm, self.config.rms_norm_eps)
             }
         }
@@ -358,6 +379,7 @@ impl Llama {
     #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
+        layer: usize,
         b: &Block,
         x: &Tensor,
         cos: &Tensor,
@@ -370,19 +392,33 @@ impl Llama {
         let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
             match mode {
                 Mode::Inference => rms_norm(x, w, c.rms_norm_eps),
-                Mode::Train(_) => crate::train::ops::rms_norm_frozen(x, w, c.rms_norm_eps),
+                Mode::Train { .. } => crate::train::ops::rms_norm_frozen(x, w, c.rms_norm_eps),
             }
         };
         let rotate = |x: &Tensor| -> Result<Tensor> {
             match mode {
                 Mode::Inference => rope(x, cos, sin),
-                Mode::Train(_) => crate::train::ops::rope_fused(x, cos, sin),
+                Mode::Train { .. } => crate::train::ops::rope_fused(x, cos, sin),
             }
         };
-        let project = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+        let project = |l: &Linear, target: Target, x: &Tensor| -> Result<Tensor> {
             match mode {
                 Mode::Inference => l.forward(x),
-                Mode::Train(_) => FrozenLinear::new(&l.weight, l.bias.as_ref())?.forward(x),
+                Mode::Train { lora, .. } => {
+                    let y = FrozenLinear::new(&l.weight, l.bias.as_ref())?.forward(x)?;
+                    let Some(pass) = lora else {
+                        return Ok(y);
+                    };
+                    let inner = x.dim(D::Minus1)?;
+                    let x2 = x.reshape((x.elem_count() / inner, inner))?;
+                    match pass.delta(layer, target, &x2)? {
+                        Some(d) => {
+                            let d = d.reshape(y.shape())?;
+                            Ok((y + d)?)
+                        }
+                        None => Ok(y),
+                    }
+                }
             }
         };
         let (batch, seq, _) = x.dims3()?;
@@ -392,9 +428,9 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotate(&heads(project(&b.q, &h)?, c.num_heads)?)?;
-        let mut k = rotate(&heads(project(&b.k, &h)?, c.num_kv_heads)?)?;
-        let mut v = heads(project(&b.v, &h)?, c.num_kv_heads)?;
+        let q = rotate(&heads(project(&b.q, Target::Q, &h)?, c.num_heads)?)?;
+        let mut k = rotate(&heads(project(&b.k, Target::K, &h)?, c.num_kv_heads)?)?;
+        let mut v = heads(project(&b.v, Target::V, &h)?, c.num_kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -404,7 +440,7 @@ impl Llama {
         }
         let attn = match mode {
             // Training never uses the cache: one whole causal sequence.
-            Mode::Train(_) => crate::train::ops::causal_attention(&q, &k, &v)?,
+            Mode::Train { .. } => crate::train::ops::causal_attention(&q, &k, &v)?,
             Mode::Inference => {
                 let rep = c.num_heads / c.num_kv_heads;
                 let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
@@ -419,14 +455,17 @@ impl Llama {
         let attn = attn
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
-        let x = (x + project(&b.o, &attn)?)?;
+        let x = (x + project(&b.o, Target::O, &attn)?)?;
         let h = norm(&x, &b.post_attention_norm)?;
-        let (gate, up) = (project(&b.gate, &h)?, project(&b.up, &h)?);
+        let (gate, up) = (
+            project(&b.gate, Target::Gate, &h)?,
+            project(&b.up, Target::Up, &h)?,
+        );
         let act = match mode {
             Mode::Inference => (gate.silu()? * up)?,
-            Mode::Train(_) => crate::train::ops::swiglu(&gate, &up)?,
+            Mode::Train { .. } => crate::train::ops::swiglu(&gate, &up)?,
         };
-        let mlp = project(&b.down, &act)?;
+        let mlp = project(&b.down, Target::Down, &act)?;
         Ok((x + mlp)?)
     }
 }
@@ -438,8 +477,12 @@ use std::path::Path;
 enum Mode<'a> {
     /// Plain matmuls (generation, scoring).
     Inference,
-    /// Frozen projections that give their weights no gradient, and optionally trainable Wake rows.
-    Train(Option<&'a WakeRows>),
+    /// Frozen projections that give their weights no gradient, optionally trainable Wake rows
+    /// and LoRA adapters.
+    Train {
+        wake: Option<&'a WakeRows>,
+        lora: Option<&'a LoraPass<'a>>,
+    },
 }
 
 /// The trainable Wake rows of Phase 1: rows `start .. start + count` of the embedding matrix

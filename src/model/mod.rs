@@ -3,10 +3,12 @@
 pub mod config;
 pub mod decode;
 pub mod llama;
+pub mod lora;
 pub mod weights;
 
 pub use config::ModelConfig;
 pub use llama::{KvCache, Llama};
+pub use lora::{Lora, LoraConfig, LoraPass};
 
 use anyhow::{Context, Result};
 use std::path::Path;

@@ -166,7 +166,7 @@ pub fn phase1(
         let wake_rows = wake_rows_of(wake.wake_start, &params);
         zero_grads(&params);
         let (t0, c0) = (Instant::now(), cpu_seconds());
-        let loss = batch_loss(&model, &[&block], Some(&wake_rows))?;
+        let loss = batch_loss(&model, &[&block], Some(&wake_rows), None)?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();

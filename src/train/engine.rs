@@ -9,6 +9,7 @@ use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
 use super::schedule::Schedule;
 use crate::model::llama::{GradSink, WakeRows};
+use crate::model::lora::LoraPass;
 use crate::model::{Llama, LoadedModel};
 use crate::sampling::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -539,7 +540,7 @@ impl Trainer {
     /// Mean next-token cross-entropy of a batch of blocks.
     fn loss(&self, batch: &[usize], wake: &WakeRows) -> Result<Tensor> {
         let blocks: Vec<&[u32]> = batch.iter().map(|&b| self.blocks.block(b)).collect();
-        batch_loss(&self.model, &blocks, Some(wake))
+        batch_loss(&self.model, &blocks, Some(wake), None)
     }
 
     /// Validation loss (nats/token, mean over blocks) and bits per byte, or `None` if
@@ -698,14 +699,20 @@ impl Trainer {
 }
 
 /// Mean next-token cross-entropy of a batch of equally long blocks, through the training
-/// forward (frozen weights, trainable Wake rows when `wake` is given).
-pub fn batch_loss(model: &Llama, blocks: &[&[u32]], wake: Option<&WakeRows>) -> Result<Tensor> {
+/// forward (frozen weights, trainable Wake rows when `wake` is given, LoRA adapters when `lora`
+/// is given).
+pub fn batch_loss(
+    model: &Llama,
+    blocks: &[&[u32]],
+    wake: Option<&WakeRows>,
+    lora: Option<&LoraPass<'_>>,
+) -> Result<Tensor> {
     let t = blocks.first().map_or(0, |b| b.len());
     ensure!(t >= 2, "blocks need at least two tokens");
     let ids: Vec<u32> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
     let targets: Vec<u32> = blocks.iter().flat_map(|b| b[1..].iter().copied()).collect();
     let input = Tensor::from_vec(ids, (blocks.len(), t), model.embed.device())?;
-    let h = model.hidden_states_train(&input, wake)?;
+    let h = model.hidden_states_train(&input, wake, lora)?;
     let h = h
         .narrow(1, 0, t - 1)?
         .contiguous()?
