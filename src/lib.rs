@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lexicon;
 pub mod model;
+pub mod pipeline;
 pub mod report;
 pub mod sampling;
 pub mod score;

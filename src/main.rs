@@ -74,28 +74,46 @@ enum Command {
         #[arg(long = "html")]
         html: Option<PathBuf>,
     },
+    /// Run the whole study: inject the lexicon, train Phases 1, 2 and 3 (each later phase from
+    /// the checkpoint its selection rule picks), export the final model with the adapters
+    /// merged, analyze it, run the generation battery and write report.html.
+    ///
+    /// Settings: a preset (`demo`, the default without a file: all three phases on SmolLM2 in
+    /// about ten minutes; `seed`: the original's full schedule), then CONFIG.toml, then --set
+    /// KEY=VALUE (e.g. --set p1.steps=100). Every stage is saved as it finishes and Ctrl-C saves
+    /// a checkpoint: run the same command again (or `run --resume OUT`) to continue.
+    /// `wake2vec status OUT` says where it stands.
+    Run(RunArgs),
     /// Train a phase, or continue a run with --resume.
     ///
     /// Phase 1 trains only the Wake rows of an injected model (its wake2vec.json says which);
-    /// every other weight stays bit-identical. Settings: defaults (the seed's Phase 1:
-    /// Adafactor, lr 3e-4, linear schedule with 10% warmup, batch 1 × accumulation 16, seq_len
-    /// 256, 3,000 steps, clip 1.0, eval every 100, 90/10 split with seed 42), then --config
-    /// FILE.toml, then the flags below and --set KEY=VALUE. The run directory gets run.toml (the
-    /// resolved settings), log.jsonl, checkpoints/ and snapshots/. Ctrl-C saves a checkpoint and
-    /// exits; `--resume RUN_DIR` continues exactly where it stopped.
+    /// every other weight stays bit-identical. Phase 2 trains LoRA adapters on top of a Phase 1
+    /// checkpoint (--source RUN --select RULE), its Wake rows frozen; Phase 3 trains the Wake
+    /// rows and a Phase 2 checkpoint's adapters under the LM loss plus the auxiliary losses
+    /// ([aux] in the config). Settings: the seed's defaults for the phase (Phase 1: Adafactor,
+    /// lr 3e-4, linear schedule with 10% warmup, batch 1 × accumulation 16, seq_len 256, 3,000
+    /// steps, clip 1.0, eval every 100, 90/10 split with seed 42; docs/training.md for Phases 2
+    /// and 3), then --config FILE.toml, then the flags below and --set KEY=VALUE. The run
+    /// directory gets run.toml (the resolved settings), log.jsonl, checkpoints/ and snapshots/.
+    /// Ctrl-C saves a checkpoint and exits; `--resume RUN_DIR` continues exactly where it
+    /// stopped.
     Train(Box<TrainArgs>),
     /// Write a run's trained model as an HF directory: the run's base model with the Wake rows
-    /// of one of its checkpoints (config, tokenizer and wake2vec.json copied).
+    /// of one of its checkpoints (config, tokenizer and wake2vec.json copied). A Phase 2 or 3
+    /// run's LoRA adapters go to OUT/adapter in PEFT's format, or into the weights with --merge.
     Export {
         /// The run directory.
         run: PathBuf,
         /// The directory to write.
         #[arg(long)]
         out: PathBuf,
-        /// `last`, `best` (lowest validation loss; kept when keep_best is on) or a checkpoint
-        /// name such as step-200.
+        /// `last`, a selection rule (`best-val`, `min-gap`, `final`) or a checkpoint name such
+        /// as step-200.
         #[arg(long, default_value = "last")]
         checkpoint: String,
+        /// Merge the LoRA adapters into the weights (W + α/r·B·A) instead of writing them apart.
+        #[arg(long)]
+        merge: bool,
     },
     /// Measure speed, reported as ratios against baselines measured in the same run.
     #[command(subcommand)]
@@ -344,16 +362,26 @@ impl AnalyzeArgs {
 #[command(args_override_self = true)]
 struct TrainArgs {
     /// Continue the run in this directory from its newest checkpoint (its run.toml is used).
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "corpus", "config", "out"])]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "corpus", "config", "out", "phase", "source"])]
     resume: Option<PathBuf>,
     /// With --resume: continue from this checkpoint (e.g. step-200) instead of the newest.
     #[arg(long, requires = "resume")]
     checkpoint: Option<String>,
-    /// The injected model: an HF directory with wake2vec.json.
-    #[arg(long, required_unless_present = "resume")]
+    /// `p1` (default), `p2` or `p3`; the other settings default to the seed's for that phase.
+    #[arg(long)]
+    phase: Option<String>,
+    /// Phases 2 and 3: the run to start from (a phase 1 or 2 run directory).
+    #[arg(long, value_name = "RUN_DIR")]
+    source: Option<PathBuf>,
+    /// Phases 2 and 3: which checkpoint of --source: best-val, min-gap, final or step-N.
+    #[arg(long)]
+    select: Option<String>,
+    /// The injected model: an HF directory with wake2vec.json (Phases 2 and 3: default the
+    /// source run's).
+    #[arg(long, required_unless_present_any = ["resume", "source"])]
     model: Option<ModelSpec>,
-    /// The training text.
-    #[arg(long, required_unless_present = "resume")]
+    /// The training text (Phases 2 and 3: default the source run's).
+    #[arg(long, required_unless_present_any = ["resume", "source"])]
     corpus: Option<PathBuf>,
     /// A TOML file of settings (same keys as run.toml).
     #[arg(long)]
@@ -431,6 +459,9 @@ impl TrainArgs {
                 o.push(format!("{key}={v}"));
             }
         };
+        push("phase", self.phase.clone());
+        push("source.run", self.source.as_deref().map(path));
+        push("source.select", self.select.clone());
         push("model", model.map(path));
         push("corpus", self.corpus.as_deref().map(path));
         push("append_lexicon", self.append_lexicon.as_deref().map(path));
@@ -456,6 +487,27 @@ impl TrainArgs {
         o.extend(self.set.iter().cloned());
         o
     }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A pipeline file (TOML: model, corpus, lexicon, [inject], [p1], [p2], [p3], [finish]).
+    config: Option<PathBuf>,
+    /// Start from a preset: demo or seed (default demo when no file is given).
+    #[arg(long)]
+    preset: Option<String>,
+    /// The pipeline directory (default runs/<preset or file name>).
+    #[arg(long, conflicts_with = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the pipeline in this directory with the settings it holds.
+    #[arg(long, value_name = "OUT", conflicts_with_all = ["config", "preset", "set"])]
+    resume: Option<PathBuf>,
+    /// Any setting as KEY=VALUE (dotted keys: p2.lr=1e-4, finish.samples=false); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// No progress bars or stage lines on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -681,19 +733,19 @@ fn run(cli: Cli) -> Result<()> {
             bench::analysis(&e, base_vocab, repeats, reference)
         }
         Command::Train(args) => run_train(*args),
+        Command::Run(args) => run_pipeline(args),
         Command::Export {
             run,
             out,
             checkpoint,
+            merge,
         } => {
-            let name = wake2vec::train::engine::checkpoint_name(&run, &checkpoint)?;
-            let trainer = wake2vec::train::Trainer::resume(&run, Some(&name))?;
-            trainer.export_model(&out)?;
+            let step = wake2vec::train::engine::checkpoint_step(&run, &checkpoint)?;
+            wake2vec::train::engine::export(&run, step, &out, merge)?;
             println!(
-                "wrote {} (the Wake rows of {} at step {})",
+                "wrote {} (the model of {} at step {step})",
                 out.display(),
-                run.display(),
-                trainer.step_done()
+                run.display()
             );
             Ok(())
         }
@@ -953,6 +1005,46 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             },
             s.decode_tokens_per_s
         );
+    }
+    Ok(())
+}
+
+fn run_pipeline(args: RunArgs) -> Result<()> {
+    use wake2vec::pipeline::{self, Finished, PipelineConfig};
+    wake2vec::train::tune_runtime();
+    wake2vec::train::install_interrupt_handler();
+    let (config, out) = match args.resume {
+        Some(dir) => (None, dir),
+        None => {
+            let preset = match (&args.preset, &args.config) {
+                (Some(p), _) => Some(p.as_str()),
+                (None, None) => Some("demo"),
+                (None, Some(_)) => None,
+            };
+            let config = PipelineConfig::resolve(preset, args.config.as_deref(), &args.set)?;
+            let name = match (&args.config, preset) {
+                (Some(f), _) => f
+                    .file_stem()
+                    .map_or("pipeline".into(), |s| s.to_string_lossy().into_owned()),
+                (None, p) => p.unwrap_or("pipeline").to_string(),
+            };
+            let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(name));
+            (Some(config), out)
+        }
+    };
+    eprintln!("pipeline directory {}", out.display());
+    match pipeline::run(config, &out, !args.quiet)? {
+        Finished::Done => println!(
+            "done: {} (final model {}, report {})",
+            out.display(),
+            out.join("final").display(),
+            out.join("report.html").display()
+        ),
+        Finished::Interrupted { phase, step } => eprintln!(
+            "interrupted in {} at step {step}: checkpoint saved; continue with `wake2vec run --resume {}`",
+            phase.name(),
+            out.display()
+        ),
     }
     Ok(())
 }

@@ -471,7 +471,7 @@ fn frozen_check(fixture: &str, wake_end_below_rows: bool) {
     }
     let trainer = train_in_process(&t.0, 8);
     let out = t.0.join("trained");
-    trainer.export_model(&out).unwrap();
+    wake2vec::train::engine::export(&trainer.dir, trainer.step_done(), &out, false).unwrap();
     let cpu = candle_core::Device::Cpu;
     let before = wake2vec::model::weights::load_dir(&t.0.join("model"), &cpu).unwrap();
     let after = wake2vec::model::weights::load_dir(&out, &cpu).unwrap();

@@ -28,6 +28,41 @@ pub struct EarlyStop {
     pub bad_evals: u64,
 }
 
+/// The evaluations a later phase may start from (train::select's rules, tracked as the run goes
+/// so their checkpoints are kept): `(value, step)`, the earliest on ties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Picks {
+    /// Lowest validation loss.
+    pub best_val: Option<(f64, u64)>,
+    /// Smallest |validation − training loss| (evaluations with a training loss).
+    pub min_gap: Option<(f64, u64)>,
+}
+
+impl Picks {
+    /// Records an evaluation; returns whether it became one of the picks.
+    pub fn record(&mut self, step: u64, val: f64, train: Option<f64>) -> bool {
+        let better = |slot: &mut Option<(f64, u64)>, v: f64| {
+            let wins = v.is_finite() && slot.is_none_or(|(b, _)| v < b);
+            if wins {
+                *slot = Some((v, step));
+            }
+            wins
+        };
+        let a = better(&mut self.best_val, val);
+        let b = train.is_some_and(|t| better(&mut self.min_gap, (val - t).abs()));
+        a || b
+    }
+
+    /// The steps of the picks.
+    pub fn steps(&self) -> Vec<u64> {
+        [self.best_val, self.min_gap]
+            .into_iter()
+            .flatten()
+            .map(|(_, s)| s)
+            .collect()
+    }
+}
+
 /// The loop's state at the end of an optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -55,6 +90,9 @@ pub struct TrainState {
     pub elapsed_s: f64,
     /// The run ended (steps done or early stop).
     pub finished: bool,
+    /// Checkpoints kept for the selection rules of the next phase.
+    #[serde(default)]
+    pub picks: Picks,
 }
 
 /// What a checkpoint holds, in memory.
@@ -284,12 +322,12 @@ pub fn remove_partial(dir: &Path) -> Vec<String> {
     removed
 }
 
-/// Deletes checkpoints beyond the `keep_last` newest, except `keep` (the best one).
-pub fn prune(dir: &Path, keep_last: usize, keep: Option<u64>) -> Result<()> {
+/// Deletes checkpoints beyond the `keep_last` newest, except the steps in `keep`.
+pub fn prune(dir: &Path, keep_last: usize, keep: &[u64]) -> Result<()> {
     let all = list(dir);
     let cut = all.len().saturating_sub(keep_last.max(1));
     for (step, path) in &all[..cut] {
-        if Some(*step) != keep {
+        if !keep.contains(step) {
             std::fs::remove_dir_all(path)
                 .with_context(|| format!("cannot remove old checkpoint {}", path.display()))?;
         }
@@ -319,6 +357,7 @@ mod tests {
                 needs_eval: false,
                 elapsed_s: 1.0,
                 finished: false,
+                picks: Picks::default(),
             },
         }
     }
@@ -333,7 +372,7 @@ mod tests {
         let back = load(&dir.join("step-3")).unwrap();
         assert_eq!(back.state, sample(3).state);
         assert_eq!(back.params, sample(3).params);
-        prune(&dir, 2, Some(1)).unwrap();
+        prune(&dir, 2, &[1]).unwrap();
         let steps: Vec<u64> = list(&dir).iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, vec![1, 3, 4]);
         // Flip one byte of the parameters: the load names the file and says it is corrupt.

@@ -2,8 +2,11 @@
 //! command-line overrides (`key=value`, dotted keys for tables). The resolved value is written to
 //! `RUN/run.toml` with every default spelled out, and read back on resume.
 
-use super::optim::OptimizerConfig;
+use super::aux::AuxConfig;
+use super::optim::{AdamWConfig, OptimizerConfig};
 use super::schedule::ScheduleKind;
+use super::select::Rule;
+use crate::model::lora::LoraConfig;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -14,6 +17,11 @@ use std::path::{Path, PathBuf};
 pub enum Phase {
     /// Only the Wake rows of the embedding (and of an untied head) train.
     P1,
+    /// LoRA adapters train; the Wake rows of the source run are loaded and frozen.
+    P2,
+    /// The Wake rows and the LoRA adapters of the source run train, under the language-model
+    /// loss plus the auxiliary geometric losses.
+    P3,
 }
 
 impl Phase {
@@ -21,6 +29,40 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::P1 => "p1",
+            Phase::P2 => "p2",
+            Phase::P3 => "p3",
+        }
+    }
+
+    /// Whether the Wake rows train.
+    pub fn trains_wake_rows(self) -> bool {
+        matches!(self, Phase::P1 | Phase::P3)
+    }
+
+    /// Whether the phase has LoRA adapters.
+    pub fn has_lora(self) -> bool {
+        matches!(self, Phase::P2 | Phase::P3)
+    }
+}
+
+/// Where a phase after the first starts: a checkpoint of an earlier run, chosen by a rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Source {
+    /// The earlier run directory (Phase 1 for Phase 2, Phase 2 for Phase 3).
+    pub run: PathBuf,
+    /// `best-val`, `min-gap`, `final` or `step-N` (train::select).
+    pub select: Rule,
+    /// The step the rule chose; filled in when the run starts and recorded in run.toml.
+    pub step: Option<u64>,
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        Self {
+            run: PathBuf::new(),
+            select: Rule::BestVal,
+            step: None,
         }
     }
 }
@@ -72,6 +114,12 @@ pub struct TrainConfig {
     pub patience: u64,
     pub min_delta: f64,
     pub optimizer: OptimizerConfig,
+    /// Phases 2 and 3: the run and checkpoint they start from.
+    pub source: Source,
+    /// Phases 2 and 3: the adapters (Phase 3 takes them from its source).
+    pub lora: LoraConfig,
+    /// Phase 3: the auxiliary losses.
+    pub aux: AuxConfig,
 }
 
 impl Default for TrainConfig {
@@ -102,25 +150,86 @@ impl Default for TrainConfig {
             patience: 0,
             min_delta: 0.0,
             optimizer: OptimizerConfig::default(),
+            source: Source::default(),
+            lora: LoraConfig::default(),
+            aux: AuxConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The seed's settings for `phase` (original-system.md §3.3, §4.3, §5.2, TinyLlama).
+    pub fn for_phase(phase: Phase) -> Self {
+        let p1 = Self::default();
+        let adamw = |weight_decay| {
+            OptimizerConfig::Adamw(AdamWConfig {
+                weight_decay,
+                ..AdamWConfig::default()
+            })
+        };
+        match phase {
+            Phase::P1 => p1,
+            Phase::P2 => Self {
+                phase,
+                lr: 2e-5,
+                optimizer: adamw(0.01),
+                schedule: ScheduleKind::Cosine,
+                batch_size: 8,
+                grad_accum: 2,
+                eval_every: 200,
+                save_every: 200,
+                snapshot_every: 0,
+                ..p1
+            },
+            Phase::P3 => Self {
+                phase,
+                lr: 5e-5,
+                optimizer: adamw(0.01),
+                schedule: ScheduleKind::Cosine,
+                batch_size: 8,
+                grad_accum: 2,
+                eval_every: 200,
+                save_every: 200,
+                patience: 5,
+                source: Source {
+                    select: Rule::MinGap,
+                    ..Source::default()
+                },
+                ..p1
+            },
         }
     }
 }
 
 impl TrainConfig {
     /// Defaults, overlaid with `file` (TOML) if given, then with `overrides` (`key=value`).
+    /// The defaults are those of the phase the file or the overrides name (Phase 1 if none).
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let mut table = toml::Table::try_from(Self::default())?;
+        let mut user = toml::Table::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            let user: toml::Table = text
+            user = text
                 .parse()
                 .with_context(|| format!("{} is not valid TOML", path.display()))?;
-            merge(&mut table, user);
         }
         for o in overrides {
-            apply_override(&mut table, o)?;
+            apply_override(&mut user, o)?;
         }
+        Self::from_table(user)
+    }
+
+    /// The phase's defaults overlaid with `user`.
+    pub fn from_table(user: toml::Table) -> Result<Self> {
+        let phase: Phase = match user.get("phase") {
+            Some(v) => v
+                .clone()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("phase must be \"p1\", \"p2\" or \"p3\", got {v}"))?,
+            None => Phase::P1,
+        };
+        let mut table = toml::Table::try_from(Self::for_phase(phase))?;
+        merge(&mut table, user);
         let config: Self = toml::Value::Table(table)
             .try_into()
             .map_err(|e| anyhow::anyhow!("invalid training configuration: {e}"))?;
@@ -176,6 +285,24 @@ impl TrainConfig {
             "warmup_ratio must be in [0, 1], got {}",
             self.warmup_ratio
         );
+        match self.phase {
+            Phase::P1 => ensure!(
+                self.source.run.as_os_str().is_empty(),
+                "phase p1 starts from the injected model, not from a run: remove source.run"
+            ),
+            Phase::P2 | Phase::P3 => ensure!(
+                !self.source.run.as_os_str().is_empty(),
+                "phase {} starts from a checkpoint of an earlier run: set source.run (a phase {} run directory) and source.select",
+                self.phase.name(),
+                if self.phase == Phase::P2 { "p1" } else { "p2" }
+            ),
+        }
+        if self.phase.has_lora() {
+            self.lora.validate()?;
+        }
+        if self.phase == Phase::P3 {
+            self.aux.validate()?;
+        }
         self.optimizer.validate()
     }
 
@@ -190,7 +317,7 @@ impl TrainConfig {
 }
 
 /// Overlays `user` onto `base`, table by table.
-fn merge(base: &mut toml::Table, user: toml::Table) {
+pub fn merge(base: &mut toml::Table, user: toml::Table) {
     for (k, v) in user {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(u)) if k != "optimizer" => merge(b, u),

@@ -3,13 +3,15 @@
 //! [`Trainer::resume`]), the loop ([`Trainer::run`]), one optimizer step ([`Trainer::step`]),
 //! evaluation, checkpoints and snapshots.
 
-use super::checkpoint::{self, Checkpoint, EarlyStop, TrainState};
+use super::aux::{AuxLosses, Components};
+use super::checkpoint::{self, Checkpoint, EarlyStop, Picks, TrainState};
 use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
 use super::schedule::Schedule;
+use super::{select, Buffers};
 use crate::model::llama::{GradSink, WakeRows};
-use crate::model::lora::LoraPass;
+use crate::model::lora::{Lora, LoraPass};
 use crate::model::{Llama, LoadedModel};
 use crate::sampling::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -68,21 +70,26 @@ impl WakeLayout {
     }
 }
 
-/// A `log.jsonl` line of an optimizer step (docs/formats.md).
+/// A `log.jsonl` line of an optimizer step (docs/formats.md). `loss` is the language-model loss
+/// in every phase; Phase 3 adds its auxiliary components and the total.
 #[derive(Serialize)]
 struct StepLine<'a> {
     kind: &'static str,
     phase: &'a str,
     step: u64,
     loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aux: Option<Components>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<f64>,
     lr: f64,
     grad_norm: f64,
     tokens_per_s: f64,
     elapsed_s: f64,
 }
 
-/// A `log.jsonl` line of an evaluation; `train_loss` is the mean step loss since the previous
-/// evaluation (null at step 0).
+/// A `log.jsonl` line of an evaluation: the language-model loss alone in every phase, so phases
+/// compare; `train_loss` is the mean step loss since the previous evaluation (null at step 0).
 #[derive(Serialize)]
 struct EvalLine<'a> {
     kind: &'static str,
@@ -121,7 +128,15 @@ pub struct Trainer {
     pub model: Llama,
     pub blocks: Blocks,
     pub wake: WakeLayout,
+    /// Trainable parameters: the Wake blocks first (Phases 1 and 3), then the LoRA matrices.
     params: Vec<Param>,
+    /// How many of `params` are Wake blocks.
+    wake_params: usize,
+    /// Phase 2: the frozen Wake rows, read through the same path as when they trained, so the
+    /// evaluation at step 0 equals the source checkpoint's.
+    frozen_wake: Option<WakeRows>,
+    lora: Option<Lora>,
+    aux: Option<AuxLosses>,
     optimizer: Optimizer,
     schedule: Schedule,
     stream: Stream,
@@ -141,6 +156,12 @@ pub struct Eval {
 impl Trainer {
     /// Creates the run directory `out` for `config` and prepares step 0.
     pub fn start(config: TrainConfig, out: &Path) -> Result<Self> {
+        let mut config = config;
+        let source = if config.phase == Phase::P1 {
+            None
+        } else {
+            Some(resolve_source(&mut config)?)
+        };
         config.validate()?;
         if out.join("run.toml").exists() {
             bail!(
@@ -151,12 +172,31 @@ impl Trainer {
         }
         std::fs::create_dir_all(out)
             .with_context(|| format!("cannot create the run directory {}", out.display()))?;
-        let mut config = config;
         config.model = absolute(&config.model)?;
         config.corpus = absolute(&config.corpus)?;
         if !config.append_lexicon.as_os_str().is_empty() {
             config.append_lexicon = absolute(&config.append_lexicon)?;
         }
+        if let Some(start) = source {
+            let start = match config.phase {
+                // Fresh adapters, drawn from the seed, join the source's Wake rows.
+                Phase::P2 => {
+                    let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
+                    let lora = Lora::new(&model, config.lora.clone(), config.seed)?;
+                    let mut start = start;
+                    for (name, var) in lora.params() {
+                        start.insert(name, buffer(var.as_tensor())?);
+                    }
+                    start
+                }
+                _ => start,
+            };
+            crate::atomic::write(
+                &out.join(START_FILE),
+                &checkpoint::safetensors_bytes(&start, None)?,
+            )?;
+        }
+        // run.toml last: it marks the directory as a run.
         crate::atomic::write(&out.join("run.toml"), config.to_toml()?.as_bytes())?;
         std::fs::write(out.join("log.jsonl"), b"")
             .with_context(|| format!("cannot create {}", out.join("log.jsonl").display()))?;
@@ -205,7 +245,10 @@ impl Trainer {
     }
 
     fn open(dir: &Path, config: TrainConfig, ckpt: Option<Checkpoint>) -> Result<Self> {
-        let LoadedModel { model, tokenizer } = LoadedModel::load(&config.model)?;
+        let LoadedModel {
+            mut model,
+            tokenizer,
+        } = LoadedModel::load(&config.model)?;
         let wake = WakeLayout::read(&config.model)?;
         let rows = model.embed.dim(0)?;
         ensure!(
@@ -226,8 +269,45 @@ impl Trainer {
             config.seq_len,
             model.max_positions()
         );
-        let params = match config.phase {
-            Phase::P1 => wake_params(&model, &wake)?,
+        // Phases 2 and 3 start from the state their source chose (start.safetensors): its Wake
+        // rows go into the model, its adapters (or fresh ones) become the LoRA.
+        let start = match config.phase {
+            Phase::P1 => Buffers::new(),
+            _ => read_buffers(&dir.join(START_FILE))?,
+        };
+        if config.phase != Phase::P1 {
+            set_wake_rows(&mut model, &wake, &start)?;
+        }
+        let mut params = if config.phase.trains_wake_rows() {
+            wake_params(&model, &wake)?
+        } else {
+            vec![]
+        };
+        let wake_count = params.len();
+        let lora = if config.phase.has_lora() {
+            let lora = Lora::from_tensors(&model, config.lora.clone(), lora_tensors(&start)?)?;
+            for (name, var) in lora.params() {
+                params.push(Param::new(name, var)?);
+            }
+            Some(lora)
+        } else {
+            None
+        };
+        let frozen_wake = (config.phase == Phase::P2)
+            .then(|| frozen_wake_rows(&model, &wake))
+            .transpose()?;
+        // The auxiliary losses measure their targets and band on the phase's starting state.
+        let aux = if config.phase == Phase::P3 {
+            let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
+            Some(AuxLosses::build_for_model(
+                &config.aux,
+                &config.model,
+                &tokenizer,
+                &embed,
+                model.config.hidden_size,
+            )?)
+        } else {
+            None
         };
         let mut optimizer = Optimizer::new(config.optimizer.clone())?;
         let schedule = Schedule {
@@ -250,6 +330,7 @@ impl Trainer {
             needs_eval: true,
             elapsed_s: 0.0,
             finished: false,
+            picks: Picks::default(),
         };
         if let Some(ckpt) = ckpt {
             ensure!(
@@ -309,6 +390,10 @@ impl Trainer {
             blocks,
             wake,
             params,
+            wake_params: wake_count,
+            frozen_wake,
+            lora,
+            aux,
             optimizer,
             schedule,
             stream,
@@ -323,6 +408,11 @@ impl Trainer {
         self.state.step
     }
 
+    /// Whether the run has ended (all steps done, or early stopping).
+    pub fn is_finished(&self) -> bool {
+        self.state.finished
+    }
+
     /// The current value of a trainable parameter, row-major.
     pub fn param_values(&self, name: &str) -> Result<Vec<f32>> {
         let p = self
@@ -333,10 +423,20 @@ impl Trainer {
         Ok(p.var.as_tensor().flatten_all()?.to_vec1()?)
     }
 
-    /// The Wake rows as the forward pass reads them, their gradients going to the parameters'
-    /// buffers.
+    /// The Wake rows as the forward pass reads them: trainable ones with their gradients going
+    /// to the parameters' buffers, or Phase 2's frozen ones.
     fn wake_rows(&self) -> WakeRows {
-        wake_rows_of(self.wake.wake_start, &self.params)
+        match &self.frozen_wake {
+            Some(w) => w.clone(),
+            None => wake_rows_of(self.wake.wake_start, &self.params[..self.wake_params]),
+        }
+    }
+
+    /// The adapters for a forward pass; `dropout_seed` `None` for evaluation.
+    fn lora_pass(&self, dropout_seed: Option<u64>) -> Option<LoraPass<'_>> {
+        self.lora
+            .as_ref()
+            .map(|lora| LoraPass { lora, dropout_seed })
     }
 
     /// Trains until the configured number of steps, early stopping, or an interrupt.
@@ -349,7 +449,7 @@ impl Trainer {
         let bar = self.progress_bar();
         let session_start = Instant::now();
         let elapsed_before = self.state.elapsed_s;
-        if self.state.step == 0 && self.state.needs_eval {
+        if self.state.step == 0 && self.state.needs_eval && self.wake_params > 0 {
             self.snapshot()?;
         }
         let mut outcome = None;
@@ -365,7 +465,13 @@ impl Trainer {
                 break;
             }
             let t0 = Instant::now();
-            let Some((loss, grad_norm, lr)) = self.step()? else {
+            let Some(StepResult {
+                loss,
+                aux,
+                grad_norm,
+                lr,
+            }) = self.step()?
+            else {
                 // Interrupted inside the step: the state is still that of the last full step.
                 self.save()?;
                 outcome = Some(Outcome::Interrupted {
@@ -382,6 +488,8 @@ impl Trainer {
                 phase: &self.state.phase,
                 step: self.state.step,
                 loss,
+                total: aux.as_ref().map(|a| loss + a.total_weighted),
+                aux,
                 lr,
                 grad_norm,
                 tokens_per_s: tokens / dt,
@@ -412,7 +520,7 @@ impl Trainer {
         session_start: Instant,
     ) -> Result<Option<Outcome>> {
         let step = self.state.step;
-        let mut new_best = false;
+        let mut new_pick = false;
         let mut stop_early = false;
         if self.state.needs_eval {
             let Some(e) = self.evaluate()? else {
@@ -449,6 +557,8 @@ impl Trainer {
                 e.loss,
                 self.dir.join("checkpoints").display()
             );
+            // Step 0 measures the phase's input; the selection rules never pick it.
+            new_pick = step > 0 && self.state.picks.record(step, e.loss, train_loss);
             let early = &mut self.state.early;
             if early
                 .best
@@ -457,7 +567,6 @@ impl Trainer {
                 early.best = Some(e.loss);
                 early.best_step = step;
                 early.bad_evals = 0;
-                new_best = step > 0;
             } else {
                 early.bad_evals += 1;
                 stop_early = self.config.patience > 0 && early.bad_evals >= self.config.patience;
@@ -465,14 +574,14 @@ impl Trainer {
         }
         self.state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
         let every = |n: u64| n > 0 && step > 0 && step.is_multiple_of(n);
-        if every(self.config.snapshot_every) {
+        if every(self.config.snapshot_every) && self.wake_params > 0 {
             self.snapshot()?;
         }
         let end = step == self.config.steps || stop_early;
         if end {
             self.state.finished = true;
         }
-        if step > 0 && (every(self.config.save_every) || end || (new_best && self.config.keep_best))
+        if step > 0 && (every(self.config.save_every) || end || (new_pick && self.config.keep_best))
         {
             self.save()?;
         }
@@ -486,10 +595,10 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step: `grad_accum` micro-batches, clipping, the update. Returns the mean
-    /// loss, the gradient norm before clipping and the LR used, or `None` when interrupted (the
-    /// parameters and the data position are then those of the last full step).
-    fn step(&mut self) -> Result<Option<(f64, f64, f64)>> {
+    /// One optimizer step: `grad_accum` micro-batches, the auxiliary losses (Phase 3),
+    /// clipping, the update; `None` when interrupted (the parameters and the data position are
+    /// then those of the last full step).
+    fn step(&mut self) -> Result<Option<StepResult>> {
         let start_cursor = self.stream.cursor();
         let accum = self.config.grad_accum;
         zero_grads(&self.params);
@@ -502,8 +611,10 @@ impl Trainer {
             let batch: Vec<usize> = (0..self.config.batch_size)
                 .map(|_| self.stream.next_block(&self.blocks))
                 .collect();
-            let wake = self.wake_rows();
-            let loss = self.loss(&batch, &wake)?;
+            // Phase 2 trains through the frozen head (no Wake-row gradient work).
+            let wake = (self.wake_params > 0).then(|| self.wake_rows());
+            let seed = dropout_seed(self.config.seed, self.state.step, micro);
+            let loss = self.loss(&batch, wake.as_ref(), self.lora_pass(Some(seed)).as_ref())?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 bail!(
@@ -515,10 +626,29 @@ impl Trainer {
             }
             loss_sum += value;
             let grads = (loss / accum as f64)?.backward()?;
-            wake.sink
-                .as_ref()
-                .map_or(Ok(()), |s| s.collect_inputs(&grads))?;
+            if let Some(sink) = wake.as_ref().and_then(|w| w.sink.as_ref()) {
+                sink.collect_inputs(&grads)?;
+            }
+            for p in &self.params[self.wake_params..] {
+                if let Some(g) = grads.get(p.var.as_tensor()) {
+                    let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                    let mut buf = p.grad.lock().expect("gradient buffer");
+                    buf.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                }
+            }
         }
+        let aux = match &self.aux {
+            Some(aux) => {
+                let values = self.params[0]
+                    .var
+                    .as_tensor()
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let mut grad = self.params[0].grad.lock().expect("gradient buffer");
+                Some(aux.compute(&values, &mut self.state.rng, Some(&mut grad), 1.0))
+            }
+            None => None,
+        };
         let lr = self.schedule.lr(self.state.step);
         let norm = apply_update(
             &mut self.params,
@@ -534,19 +664,30 @@ impl Trainer {
         );
         self.state.step += 1;
         self.state.cursor = self.stream.cursor();
-        Ok(Some((loss_sum / accum as f64, norm, lr)))
+        Ok(Some(StepResult {
+            loss: loss_sum / accum as f64,
+            aux,
+            grad_norm: norm,
+            lr,
+        }))
     }
 
     /// Mean next-token cross-entropy of a batch of blocks.
-    fn loss(&self, batch: &[usize], wake: &WakeRows) -> Result<Tensor> {
+    fn loss(
+        &self,
+        batch: &[usize],
+        wake: Option<&WakeRows>,
+        lora: Option<&LoraPass>,
+    ) -> Result<Tensor> {
         let blocks: Vec<&[u32]> = batch.iter().map(|&b| self.blocks.block(b)).collect();
-        batch_loss(&self.model, &blocks, Some(wake), None)
+        batch_loss(&self.model, &blocks, wake, lora)
     }
 
     /// Validation loss (nats/token, mean over blocks) and bits per byte, or `None` if
     /// interrupted.
     pub fn evaluate(&self) -> Result<Option<Eval>> {
         let wake = self.wake_rows();
+        let lora = self.lora_pass(None);
         let n = match self.config.eval_blocks {
             0 => self.blocks.val.len(),
             k => k.min(self.blocks.val.len()),
@@ -556,7 +697,9 @@ impl Trainer {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 return Ok(None);
             }
-            let loss = self.loss(&[b], &wake)?.to_scalar::<f32>()? as f64;
+            let loss = self
+                .loss(&[b], Some(&wake), lora.as_ref())?
+                .to_scalar::<f32>()? as f64;
             nats += loss * (self.config.seq_len - 1) as f64;
             bytes += self.blocks.predicted_bytes(b);
         }
@@ -603,9 +746,12 @@ impl Trainer {
         };
         let dir = self.dir.join("checkpoints");
         let path = checkpoint::save(&dir, &ckpt)?;
-        let best = (self.config.keep_best && self.state.early.best.is_some())
-            .then_some(self.state.early.best_step);
-        checkpoint::prune(&dir, self.config.keep_last, best)?;
+        let keep = if self.config.keep_best {
+            self.state.picks.steps()
+        } else {
+            vec![]
+        };
+        checkpoint::prune(&dir, self.config.keep_last, &keep)?;
         Ok(path)
     }
 
@@ -615,7 +761,8 @@ impl Trainer {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut tensors = BTreeMap::new();
-        for (p, name) in self.params.iter().zip(["wake_rows", "wake_head_rows"]) {
+        let wake = &self.params[..self.wake_params];
+        for (p, name) in wake.iter().zip(["wake_rows", "wake_head_rows"]) {
             tensors.insert(
                 name.to_string(),
                 (
@@ -650,51 +797,6 @@ impl Trainer {
         bar.set_position(self.state.step);
         bar.reset_eta();
         bar
-    }
-
-    /// The trained model: the base model with its Wake rows replaced by the current values,
-    /// written as an HF directory (config, tokenizer and wake2vec.json copied from the model).
-    pub fn export_model(&self, out: &Path) -> Result<()> {
-        let mut weights =
-            crate::model::weights::load_dir(&self.config.model, &candle_core::Device::Cpu)?;
-        let ws = self.wake.wake_start;
-        let replace =
-            |w: &mut crate::model::weights::Weights, key: &str, p: &Param| -> Result<()> {
-                let full = w
-                    .get(key)
-                    .with_context(|| format!("the model has no '{key}'"))?;
-                let rows = full.dim(0)?;
-                let mut parts = vec![full.narrow(0, 0, ws)?, p.var.as_tensor().clone()];
-                if ws + p.rows < rows {
-                    parts.push(full.narrow(0, ws + p.rows, rows - ws - p.rows)?);
-                }
-                let merged = Tensor::cat(&parts, 0)?;
-                w.insert(key.to_string(), merged);
-                Ok(())
-            };
-        replace(&mut weights, "model.embed_tokens.weight", &self.params[0])?;
-        if let Some(head) = self.params.get(1) {
-            replace(&mut weights, "lm_head.weight", head)?;
-        }
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let tensors: BTreeMap<String, Tensor> = weights.into_iter().collect();
-        crate::model::weights::save_file(&tensors, &out.join("model.safetensors"))?;
-        for f in [
-            "config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-            "special_tokens_map.json",
-            "wake2vec.json",
-        ] {
-            let src = self.config.model.join(f);
-            if src.is_file() {
-                let bytes = std::fs::read(&src)
-                    .with_context(|| format!("cannot read {}", src.display()))?;
-                crate::atomic::write(&out.join(f), &bytes)?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -779,36 +881,285 @@ pub(crate) fn apply_update(
     Ok(norm)
 }
 
-/// The checkpoint of `run` that `which` names: `last` (the newest), `best` (the best validation
-/// loss, as recorded by the newest checkpoint) or a directory name such as `step-200`.
-pub fn checkpoint_name(run: &Path, which: &str) -> Result<String> {
+/// The step of the checkpoint of `run` that `which` names: `last` (the newest checkpoint), a
+/// selection rule (`best-val` or `best`, `min-gap`, `final`) or `step-N`. Step 0 is the run's
+/// starting state (no checkpoint needed).
+pub fn checkpoint_step(run: &Path, which: &str) -> Result<u64> {
     let dir = run.join("checkpoints");
     let all = checkpoint::list(&dir);
-    let newest = all
-        .last()
-        .with_context(|| format!("{} has no checkpoints yet", run.display()))?;
-    match which {
-        "last" => Ok(checkpoint::name(newest.0)),
-        "best" => {
-            let state = checkpoint::load(&newest.1)?.state;
-            let step = state
-                .early
-                .best
-                .map(|_| state.early.best_step)
-                .with_context(|| {
-                    format!(
-                        "{} has no evaluation yet, so no best checkpoint",
-                        run.display()
-                    )
-                })?;
-            ensure!(
-                all.iter().any(|(s, _)| *s == step),
-                "the best validation loss was at step {step}, but its checkpoint was not kept (keep_best = false)"
-            );
-            Ok(checkpoint::name(step))
+    let newest = all.last().map(|(s, _)| *s);
+    let step = match which {
+        "last" => newest.with_context(|| format!("{} has no checkpoints yet", run.display()))?,
+        _ => {
+            let rule: select::Rule = match which {
+                "best" => select::Rule::BestVal,
+                w => w.parse()?,
+            };
+            let evals = select::read_evals(&run.join("log.jsonl"))?;
+            let last =
+                newest.with_context(|| format!("{} has no checkpoints yet", run.display()))?;
+            select::select(&evals, rule, last)?
         }
-        name => Ok(name.to_string()),
+    };
+    ensure!(
+        step == 0 || all.iter().any(|(s, _)| *s == step),
+        "{which} chose step {step} of {}, but its checkpoint was not kept (available: {}); keep_best = true keeps the best-val and min-gap checkpoints",
+        run.display(),
+        names(&all)
+    );
+    Ok(step)
+}
+
+/// The name of the file holding a phase's starting state (Wake rows and adapters) in its run
+/// directory; Phase 1 starts from the model itself.
+pub const START_FILE: &str = "start.safetensors";
+
+/// Everything a run's model had at `step` besides the frozen base model: the Wake blocks
+/// (`wake_embed`, and `wake_head` when the head is untied) and the LoRA matrices (PEFT names).
+pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
+    let config = TrainConfig::load(&run.join("run.toml")).with_context(|| {
+        format!(
+            "{} is not a run directory (no readable run.toml)",
+            run.display()
+        )
+    })?;
+    let mut state = match config.phase {
+        Phase::P1 => {
+            let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
+            let wake = WakeLayout::read(&config.model)?;
+            wake_params(&model, &wake)?
+                .iter()
+                .map(|p| Ok((p.name.clone(), buffer(p.var.as_tensor())?)))
+                .collect::<Result<Buffers>>()?
+        }
+        _ => read_buffers(&run.join(START_FILE))?,
+    };
+    if step > 0 {
+        let path = run.join("checkpoints").join(checkpoint::name(step));
+        ensure!(
+            path.is_dir(),
+            "{} has no checkpoint of step {step}",
+            run.display()
+        );
+        state.extend(checkpoint::load(&path)?.params);
     }
+    Ok((config, state))
+}
+
+/// Fills in a later phase's source: its model and corpus default to the source run's, its rule
+/// picks a step (recorded in the config), and the source's state at that step is returned.
+fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
+    let run = absolute(&config.source.run)?;
+    let source = TrainConfig::load(&run.join("run.toml")).with_context(|| {
+        format!(
+            "source.run {} is not a run directory (no readable run.toml)",
+            run.display()
+        )
+    })?;
+    let wanted = match config.phase {
+        Phase::P2 => Phase::P1,
+        _ => Phase::P2,
+    };
+    ensure!(
+        source.phase == wanted,
+        "phase {} starts from a phase {} run, but {} is a phase {} run",
+        config.phase.name(),
+        wanted.name(),
+        run.display(),
+        source.phase.name()
+    );
+    if config.model.as_os_str().is_empty() {
+        config.model = source.model.clone();
+    }
+    if config.corpus.as_os_str().is_empty() {
+        config.corpus = source.corpus.clone();
+        config.append_lexicon = source.append_lexicon.clone();
+    }
+    ensure!(
+        absolute(&config.model)? == source.model,
+        "the model {} differs from the source run's {}",
+        config.model.display(),
+        source.model.display()
+    );
+    if config.phase == Phase::P3 {
+        // Phase 3 trains the adapters Phase 2 trained.
+        config.lora = source.lora.clone();
+    }
+    let step = match config.source.step {
+        Some(step) => step,
+        None => checkpoint_step(&run, &config.source.select.to_string())?,
+    };
+    config.source.run = run.clone();
+    config.source.step = Some(step);
+    Ok(phase_state(&run, step)?.1)
+}
+
+/// Writes a run's model at a checkpoint as an HF directory: the base model with the Wake rows of
+/// `step`; its adapters merged into the weights (`merge`) or written beside them in PEFT's
+/// format in `out/adapter` (with `base_model_name_or_path` = `out`). Config, tokenizer and
+/// wake2vec.json are copied.
+pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
+    let (config, state) = phase_state(run, step)?;
+    let device = candle_core::Device::Cpu;
+    let mut weights = crate::model::weights::load_dir(&config.model, &device)?;
+    let wake = WakeLayout::read(&config.model)?;
+    let tensors = tensors_of(&state)?;
+    for (name, key) in [
+        ("wake_embed", "model.embed_tokens.weight"),
+        ("wake_head", "lm_head.weight"),
+    ] {
+        if let Some(rows) = tensors.get(name) {
+            let full = weights
+                .get(key)
+                .with_context(|| format!("the model has no '{key}'"))?;
+            let merged = replace_rows(full, wake.wake_start, rows)?;
+            weights.insert(key.to_string(), merged);
+        }
+    }
+    let lora = if config.phase.has_lora() {
+        let model = Llama::load(&config.model, &device)?;
+        Some(Lora::from_tensors(
+            &model,
+            config.lora.clone(),
+            lora_tensors(&state)?,
+        )?)
+    } else {
+        None
+    };
+    if let (Some(lora), true) = (&lora, merge) {
+        lora.merge_into(&mut weights)?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let all: BTreeMap<String, Tensor> = weights.into_iter().collect();
+    crate::model::weights::save_file(&all, &out.join("model.safetensors"))?;
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "wake2vec.json",
+    ] {
+        let src = config.model.join(f);
+        if src.is_file() {
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            crate::atomic::write(&out.join(f), &bytes)?;
+        }
+    }
+    if let (Some(lora), false) = (&lora, merge) {
+        lora.save_peft(&out.join("adapter"), &absolute(out)?.display().to_string())?;
+    }
+    Ok(())
+}
+
+/// What one optimizer step measured.
+struct StepResult {
+    /// Mean language-model loss over the micro-batches.
+    loss: f64,
+    /// Phase 3's auxiliary losses.
+    aux: Option<Components>,
+    /// Gradient norm before clipping.
+    grad_norm: f64,
+    lr: f64,
+}
+
+/// The dropout seed of a micro-batch: a function of the run's seed and the position, so a
+/// resumed run draws the same masks.
+fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    let mut rng = Rng::new(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64) << 48);
+    rng.next_u64()
+}
+
+impl Param {
+    /// A trainable matrix (or vector, as one row) with a zeroed gradient buffer.
+    fn new(name: String, var: Var) -> Result<Self> {
+        let (rows, cols) = match var.dims() {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            d => bail!("parameter '{name}' has shape {d:?}; expected a matrix"),
+        };
+        Ok(Self {
+            name,
+            var,
+            rows,
+            cols,
+            grad: Arc::new(Mutex::new(vec![0f32; rows * cols])),
+        })
+    }
+}
+
+/// A tensor's shape and values, as checkpoints store them.
+fn buffer(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
+    Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1()?))
+}
+
+fn read_buffers(path: &Path) -> Result<Buffers> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    checkpoint::read_safetensors(&bytes, path)
+}
+
+fn tensors_of(buffers: &Buffers) -> Result<HashMap<String, Tensor>> {
+    buffers
+        .iter()
+        .map(|(name, (shape, values))| {
+            Ok((
+                name.clone(),
+                Tensor::from_slice(values, shape.as_slice(), &candle_core::Device::Cpu)?,
+            ))
+        })
+        .collect()
+}
+
+/// The LoRA matrices of a state (every tensor but the Wake blocks).
+fn lora_tensors(state: &Buffers) -> Result<HashMap<String, Tensor>> {
+    let mut t = tensors_of(state)?;
+    t.retain(|name, _| !name.starts_with("wake_"));
+    Ok(t)
+}
+
+/// `full` with rows `start .. start + rows.len()` replaced by `rows`.
+fn replace_rows(full: &Tensor, start: usize, rows: &Tensor) -> Result<Tensor> {
+    let (total, count) = (full.dim(0)?, rows.dim(0)?);
+    ensure!(
+        start + count <= total,
+        "{count} Wake rows at {start} do not fit a matrix of {total} rows"
+    );
+    let mut parts = vec![full.narrow(0, 0, start)?, rows.clone()];
+    if start + count < total {
+        parts.push(full.narrow(0, start + count, total - start - count)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Puts the Wake rows of a starting state into the model's embedding (and untied head).
+fn set_wake_rows(model: &mut Llama, wake: &WakeLayout, state: &Buffers) -> Result<()> {
+    let tensors = tensors_of(state)?;
+    let rows = tensors
+        .get("wake_embed")
+        .context("the starting state has no 'wake_embed'")?;
+    model.embed = replace_rows(&model.embed, wake.wake_start, rows)?;
+    if let Some(head) = &model.lm_head {
+        let rows = tensors
+            .get("wake_head")
+            .context("the head is untied but the starting state has no 'wake_head'")?;
+        model.lm_head = Some(replace_rows(head, wake.wake_start, rows)?);
+    }
+    Ok(())
+}
+
+/// Phase 2's frozen Wake rows: plain tensors, no gradient sink.
+fn frozen_wake_rows(model: &Llama, wake: &WakeLayout) -> Result<WakeRows> {
+    let rows = |m: &Tensor| -> Result<Tensor> {
+        Ok(m.narrow(0, wake.wake_start, wake.wake_count)?
+            .contiguous()?)
+    };
+    Ok(WakeRows {
+        start: wake.wake_start,
+        embed: rows(&model.embed)?,
+        head: model.lm_head.as_ref().map(rows).transpose()?,
+        sink: None,
+    })
 }
 
 /// The Wake rows of the embedding (and of an untied head) as trainable variables.

@@ -1,0 +1,508 @@
+//! `wake2vec run`: the whole study as one resumable job. Inject the lexicon, train Phase 1, 2 and
+//! 3 (each later phase starting from the checkpoint its selection rule picks), export the final
+//! model with the adapters merged, analyze it, sample the generation battery and write the
+//! report. Every stage writes its output atomically and is skipped when its output exists, and
+//! a phase in progress resumes from its newest checkpoint, so running the same command again
+//! after a kill or Ctrl-C continues where it stopped.
+//!
+//! The output directory:
+//!
+//! ```text
+//! OUT/pipeline.toml   the resolved settings (preset, then file, then --set)
+//! OUT/model/          the injected model (wake2vec inject)
+//! OUT/morphemes.json  affixes mined from the lexicon, when no morpheme file is given
+//! OUT/p1 p2 p3/       the phase runs (run directories, see docs/formats.md)
+//! OUT/final/          Phase 3's selected checkpoint, adapters merged (an HF directory)
+//! OUT/analysis/       summary.json and figures of the final model (drift against OUT/model)
+//! OUT/samples.jsonl   the generation battery on the final model (and samples.md)
+//! OUT/report.html     everything above on one page
+//! ```
+
+use crate::lexicon::morphemes::MorphemeData;
+use crate::lexicon::{Case, Lexicon};
+use crate::train::{self, select::Rule, Outcome, Phase, TrainConfig, Trainer};
+use crate::{atomic, battery, cache, corpus, report, text_metrics, vocab};
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The presets shipped with the tool: name, TOML text.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("demo", include_str!("../presets/demo.toml")),
+    ("seed", include_str!("../presets/seed.toml")),
+];
+
+/// Every setting of a pipeline (`pipeline.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The preset the settings started from (informational).
+    pub preset: String,
+    /// The base model: `smollm2-135m`, an HF directory or a .gguf file.
+    pub model: String,
+    pub corpus: PathBuf,
+    pub lexicon: PathBuf,
+    pub inject: InjectSettings,
+    /// Morpheme data for Phase 3 (morpheme_data.json or wake_embedding_groups.jsonl); empty:
+    /// affixes mined from the lexicon into OUT/morphemes.json.
+    pub morphemes: PathBuf,
+    /// Training settings of each phase (the keys of run.toml; the phase's seed defaults fill
+    /// the rest; model, corpus and source are set by the pipeline).
+    pub p1: toml::Table,
+    pub p2: toml::Table,
+    pub p3: toml::Table,
+    pub finish: FinishSettings,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            preset: String::new(),
+            model: cache::DEFAULT_MODEL.into(),
+            corpus: PathBuf::new(),
+            lexicon: PathBuf::new(),
+            inject: InjectSettings::default(),
+            morphemes: PathBuf::new(),
+            p1: toml::Table::new(),
+            p2: toml::Table::new(),
+            p3: toml::Table::new(),
+            finish: FinishSettings::default(),
+        }
+    }
+}
+
+/// How the lexicon is injected (`wake2vec inject`'s options).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InjectSettings {
+    /// mean-noise, spherical, subword-mean or compositional (with its default parameters).
+    pub init: String,
+    pub case: Case,
+    pub seed: u64,
+}
+
+impl Default for InjectSettings {
+    fn default() -> Self {
+        Self {
+            init: "mean-noise".into(),
+            case: Case::Lower,
+            seed: 42,
+        }
+    }
+}
+
+/// What follows the training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinishSettings {
+    /// Which Phase 3 checkpoint becomes the final model.
+    pub select: Rule,
+    pub analysis: bool,
+    /// Run the generation battery (10 samples).
+    pub samples: bool,
+    pub max_new_tokens: usize,
+    pub report: bool,
+}
+
+impl Default for FinishSettings {
+    fn default() -> Self {
+        Self {
+            select: Rule::BestVal,
+            analysis: true,
+            samples: true,
+            max_new_tokens: 200,
+            report: true,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// A preset (by name), overlaid with `file` if given, then with `overrides` (`key=value`).
+    pub fn resolve(
+        preset: Option<&str>,
+        file: Option<&Path>,
+        overrides: &[String],
+    ) -> Result<Self> {
+        let mut table = toml::Table::new();
+        if let Some(name) = preset {
+            let text = PRESETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| *t)
+                .with_context(|| {
+                    format!(
+                        "unknown preset '{name}': expected one of {}",
+                        PRESETS
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+            table = text.parse().expect("presets are valid TOML");
+            table.insert("preset".into(), name.into());
+        }
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the pipeline file {}", path.display()))?;
+            let user: toml::Table = text
+                .parse()
+                .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            train::config::merge(&mut table, user);
+        }
+        for o in overrides {
+            train::config::apply_override(&mut table, o)?;
+        }
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("invalid pipeline configuration: {e}"))?;
+        Ok(config)
+    }
+
+    /// Checks the inputs exist and every phase's settings parse, before anything is written.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.corpus.is_file(),
+            "the corpus {} does not exist: set corpus = \"PATH\" (or --set corpus=PATH)",
+            self.corpus.display()
+        );
+        ensure!(
+            self.lexicon.is_file(),
+            "the lexicon {} does not exist: set lexicon = \"PATH\" (or --set lexicon=PATH)",
+            self.lexicon.display()
+        );
+        if !self.morphemes.as_os_str().is_empty() {
+            MorphemeData::load(&self.morphemes)?;
+        }
+        vocab::InitScheme::named(&self.inject.init)?;
+        for phase in [Phase::P1, Phase::P2, Phase::P3] {
+            let mut c = self.phase_config(phase, Path::new("OUT"))?;
+            // The paths are placeholders here; the rest must be valid as written.
+            c.corpus = self.corpus.clone();
+            c.model = "OUT/model".into();
+            if phase != Phase::P1 {
+                c.source.run = "OUT/previous".into();
+            }
+            c.validate()
+                .with_context(|| format!("in [{}] of the pipeline", phase.name()))?;
+        }
+        Ok(())
+    }
+
+    /// The training configuration of `phase` inside the pipeline directory `out`.
+    pub fn phase_config(&self, phase: Phase, out: &Path) -> Result<TrainConfig> {
+        let mut table = match phase {
+            Phase::P1 => self.p1.clone(),
+            Phase::P2 => self.p2.clone(),
+            Phase::P3 => self.p3.clone(),
+        };
+        for key in ["phase", "model", "corpus"] {
+            ensure!(
+                !table.contains_key(key),
+                "[{}] sets '{key}', which the pipeline sets itself",
+                phase.name()
+            );
+        }
+        table.insert("phase".into(), phase.name().into());
+        let path = |p: &Path| toml::Value::String(p.display().to_string());
+        table.insert("model".into(), path(&out.join("model")));
+        table.insert("corpus".into(), path(&self.corpus));
+        if phase != Phase::P1 {
+            let previous = if phase == Phase::P2 { "p1" } else { "p2" };
+            let source = table
+                .entry("source")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("[{}] source must be a table", phase.name()))?;
+            source.insert("run".into(), path(&out.join(previous)));
+        }
+        if phase == Phase::P3 {
+            let aux = table
+                .entry("aux")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .context("[p3] aux must be a table")?;
+            if !aux.contains_key("morphemes") {
+                aux.insert("morphemes".into(), path(&self.morphemes_path(out)));
+            }
+        }
+        TrainConfig::from_table(table).with_context(|| format!("in [{}]", phase.name()))
+    }
+
+    /// The morpheme file when it is a group file (`wake_embedding_groups.jsonl`), which the
+    /// analysis's direction statistics need.
+    fn groups(&self) -> Option<PathBuf> {
+        let jsonl = self
+            .morphemes
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+        jsonl.then(|| self.morphemes.clone())
+    }
+
+    fn morphemes_path(&self, out: &Path) -> PathBuf {
+        if self.morphemes.as_os_str().is_empty() {
+            out.join("morphemes.json")
+        } else {
+            self.morphemes.clone()
+        }
+    }
+}
+
+/// How a call to [`run`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    /// Every stage is done.
+    Done,
+    /// Ctrl-C during a phase: its checkpoint is saved; run again to continue.
+    Interrupted { phase: Phase, step: u64 },
+}
+
+/// Runs (or continues) the pipeline in `out`. A new `out` gets `config` as its pipeline.toml;
+/// an existing one must hold the same settings (`config` `None`: continue with what it holds).
+pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result<Finished> {
+    let stored = out.join("pipeline.toml");
+    let config = match (config, stored.is_file()) {
+        (None, false) => bail!(
+            "{} is not a pipeline directory (no pipeline.toml): start one with `wake2vec run --preset demo --out {}`",
+            out.display(),
+            out.display()
+        ),
+        (None, true) => read_config(&stored)?,
+        (Some(mut c), exists) => {
+            c.corpus = absolute(&c.corpus)?;
+            c.lexicon = absolute(&c.lexicon)?;
+            if !c.morphemes.as_os_str().is_empty() {
+                c.morphemes = absolute(&c.morphemes)?;
+            }
+            if exists {
+                let old = read_config(&stored)?;
+                ensure!(
+                    old == c,
+                    "{} holds a pipeline with other settings: continue it with `wake2vec run --resume {}`, or choose another --out",
+                    out.display(),
+                    out.display()
+                );
+            } else {
+                c.validate()?;
+                std::fs::create_dir_all(out)
+                    .with_context(|| format!("cannot create {}", out.display()))?;
+                atomic::write(&stored, toml::to_string(&c)?.as_bytes())?;
+            }
+            c
+        }
+    };
+    let say = |s: String| {
+        if progress {
+            eprintln!("{s}");
+        }
+    };
+    inject(&config, out, &say)?;
+    if config.morphemes.as_os_str().is_empty() {
+        mine_morphemes(&config, out, &say)?;
+    }
+    for phase in [Phase::P1, Phase::P2, Phase::P3] {
+        let dir = out.join(phase.name());
+        let mut trainer = if dir.join("run.toml").is_file() {
+            Trainer::resume(&dir, None)?
+        } else {
+            say(format!("{}: starting {}", phase.name(), dir.display()));
+            Trainer::start(config.phase_config(phase, out)?, &dir)?
+        };
+        if trainer.is_finished() {
+            continue;
+        }
+        trainer.progress = progress;
+        match trainer.run()? {
+            Outcome::Interrupted { step } => return Ok(Finished::Interrupted { phase, step }),
+            Outcome::Finished { step } => say(format!("{}: finished at step {step}", phase.name())),
+            Outcome::EarlyStopped { step, best_step } => say(format!(
+                "{}: early stop at step {step} (best validation loss at step {best_step})",
+                phase.name()
+            )),
+        }
+    }
+    finish(&config, out, &say)?;
+    Ok(Finished::Done)
+}
+
+/// The pipeline settings stored in a pipeline directory.
+pub fn read_config(path: &Path) -> Result<PipelineConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid pipeline.toml", path.display()))
+}
+
+fn inject(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
+    let dest = out.join("model");
+    if dest.join("wake2vec.json").is_file() {
+        return Ok(());
+    }
+    let spec: cache::ModelSpec = config.model.parse()?;
+    let base = cache::resolve(&spec, true)?;
+    let lexicon = Lexicon::load(&config.lexicon)?;
+    let options = vocab::InjectOptions {
+        case: config.inject.case,
+        scheme: vocab::InitScheme::named(&config.inject.init)?,
+        seed: config.inject.seed,
+        morphemes: None,
+    };
+    let injected = vocab::inject(
+        &base,
+        &config.model,
+        &lexicon,
+        &config.lexicon.display().to_string(),
+        &options,
+    )?;
+    say(format!(
+        "injected {} Wake words into {} ({} init)",
+        injected.manifest.wake_count, config.model, config.inject.init
+    ));
+    vocab::write(&injected, &base, &dest)
+}
+
+fn mine_morphemes(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
+    let dest = out.join("morphemes.json");
+    if dest.is_file() {
+        return Ok(());
+    }
+    let lexicon = Lexicon::load(&config.lexicon)?;
+    let base = cache::resolve(&config.model.parse()?, true)?;
+    let base = vocab::BaseTokenizer::from_file(&base.join("tokenizer.json"))?;
+    let data = vocab::mine_morphemes(&lexicon, Some(&base));
+    data.validate()
+        .with_context(|| format!("mining affixes from {}", config.lexicon.display()))?;
+    data.save(&dest)?;
+    say(format!(
+        "mined {} prefixes and {} suffixes into {}",
+        data.prefixes.len(),
+        data.suffixes.len(),
+        dest.display()
+    ));
+    Ok(())
+}
+
+/// Export, analysis, samples, report: each skipped when its output exists.
+fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
+    let f = &config.finish;
+    let final_dir = out.join("final");
+    if !final_dir.join("model.safetensors").is_file() {
+        let p3 = out.join("p3");
+        let step = train::engine::checkpoint_step(&p3, &f.select.to_string())?;
+        let tmp = atomic::tmp_path(&final_dir);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot remove {}", tmp.display()))?;
+        }
+        train::engine::export(&p3, step, &tmp, true)?;
+        atomic::commit(&tmp, &final_dir)?;
+        say(format!(
+            "final model: phase 3 step {step} ({}), adapters merged: {}",
+            f.select,
+            final_dir.display()
+        ));
+    }
+    let analysis_dir = out.join("analysis");
+    let summary_path = analysis_dir.join("summary.json");
+    if (f.analysis || f.report) && !summary_path.is_file() {
+        let req = report::AnalyzeRequest {
+            path: final_dir.clone(),
+            pre: Some(out.join("model")),
+            out: Some(analysis_dir.clone()),
+            morphemes: config.groups(),
+            trajectory_tokens: 0,
+            ..Default::default()
+        };
+        report::analyze_path(&req)?;
+        say(format!("analysis: {}", summary_path.display()));
+    }
+    let samples_path = out.join("samples.jsonl");
+    if f.samples && !samples_path.is_file() {
+        let m = crate::model::LoadedModel::load(&final_dir)?;
+        let wake = train::WakeLayout::read(&final_dir)?;
+        let known = text_metrics::KnownWords {
+            corpus: text_metrics::KnownWords::from_corpus_text(&corpus::read_text(&config.corpus)?),
+            base_vocab: text_metrics::KnownWords::from_tokenizer(&m.tokenizer, wake.wake_start),
+            dictionary: Default::default(),
+        };
+        let samples = battery::run(
+            &m,
+            crate::generate::DEFAULT_PROMPT,
+            crate::sampling::SamplingParams::default(),
+            f.max_new_tokens,
+            42,
+            &known,
+            Some(wake.wake_start..wake.wake_start + wake.wake_count),
+            &mut |s| say(format!("sample [{}]: {} tokens", s.label, s.tokens)),
+        )?;
+        battery::write(out, &samples, "final")?;
+    }
+    if f.report && !out.join("report.html").is_file() {
+        let summary = report::analyze_path(&report::AnalyzeRequest {
+            path: final_dir.clone(),
+            pre: Some(out.join("model")),
+            out: Some(analysis_dir.clone()),
+            morphemes: config.groups(),
+            trajectory_tokens: 0,
+            no_figures: true,
+            ..Default::default()
+        })?
+        .summary;
+        let samples = if samples_path.is_file() {
+            battery::read(&samples_path)?
+        } else {
+            vec![]
+        };
+        let settings = std::fs::read_to_string(out.join("pipeline.toml")).ok();
+        let page = report::html::build(&summary, &analysis_dir, settings.as_deref(), &samples)?;
+        atomic::write(&out.join("report.html"), page.as_bytes())?;
+        say(format!("report: {}", out.join("report.html").display()));
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_set_every_phase() {
+        for (name, _) in PRESETS {
+            let c = PipelineConfig::resolve(Some(name), None, &[]).unwrap();
+            assert_eq!(c.preset, *name);
+            for phase in [Phase::P1, Phase::P2, Phase::P3] {
+                let t = c.phase_config(phase, Path::new("/tmp/out")).unwrap();
+                assert_eq!(t.phase, phase);
+                assert_eq!(t.model, Path::new("/tmp/out/model"));
+                if phase != Phase::P1 {
+                    assert!(t
+                        .source
+                        .run
+                        .ends_with(if phase == Phase::P2 { "p1" } else { "p2" }));
+                }
+            }
+        }
+        let seed = PipelineConfig::resolve(Some("seed"), None, &[]).unwrap();
+        let p3 = seed.phase_config(Phase::P3, Path::new("o")).unwrap();
+        assert_eq!((p3.steps, p3.patience, p3.lr), (3000, 5, 5e-5));
+        assert_eq!(p3.source.select, Rule::MinGap);
+    }
+
+    #[test]
+    fn typos_and_reserved_keys_are_refused() {
+        let err = PipelineConfig::resolve(Some("demo"), None, &["p1.stepz=3".into()])
+            .and_then(|c| c.phase_config(Phase::P1, Path::new("o")))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("stepz"), "{err:#}");
+        let err = PipelineConfig::resolve(Some("demo"), None, &["p2.model=x".into()])
+            .and_then(|c| c.phase_config(Phase::P2, Path::new("o")))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("'model'"), "{err:#}");
+        let err = PipelineConfig::resolve(Some("nope"), None, &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("demo, seed"), "{err:#}");
+    }
+}
