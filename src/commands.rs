@@ -1,4 +1,4 @@
-//! The lexicon, morpheme, injection and evaluation verbs of the CLI: argument handling and
+//! The lexicon, morpheme, injection, evaluation and status verbs of the CLI: argument handling and
 //! printing only; the work is in the library.
 
 use super::{EvalArgs, ExtendTokenizerArgs, InjectArgs, MineArgs, MorphemesCommand};
@@ -389,5 +389,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         r.mean_loss,
         r.bits_per_byte
     );
+    Ok(())
+}
+
+pub fn status(run: &Path, json: bool) -> Result<()> {
+    let st = wake2vec::train::status::status(run)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", wake2vec::train::status::render(&st));
+    }
     Ok(())
 }

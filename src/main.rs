@@ -115,6 +115,19 @@ enum Command {
         #[arg(long)]
         merge: bool,
     },
+    /// Where a training run or a pipeline stands: per phase the steps done of those configured,
+    /// finished or early-stopped, the last train loss, the last evaluation, the checkpoints the
+    /// best-val and min-gap rules would pick, the newest checkpoint, elapsed time and ETA.
+    ///
+    /// RUN_DIR is a run directory (run.toml, log.jsonl, checkpoints/) or a pipeline directory
+    /// (phase runs in p1/, p2/, p3/). Reads files only: safe while the run is going.
+    Status {
+        /// The run or pipeline directory.
+        run: PathBuf,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure speed, reported as ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -777,6 +790,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inject(args) => commands::inject(args),
         Command::ExtendTokenizer(args) => commands::extend_tokenizer(args),
         Command::Eval(args) => commands::eval(args),
+        Command::Status { run, json } => commands::status(&run, json),
     }
 }
 

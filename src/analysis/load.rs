@@ -270,6 +270,9 @@ pub struct LogLine {
     pub val_bpb: Option<f64>,
     #[serde(default)]
     pub train_loss: Option<f64>,
+    /// Training time of all sessions so far (step lines).
+    #[serde(default)]
+    pub elapsed_s: Option<f64>,
 }
 
 /// Reads `log.jsonl`; a torn last line (a run killed mid-write) is skipped, any other bad line

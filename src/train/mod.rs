@@ -12,6 +12,7 @@
 //! - [`select`]: checkpoint selection rules between phases (`best-val`, `min-gap`, ...).
 //! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
 //!   gradients.
+//! - [`status`]: `wake2vec status`: where a run or pipeline stands.
 //! - [`bench`]: `wake2vec bench train`.
 
 pub mod aux;
@@ -24,6 +25,7 @@ pub mod ops;
 pub mod optim;
 pub mod schedule;
 pub mod select;
+pub mod status;
 
 pub use config::{Phase, TrainConfig};
 pub use engine::{install_interrupt_handler, Outcome, Trainer, WakeLayout};
