@@ -507,3 +507,58 @@ fn write_peft_interop_files() {
         out.display()
     );
 }
+
+/// An adapter written by Python `peft` (scripts/fixtures/peft_golden.py): `load_peft` reads it,
+/// and the LoRA training forward without dropout gives PEFT's log-probs.
+#[test]
+fn a_peft_written_adapter_gives_peft_log_probs() {
+    let model = load("tiny-llama");
+    let dir = fixture("peft-tiny-llama");
+    let lora = Lora::load_peft(&dir, &model).unwrap();
+    let c = lora.config();
+    assert_eq!((c.r, c.alpha, c.dropout), (2, 6.0, 0.1));
+    // PEFT writes target_modules from a set, in no fixed order.
+    assert_eq!(
+        c.target_set().unwrap(),
+        [Target::Q, Target::O, Target::Down]
+    );
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let want: Vec<f64> = serde_json::from_value(golden["logprobs"].clone()).unwrap();
+    let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let pass = LoraPass {
+        lora: &lora,
+        dropout_seed: None,
+    };
+    let h = model
+        .hidden_states_train(&input, None, Some(&pass))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let logits = model.logits_train(&h, None).unwrap();
+    let lse = values(&logits.log_sum_exp(1).unwrap());
+    let l = values(&logits);
+    let vocab = logits.dim(1).unwrap();
+    let base = wake2vec::score::logprobs(&model, &ids).unwrap();
+    let (mut max_diff, mut moved) = (0f64, 0f64);
+    for (i, w) in want.iter().enumerate() {
+        let ours = (l[i * vocab + ids[i + 1] as usize] - lse[i]) as f64;
+        max_diff = max_diff.max((ours - w).abs());
+        moved = moved.max((base[i] as f64 - w).abs());
+    }
+    eprintln!(
+        "wake2vec vs peft log-probs: max |Δ| {max_diff:.2e}, adapter moves them by {moved:.2}"
+    );
+    assert!(
+        max_diff < 1e-4,
+        "wake2vec vs peft log-probs: max |Δ| {max_diff}"
+    );
+    assert!(
+        moved > 0.1,
+        "the adapter moves the log-probs by only {moved}"
+    );
+}
