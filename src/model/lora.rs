@@ -420,6 +420,12 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The `adapter_config.json` PEFT writes for a plain LoRA on a causal LM (peft 0.21's fields
 /// that bear on loading).
 fn peft_config_json(c: &LoraConfig, base_model: &str) -> serde_json::Value {
+    // PEFT writes an integral alpha as an integer (16, not 16.0).
+    let alpha = if c.alpha.fract() == 0.0 && c.alpha.abs() < 1e15 {
+        serde_json::json!(c.alpha as i64)
+    } else {
+        serde_json::json!(c.alpha)
+    };
     serde_json::json!({
         "alpha_pattern": {},
         "base_model_name_or_path": base_model,
@@ -431,7 +437,7 @@ fn peft_config_json(c: &LoraConfig, base_model: &str) -> serde_json::Value {
         "layer_replication": null,
         "layers_pattern": null,
         "layers_to_transform": null,
-        "lora_alpha": c.alpha,
+        "lora_alpha": alpha,
         "lora_bias": false,
         "lora_dropout": c.dropout,
         "modules_to_save": null,

@@ -36,3 +36,27 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Adapters on `model` with PEFT's initialisation for `A` and, unlike PEFT's, a random non-zero
+/// `B` (uniform in `±b_bound`), so that they change the model's output.
+#[allow(dead_code)]
+pub fn random_lora(
+    model: &wake2vec::model::Llama,
+    config: wake2vec::model::LoraConfig,
+    seed: u64,
+    b_bound: f64,
+) -> wake2vec::model::Lora {
+    let lora = wake2vec::model::Lora::new(model, config, seed).unwrap();
+    let mut rng = wake2vec::sampling::Rng::new(seed ^ 0xB);
+    for (name, var) in lora.params() {
+        if name.contains("lora_B") {
+            let n = var.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|_| ((2.0 * rng.next_f64() - 1.0) * b_bound) as f32)
+                .collect();
+            var.set(&candle_core::Tensor::from_vec(v, var.shape(), var.device()).unwrap())
+                .unwrap();
+        }
+    }
+    lora
+}
