@@ -1916,6 +1916,51 @@ mod tests {
         assert!(e.contains("aux.devices is empty"), "{e}");
     }
 
+    /// The setup on the injected SmolLM2 (`/root/models/smollm2-135m-wake`) with morpheme data
+    /// mined from its own words; prints what takes part. Skips when the model is absent.
+    /// `cargo test --release --lib aux::tests::real_model_setup -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn real_model_setup() {
+        let dir = Path::new("/root/models/smollm2-135m-wake");
+        if !dir.join("wake2vec.json").is_file() {
+            eprintln!("skipped: no injected model at {}", dir.display());
+            return;
+        }
+        let e = crate::analysis::load::load_embeddings(dir).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let m = crate::vocab::Manifest::load(dir).unwrap();
+        let known: HashSet<String> = m.words.iter().map(|w| w.to_lowercase()).collect();
+        let data = crate::lexicon::morphemes::mine_affixes(
+            &m.words,
+            &|s: &str| known.contains(s),
+            Default::default(),
+        );
+        let tmp = std::env::temp_dir().join(format!("wake2vec-aux-real-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let path = tmp.join("morpheme_data.json");
+        data.save(&path).unwrap();
+        let config = AuxConfig {
+            morphemes: path,
+            ..AuxConfig::default()
+        };
+        let t0 = std::time::Instant::now();
+        let aux = AuxLosses::build_for_model(&config, dir, &tokenizer, &e.data, e.dim).unwrap();
+        let setup = t0.elapsed().as_secs_f64();
+        let wake = e.slice(m.wake_ids());
+        let mut grad = vec![0f32; wake.len()];
+        let t0 = std::time::Instant::now();
+        let c = aux.compute(wake, &mut Rng::new(1), Some(&mut grad), 1.0);
+        eprintln!(
+            "setup {setup:.2} s, one step {:.1} ms\n{}\n{}",
+            t0.elapsed().as_secs_f64() * 1e3,
+            serde_json::to_string(aux.participating()).unwrap(),
+            serde_json::to_string(&c).unwrap()
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(aux.participating().morph_rows > 0);
+    }
+
     /// Per-step cost on the seed's scale: 44,500 × 576 Wake rows. Prints; asserts nothing
     /// about time. `cargo test --release --lib aux::tests::step_cost -- --ignored --nocapture`
     #[test]
