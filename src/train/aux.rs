@@ -290,8 +290,8 @@ impl Lin {
 struct Centroid {
     /// (Wake row, target index), rows ascending, each row once.
     rows: Vec<(u32, u32)>,
-    /// Targets, `[T, D]`.
-    targets: Vec<f64>,
+    /// Targets, `[T, D]` (f32 like the rows: the rounding only fixes the target).
+    targets: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +400,44 @@ fn sample_triplets(
         .collect()
 }
 
+/// `Σ x²` in f64 over 8 interleaved lanes (a fixed order the compiler can vectorise).
+fn sum_sq(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        acc.iter_mut()
+            .zip(c)
+            .for_each(|(a, &v)| *a += v as f64 * v as f64);
+    }
+    let mut s = acc.iter().sum::<f64>();
+    for &v in rest {
+        s += v as f64 * v as f64;
+    }
+    s
+}
+
+/// `Σ (x − y)²` in f64, as [`sum_sq`].
+fn sq_dist(x: &[f32], y: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let cx = x.chunks_exact(8);
+    let cy = y.chunks_exact(8);
+    let (rx, ry) = (cx.remainder(), cy.remainder());
+    for (a, b) in cx.zip(cy) {
+        acc.iter_mut()
+            .zip(a.iter().zip(b))
+            .for_each(|(s, (&u, &v))| {
+                let d = u as f64 - v as f64;
+                *s += d * d;
+            });
+    }
+    let mut s = acc.iter().sum::<f64>();
+    for (&a, &b) in rx.iter().zip(ry) {
+        s += (a as f64 - b as f64).powi(2);
+    }
+    s
+}
+
 /// `(cos, |a|, |b|)`; the cosine is 0 when either vector is (nearly) zero.
 fn cosine(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
     let ab: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -454,7 +492,7 @@ impl AuxLosses {
         let (start, count) = (layout.wake_start, layout.wake_count);
         ensure!(hidden > 0, "the embedding width is 0");
         ensure!(
-            embed.len() % hidden == 0 && embed.len() / hidden >= start + count,
+            embed.len().is_multiple_of(hidden) && embed.len() / hidden >= start + count,
             "the embedding has {} values: not a [V, {hidden}] matrix with the {} rows the layout needs (Wake rows {start}..{})",
             embed.len(),
             start + count,
@@ -618,7 +656,7 @@ impl AuxLosses {
         }
         let decomposer = Decomposer::new(&usable);
         let mut combos: HashMap<(String, String), u32> = HashMap::new();
-        let mut targets: Vec<f64> = Vec::new();
+        let mut targets: Vec<f32> = Vec::new();
         let mut rows = Vec::new();
         for i in 0..vocab.layout.wake_count {
             let Some(word) = wake_word(vocab, i) else {
@@ -642,7 +680,7 @@ impl AuxLosses {
                     for p in parts {
                         t.iter_mut().zip(p).for_each(|(a, b)| *a += k * b);
                     }
-                    targets.extend_from_slice(&t);
+                    targets.extend(t.iter().map(|&v| v as f32));
                     next
                 });
             rows.push((i as u32, t));
@@ -855,7 +893,7 @@ impl AuxLosses {
         };
         let device = match &self.devices {
             None => 0.0,
-            Some(d) => self.device(d, wake, rng, grad.as_deref_mut(), scale * c.lambda_device),
+            Some(d) => self.device(d, wake, rng, grad, scale * c.lambda_device),
         };
         Components {
             morph,
@@ -886,18 +924,18 @@ impl AuxLosses {
             let first = ci * CHUNK_ROWS;
             let mut norm = 0f64;
             for (r, e) in block.chunks_exact(dim).enumerate() {
-                let len = e.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let len = sum_sq(e).sqrt();
                 let off = len - self.norm_target;
                 let h = off.abs() - self.norm_margin;
                 if h > 0.0 {
                     norm += h * h;
                     if let Some(g) = g.as_deref_mut().filter(|_| k_norm != 0.0) {
                         if len > 0.0 {
-                            let k = k_norm * h * off.signum() / len;
+                            let k = (k_norm * h * off.signum() / len) as f32;
                             g[r * dim..(r + 1) * dim]
                                 .iter_mut()
                                 .zip(e)
-                                .for_each(|(o, &v)| *o += (k * v as f64) as f32);
+                                .for_each(|(o, &v)| *o += k * v);
                         }
                     }
                 }
@@ -912,17 +950,13 @@ impl AuxLosses {
                     let r = row as usize - first;
                     let e = &block[r * dim..(r + 1) * dim];
                     let t = &c.targets[t as usize * dim..(t as usize + 1) * dim];
-                    let mut s = 0f64;
-                    for (&x, &y) in e.iter().zip(t) {
-                        let d = x as f64 - y;
-                        s += d * d;
-                    }
-                    morph += s;
+                    morph += sq_dist(e, t);
                     if let Some(g) = g.as_deref_mut().filter(|_| k_morph != 0.0) {
+                        let k = k_morph as f32;
                         g[r * dim..(r + 1) * dim]
                             .iter_mut()
                             .zip(e.iter().zip(t))
-                            .for_each(|(o, (&x, &y))| *o += (k_morph * (x as f64 - y)) as f32);
+                            .for_each(|(o, (&x, &y))| *o += k * (x - y));
                     }
                 }
             }
@@ -1067,5 +1101,943 @@ impl AuxLosses {
             }
         }
         loss / t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{morph::word_vector, Embeddings, Layout};
+
+    fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
+        let mut v = vec![0f64; n];
+        rng.fill_normal(&mut v);
+        v.into_iter().map(|x| x as f32).collect()
+    }
+
+    /// Every λ 0 except `on`'s, which is 1.
+    fn only(on: &str) -> AuxConfig {
+        let mut c = AuxConfig {
+            lambda_morph: 0.0,
+            lambda_rep: 0.0,
+            lambda_norm: 0.0,
+            lambda_device: 0.0,
+            ..AuxConfig::default()
+        };
+        match on {
+            "morph" => c.lambda_morph = 1.0,
+            "rep" => c.lambda_rep = 1.0,
+            "norm" => c.lambda_norm = 1.0,
+            "device" => c.lambda_device = 1.0,
+            "none" => {}
+            _ => {
+                c.lambda_morph = 0.7;
+                c.lambda_rep = 0.3;
+                c.lambda_norm = 0.2;
+                c.lambda_device = 0.4;
+            }
+        }
+        c
+    }
+
+    fn parts(
+        config: AuxConfig,
+        dim: usize,
+        wake_count: usize,
+        band: (f64, f64),
+        morph: Morph,
+        devices: Option<Devices>,
+    ) -> AuxLosses {
+        let stats = Stats {
+            morph: config.morph,
+            morph_groups_in_file: 0,
+            morph_groups: 0,
+            morph_pairs: 0,
+            morph_rows: 0,
+            device_groups: 0,
+            device_words: 0,
+            device_rows: 0,
+            norm_target: band.0,
+            norm_margin: band.1,
+            norm_base_rows: 0,
+            rep_pairs: config.rep_pairs,
+        };
+        AuxLosses {
+            config,
+            dim,
+            wake_count,
+            norm_target: band.0,
+            norm_margin: band.1,
+            morph,
+            devices,
+            stats,
+        }
+    }
+
+    fn lin(fixed: &[f64], terms: &[(u32, f64)]) -> Lin {
+        Lin {
+            fixed: fixed.to_vec(),
+            terms: terms.to_vec(),
+        }
+        .finish()
+    }
+
+    fn grouped(groups: Vec<Vec<Lin>>) -> (Vec<Lin>, Vec<Range<usize>>, Vec<u32>) {
+        let (mut all, mut ranges, mut of) = (Vec::new(), Vec::new(), Vec::new());
+        for (g, list) in groups.into_iter().enumerate() {
+            ranges.push(all.len()..all.len() + list.len());
+            of.extend(std::iter::repeat_n(g as u32, list.len()));
+            all.extend(list);
+        }
+        (all, ranges, of)
+    }
+
+    fn devices(groups: Vec<Vec<Lin>>) -> Devices {
+        let (words, groups, group_of) = grouped(groups);
+        Devices {
+            words,
+            groups,
+            group_of,
+        }
+    }
+
+    fn direction(groups: Vec<Vec<Lin>>) -> Morph {
+        let (pairs, groups, _) = grouped(groups);
+        Morph::Direction(Direction { pairs, groups })
+    }
+
+    /// A random `Lin` over `count` rows: 1–3 terms, a fixed part half of the time.
+    fn random_lin(rng: &mut Rng, count: usize, dim: usize) -> Lin {
+        let n = 1 + below(rng, 3);
+        let terms: Vec<(u32, f64)> = (0..n)
+            .map(|_| (below(rng, count) as u32, rng.next_f64() * 2.0 - 1.0))
+            .collect();
+        let fixed = if below(rng, 2) == 0 {
+            Vec::new()
+        } else {
+            normal(rng, dim).into_iter().map(f64::from).collect()
+        };
+        lin(&fixed, &terms)
+    }
+
+    const DIM: usize = 5;
+    const COUNT: usize = 7;
+
+    /// A small random problem with every term active.
+    fn problem(config: AuxConfig, variant: MorphVariant, seed: u64) -> (AuxLosses, Vec<f32>) {
+        let mut rng = Rng::new(seed);
+        let wake = normal(&mut rng, COUNT * DIM);
+        let morph = match variant {
+            MorphVariant::Centroid => {
+                let targets = normal(&mut rng, 2 * DIM);
+                Morph::Centroid(Centroid {
+                    rows: vec![(0, 0), (2, 1), (3, 0), (6, 1)],
+                    targets,
+                })
+            }
+            MorphVariant::Direction => direction(
+                (0..2)
+                    .map(|_| (0..4).map(|_| random_lin(&mut rng, COUNT, DIM)).collect())
+                    .collect(),
+            ),
+            MorphVariant::Off => Morph::Off,
+        };
+        let dev = devices(
+            (0..3)
+                .map(|_| (0..3).map(|_| random_lin(&mut rng, COUNT, DIM)).collect())
+                .collect(),
+        );
+        let mean_norm = wake
+            .chunks(DIM)
+            .map(|r| r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt())
+            .sum::<f64>()
+            / COUNT as f64;
+        let config = AuxConfig {
+            morph: variant,
+            rep_threshold: -0.5,
+            rep_pairs: 12,
+            device_triplets: 20,
+            ..config
+        };
+        (
+            parts(config, DIM, COUNT, (mean_norm, 0.1), morph, Some(dev)),
+            wake,
+        )
+    }
+
+    /// Central differences (f64, on the f32 inputs actually seen) against the analytic
+    /// gradient of `value`, every coordinate.
+    fn check_gradient(aux: &AuxLosses, wake: &[f32], value: fn(&Components) -> f64, what: &str) {
+        let seed = 99;
+        let mut grad = vec![0f32; wake.len()];
+        let c = aux.compute(wake, &mut Rng::new(seed), Some(&mut grad), 1.0);
+        assert!(
+            value(&c) > 0.0,
+            "{what}: the term is zero, the check would be empty"
+        );
+        let mut fd = vec![0f64; wake.len()];
+        let mut x = wake.to_vec();
+        for i in 0..wake.len() {
+            let h = 1e-3f32;
+            x[i] = wake[i] + h;
+            let xp = x[i] as f64;
+            let up = value(&aux.compute(&x, &mut Rng::new(seed), None, 1.0));
+            x[i] = wake[i] - h;
+            let xm = x[i] as f64;
+            let down = value(&aux.compute(&x, &mut Rng::new(seed), None, 1.0));
+            x[i] = wake[i];
+            fd[i] = (up - down) / (xp - xm);
+        }
+        let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+        let gnorm = norm(&mut grad.iter().map(|&g| g as f64));
+        let diff = norm(&mut grad.iter().zip(&fd).map(|(&g, f)| g as f64 - f));
+        let gmax = grad.iter().fold(0f64, |m, &g| m.max((g as f64).abs()));
+        assert!(gnorm > 0.0, "{what}: zero gradient");
+        assert!(
+            diff <= 1e-3 * gnorm,
+            "{what}: |fd − analytic| {diff} vs |g| {gnorm}\n{grad:?}\n{fd:?}"
+        );
+        for (i, (&g, &f)) in grad.iter().zip(&fd).enumerate() {
+            if (g as f64).abs() > 0.1 * gmax {
+                assert!(
+                    (g as f64 - f).abs() <= 1e-2 * (g as f64).abs(),
+                    "{what}: coordinate {i}: analytic {g}, finite differences {f}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (aux, wake) = problem(only("norm"), MorphVariant::Off, 1);
+        check_gradient(&aux, &wake, |c| c.norm, "L_norm");
+        let (aux, wake) = problem(only("rep"), MorphVariant::Off, 2);
+        check_gradient(&aux, &wake, |c| c.rep, "L_rep");
+        let (aux, wake) = problem(only("morph"), MorphVariant::Centroid, 3);
+        check_gradient(&aux, &wake, |c| c.morph, "L_morph centroid");
+        let (aux, wake) = problem(only("morph"), MorphVariant::Direction, 4);
+        check_gradient(&aux, &wake, |c| c.morph, "L_morph direction");
+        let (aux, wake) = problem(only("device"), MorphVariant::Off, 5);
+        check_gradient(&aux, &wake, |c| c.device, "L_device");
+        // all four weighted together, and the scale
+        for variant in [MorphVariant::Centroid, MorphVariant::Direction] {
+            let (aux, wake) = problem(only("all"), variant, 6);
+            check_gradient(&aux, &wake, |c| c.total_weighted, "Σ λ L");
+            let c = aux.compute(&wake, &mut Rng::new(1), None, 1.0);
+            let l = &aux.config;
+            let total = l.lambda_morph * c.morph
+                + l.lambda_rep * c.rep
+                + l.lambda_norm * c.norm
+                + l.lambda_device * c.device;
+            assert_eq!(c.total_weighted, total);
+            let mut g1 = vec![0f32; wake.len()];
+            let mut g2 = vec![0.5f32; wake.len()];
+            aux.compute(&wake, &mut Rng::new(1), Some(&mut g1), 1.0);
+            aux.compute(&wake, &mut Rng::new(1), Some(&mut g2), -2.0);
+            for (a, b) in g1.iter().zip(&g2) {
+                assert!(
+                    (b - 0.5 + 2.0 * a).abs() <= 1e-6 * (1.0 + a.abs()),
+                    "{a} {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_lambda_reports_the_term_but_adds_no_gradient() {
+        let (aux, wake) = problem(only("none"), MorphVariant::Centroid, 7);
+        let mut grad = vec![0f32; wake.len()];
+        let c = aux.compute(&wake, &mut Rng::new(3), Some(&mut grad), 1.0);
+        assert!(
+            c.morph > 0.0 && c.rep > 0.0 && c.norm > 0.0 && c.device > 0.0,
+            "{c:?}"
+        );
+        assert_eq!(c.total_weighted, 0.0);
+        assert!(grad.iter().all(|&g| g == 0.0));
+    }
+
+    #[test]
+    fn norm_band_zero_inside_and_hand_value_outside() {
+        let config = only("norm");
+        let aux = parts(config.clone(), 2, 3, (2.0, 0.5), Morph::Off, None);
+        // norms 2, 1.6, 2.5: all inside [1.5, 2.5]
+        let inside = [2.0f32, 0.0, 0.0, 1.6, 1.5, 2.0];
+        let c = aux.compute(&inside, &mut Rng::new(1), None, 1.0);
+        assert_eq!(c.norm, 0.0);
+        // norms 3.5 (1 past the band), 0.5 (1 below it), 2
+        let outside = [3.5f32, 0.0, 0.0, 0.5, 2.0, 0.0];
+        let mut grad = vec![0f32; 6];
+        let c = aux.compute(&outside, &mut Rng::new(1), Some(&mut grad), 1.0);
+        assert!((c.norm - 2.0 / 3.0).abs() < 1e-12, "{c:?}");
+        // d/de of h²/3 along the row's direction: ±2h/3
+        assert_eq!(grad, [2.0 / 3.0, 0.0, 0.0, -2.0 / 3.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn repulsion_zero_below_threshold_and_hand_value_above() {
+        let aux = parts(only("rep"), 2, 3, (1.0, 10.0), Morph::Off, None);
+        // three rows: all 3 pairs are drawn; cosines 0.8, 0, 0.6
+        let low = [1.0f32, 0.0, 0.8, 0.6, 0.0, 1.0];
+        assert_eq!(aux.compute(&low, &mut Rng::new(1), None, 1.0).rep, 0.0);
+        // rows 0 and 1 parallel (cos 1): (1 − 0.95)² over 3 pairs
+        let high = [1.0f32, 0.0, 3.0, 0.0, 0.0, 1.0];
+        let c = aux.compute(&high, &mut Rng::new(1), None, 1.0);
+        assert!((c.rep - 0.05f64.powi(2) / 3.0).abs() < 1e-15, "{c:?}");
+    }
+
+    #[test]
+    fn centroid_zero_at_targets_and_hand_value_off_them() {
+        let targets = vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 0.5, 0.25];
+        let morph = Morph::Centroid(Centroid {
+            rows: vec![(0, 1), (2, 0)],
+            targets,
+        });
+        let aux = parts(only("morph"), 4, 3, (1.0, 10.0), morph, None);
+        // row 1 does not take part
+        let mut wake = [
+            -1.0f32, 0.0, 0.5, 0.25, 9.0, 9.0, 9.0, 9.0, 1.0, 2.0, 3.0, 4.0,
+        ];
+        assert_eq!(aux.compute(&wake, &mut Rng::new(1), None, 1.0).morph, 0.0);
+        wake[8] += 1.0;
+        let mut grad = vec![0f32; 12];
+        let c = aux.compute(&wake, &mut Rng::new(1), Some(&mut grad), 1.0);
+        // ‖e − t‖² / D over M = 2 rows: 1 / 4 / 2
+        assert_eq!(c.morph, 0.125);
+        // 2 (e − t) / (M D)
+        let mut expected = [0f32; 12];
+        expected[8] = 0.25;
+        assert_eq!(grad, expected);
+    }
+
+    #[test]
+    fn direction_zero_when_consistent_and_hand_value_otherwise() {
+        // d_i = wake[i] − fixed base vector; two groups of two pairs
+        let base = [0.5, -1.0];
+        let pair = |r: u32| lin(&base.map(|b: f64| -b), &[(r, 1.0)]);
+        let morph = direction(vec![vec![pair(0), pair(1)], vec![pair(2), pair(3)]]);
+        let aux = parts(only("morph"), 2, 4, (1.0, 10.0), morph, None);
+        // equal directions within each group (different across groups)
+        let consistent = [1.0f32, 1.0, 1.0, 1.0, -3.0, 2.0, -3.0, 2.0];
+        assert_eq!(
+            aux.compute(&consistent, &mut Rng::new(1), None, 1.0).morph,
+            0.0
+        );
+        // group 0: d = (0.5, 2), (2.5, 2): residuals ±(1, 0); group 1 consistent
+        let off = [1.0f32, 1.0, 3.0, 1.0, -3.0, 2.0, -3.0, 2.0];
+        let mut grad = vec![0f32; 8];
+        let c = aux.compute(&off, &mut Rng::new(1), Some(&mut grad), 1.0);
+        // Σ ‖d_i − d̄‖² / (N D) = 2 / (4 · 2)
+        assert_eq!(c.morph, 0.25);
+        // 2 (d_i − d̄) / (N D)
+        assert_eq!(grad, [-0.25, 0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn device_zero_when_separated_and_hand_value_otherwise() {
+        let w = |r: u32, k: f64| lin(&[], &[(r, k)]);
+        // rows 0, 1 along x, rows 2, 3 along y: cos(a, p) = 1, cos(a, n) = 0
+        let dev = devices(vec![vec![w(0, 1.0), w(1, 2.0)], vec![w(2, 1.0), w(3, 3.0)]]);
+        let aux = parts(only("device"), 2, 4, (1.0, 10.0), Morph::Off, Some(dev));
+        let separated = [1.0f32, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.5];
+        assert_eq!(
+            aux.compute(&separated, &mut Rng::new(1), None, 1.0).device,
+            0.0
+        );
+        // four orthogonal words: every triplet costs the margin, 0.2
+        let dev = devices(vec![vec![w(0, 1.0), w(1, 1.0)], vec![w(2, 1.0), w(3, 1.0)]]);
+        let aux = parts(only("device"), 4, 4, (1.0, 10.0), Morph::Off, Some(dev));
+        let mut eye = [0f32; 16];
+        (0..4).for_each(|i| eye[i * 5] = 1.0 + i as f32);
+        let c = aux.compute(&eye, &mut Rng::new(1), None, 1.0);
+        assert!((c.device - 0.2).abs() < 1e-15, "{c:?}");
+    }
+
+    #[test]
+    fn samples_are_seeded_distinct_and_valid() {
+        let a = sample_pairs(&mut Rng::new(5), 50, 100);
+        assert_eq!(a, sample_pairs(&mut Rng::new(5), 50, 100));
+        assert_ne!(a, sample_pairs(&mut Rng::new(6), 50, 100));
+        assert_eq!(a.len(), 100);
+        let mut seen = HashSet::new();
+        for &(i, j) in &a {
+            assert!(i != j && i < 50 && j < 50);
+            assert!(seen.insert((i.min(j), i.max(j))), "pair {i},{j} twice");
+        }
+        // fewer distinct pairs than asked: each once
+        assert_eq!(
+            sample_pairs(&mut Rng::new(5), 3, 100),
+            [(0, 1), (0, 2), (1, 2)]
+        );
+        // 15 of the 21 pairs of 7 rows: still no repeat
+        let few = sample_pairs(&mut Rng::new(5), 7, 15);
+        let set: HashSet<_> = few.iter().map(|&(i, j)| (i.min(j), i.max(j))).collect();
+        assert_eq!(set.len(), 15);
+
+        let groups = [0..2, 2..5, 5..10];
+        let group_of = [0, 0, 1, 1, 1, 2, 2, 2, 2, 2];
+        let t = sample_triplets(&mut Rng::new(8), &groups, &group_of, 2000);
+        assert_eq!(
+            t,
+            sample_triplets(&mut Rng::new(8), &groups, &group_of, 2000)
+        );
+        let mut anchors = [0usize; 10];
+        let mut negatives = [0usize; 10];
+        for &(a, p, n) in &t {
+            assert_ne!(a, p, "positive equals anchor");
+            assert_eq!(group_of[a], group_of[p]);
+            assert_ne!(group_of[a], group_of[n]);
+            anchors[a] += 1;
+            negatives[n] += 1;
+            // a two-word group has one possible positive
+            if a < 2 {
+                assert_eq!(p, 1 - a);
+            }
+        }
+        assert!(anchors.iter().all(|&c| c > 100), "{anchors:?}");
+        assert!(negatives.iter().all(|&c| c > 50), "{negatives:?}");
+    }
+
+    #[test]
+    fn same_inputs_same_rng_state_give_identical_bits_on_any_thread_count() {
+        let (aux, wake) = problem(only("all"), MorphVariant::Direction, 11);
+        let run = || {
+            let mut rng = Rng::new(21);
+            let mut grad = vec![0f32; wake.len()];
+            let c = aux.compute(&wake, &mut rng, Some(&mut grad), 1.0);
+            (c, grad, rng.state())
+        };
+        let many = run();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(run);
+        assert_eq!(many.0, one.0);
+        assert_eq!(
+            many.1.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
+            one.1.iter().map(|g| g.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(many.2, one.2);
+        // without a gradient buffer: the same values, the same draws
+        let mut rng = Rng::new(21);
+        assert_eq!(aux.compute(&wake, &mut rng, None, 1.0), many.0);
+        assert_eq!(rng.state(), many.2);
+        // the next step draws other samples
+        let next = aux.compute(&wake, &mut rng, None, 1.0);
+        assert_ne!(next.rep, many.0.rep);
+    }
+
+    #[test]
+    fn config_defaults_serde_and_validation() {
+        let c = AuxConfig::default();
+        c.validate().unwrap_err(); // centroid without a morpheme file
+        let off = AuxConfig {
+            morph: MorphVariant::Off,
+            ..AuxConfig::default()
+        };
+        off.validate().unwrap();
+        let text = toml::to_string(&off).unwrap();
+        assert_eq!(toml::from_str::<AuxConfig>(&text).unwrap(), off);
+        let parsed: AuxConfig =
+            toml::from_str("morph = \"direction\"\nmorphemes = \"g.jsonl\"\nlambda_morph = 50.0")
+                .unwrap();
+        assert_eq!(parsed.morph, MorphVariant::Direction);
+        assert_eq!(parsed.lambda_rep, 0.05);
+        parsed.validate().unwrap();
+        let err = toml::from_str::<AuxConfig>("lambda_mrph = 1.0").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let bad = [
+            (
+                AuxConfig {
+                    lambda_device: 0.05,
+                    ..off.clone()
+                },
+                "aux.devices is empty",
+            ),
+            (
+                AuxConfig {
+                    morph: MorphVariant::Direction,
+                    morphemes: "morpheme_data.json".into(),
+                    ..off.clone()
+                },
+                "wake_embedding_groups.jsonl",
+            ),
+            (c.clone(), "needs aux.morphemes"),
+            (
+                AuxConfig {
+                    lambda_rep: -1.0,
+                    ..off.clone()
+                },
+                "aux.lambda_rep = -1",
+            ),
+            (
+                AuxConfig {
+                    lambda_norm: f64::NAN,
+                    ..off.clone()
+                },
+                "aux.lambda_norm = NaN",
+            ),
+            (
+                AuxConfig {
+                    rep_threshold: 1.0,
+                    ..off.clone()
+                },
+                "rep_threshold",
+            ),
+            (
+                AuxConfig {
+                    min_group_size: 1,
+                    ..off.clone()
+                },
+                "min_group_size",
+            ),
+            (
+                AuxConfig {
+                    rep_pairs: 0,
+                    ..off.clone()
+                },
+                "rep_pairs",
+            ),
+        ];
+        for (config, expected) in bad {
+            let err = format!("{:#}", config.validate().unwrap_err());
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        // a devices file with λ 0 is allowed (reported, not trained)
+        AuxConfig {
+            devices: "d.jsonl".into(),
+            ..off
+        }
+        .validate()
+        .unwrap();
+    }
+
+    /// tiny-qwen2's tokenizer (400 ids, 408 rows: 8 padded) extended with a few Wake words.
+    struct Tiny {
+        layout: Layout,
+        tokenizer: tokenizers::Tokenizer,
+        embed: Vec<f32>,
+        dir: PathBuf,
+    }
+
+    const TINY_DIM: usize = 8;
+
+    impl Tiny {
+        fn new(tag: &str) -> Tiny {
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/tiny-qwen2/tokenizer.json"
+            );
+            let base = crate::vocab::tokenizer::BaseTokenizer::from_file(Path::new(path)).unwrap();
+            let words: Vec<String> = [
+                "undoings",
+                "unkind",
+                "rerunning",
+                "thinking",
+                "riverrun",
+                "redo",
+            ]
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
+            let ext = crate::vocab::tokenizer::extend(&base, &words, 408).unwrap();
+            assert_eq!(ext.words, words);
+            let rows = 408 + words.len();
+            let mut embed = normal(&mut Rng::new(17), rows * TINY_DIM);
+            // the padded rows must not count in the norm band
+            embed[400 * TINY_DIM..408 * TINY_DIM].fill(100.0);
+            let dir =
+                std::env::temp_dir().join(format!("wake2vec-aux-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Tiny {
+                layout: Layout {
+                    base_vocab: 408,
+                    wake_start: 408,
+                    wake_count: words.len(),
+                    words,
+                },
+                tokenizer: ext.tokenizer,
+                embed,
+                dir,
+            }
+        }
+
+        fn vocab(&self) -> Vocabulary<'_> {
+            Vocabulary {
+                layout: &self.layout,
+                tokenizer: Some(&self.tokenizer),
+            }
+        }
+
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        }
+
+        fn wake(&self) -> &[f32] {
+            &self.embed[408 * TINY_DIM..]
+        }
+
+        fn build(&self, config: &AuxConfig) -> Result<AuxLosses> {
+            AuxLosses::build(config, &self.vocab(), &self.embed, TINY_DIM)
+        }
+
+        fn vector(&self, word: &str) -> Vec<f64> {
+            let e =
+                Embeddings::new(self.embed.clone(), self.embed.len() / TINY_DIM, TINY_DIM).unwrap();
+            let vocab = self.vocab();
+            word_vector(&e, &vocab, &WordIndex::new(&vocab), word).unwrap()
+        }
+    }
+
+    impl Drop for Tiny {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn mean(vs: &[Vec<f64>]) -> Vec<f64> {
+        let mut m = vec![0f64; vs[0].len()];
+        for v in vs {
+            m.iter_mut()
+                .zip(v)
+                .for_each(|(a, b)| *a += b / vs.len() as f64);
+        }
+        m
+    }
+
+    fn sq(a: &[f64], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, &y)| (x - y as f64).powi(2)).sum()
+    }
+
+    #[test]
+    fn builds_on_a_tiny_vocabulary() {
+        let t = Tiny::new("build");
+        let morphemes = t.file(
+            "morpheme_data.json",
+            r#"{"prefixes": {"un": ["undone", "unkind"], "re": ["redo"], "zz": []},
+                "suffixes": {"ing": ["thinking", "sitting"]}}"#,
+        );
+        let config = AuxConfig {
+            morphemes: morphemes.clone(),
+            ..AuxConfig::default()
+        };
+        let aux = t.build(&config).unwrap();
+        let s = aux.participating();
+        // the norm band: mean and sample std of the 400 rows with a token
+        let norms: Vec<f64> = (0..400)
+            .map(|i| sq(&[0.0; TINY_DIM], &t.embed[i * TINY_DIM..(i + 1) * TINY_DIM]).sqrt())
+            .collect();
+        let m = norms.iter().sum::<f64>() / 400.0;
+        let sd = (norms.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 399.0).sqrt();
+        assert_eq!(s.norm_base_rows, 400);
+        assert!(
+            (s.norm_target - m).abs() < 1e-12 && (s.norm_margin - sd).abs() < 1e-12,
+            "{s:?}"
+        );
+        // centroids: zz has no example; un, re, ing do
+        assert_eq!(
+            (s.morph_groups_in_file, s.morph_groups, s.morph_pairs),
+            (4, 3, 5)
+        );
+        // undoings → un, unkind → un, rerunning → re + ing, thinking → ing, redo → re;
+        // riverrun has none
+        assert_eq!(s.morph_rows, 5);
+        let un = mean(&[t.vector("undone"), t.vector("unkind")]);
+        let re = t.vector("redo");
+        let ing = mean(&[t.vector("thinking"), t.vector("sitting")]);
+        let targets = [un.clone(), un, mean(&[re.clone(), ing.clone()]), ing, re];
+        let w = t.wake();
+        let rows = [0, 1, 2, 3, 5];
+        let expected = rows
+            .iter()
+            .zip(&targets)
+            .map(|(&r, tg)| sq(tg, &w[r * TINY_DIM..(r + 1) * TINY_DIM]))
+            .sum::<f64>()
+            / (5 * TINY_DIM) as f64;
+        let c = aux.compute(w, &mut Rng::new(1), None, 1.0);
+        // the targets are stored in f32
+        assert!(
+            (c.morph - expected).abs() < 1e-6 * expected,
+            "{} vs {expected}",
+            c.morph
+        );
+        assert!(c.morph > 0.0);
+
+        // direction: one group with 3 usable pairs, one with 2 (dropped)
+        let groups = t.file(
+            "groups.jsonl",
+            "{\"morpheme\": \"-ing\", \"morpheme_type\": \"suffix\", \"examples\": [\"thinking\", \"rerunning\", \"sitting\"], \"bases\": [\"think\", \"rerun\", \"sit\"]}\n\
+             {\"morpheme\": \"re-\", \"morpheme_type\": \"prefix\", \"examples\": [\"redo\", \"rerunning\"], \"bases\": [\"do\", \"running\"]}\n\
+             {\"morpheme\": \"un-\", \"morpheme_type\": \"prefix\", \"examples\": [\"unkind\"]}\n",
+        );
+        let devices = t.file(
+            "device_groups.jsonl",
+            "{\"device\": \"pun\", \"examples\": [\"undoings\", \"riverrun\", \"redo\"]}\n\
+             {\"device\": \"nonce\", \"examples\": [\"unkind\", \"thinking\", \"zzzq\", \"unkind\"]}\n\
+             {\"device\": \"faust\", \"examples\": [\"faust\"]}\n",
+        );
+        let config = AuxConfig {
+            morph: MorphVariant::Direction,
+            morphemes: groups.clone(),
+            devices: devices.clone(),
+            lambda_device: 0.05,
+            ..AuxConfig::default()
+        };
+        let aux = t.build(&config).unwrap();
+        let s = aux.participating();
+        assert_eq!(
+            (
+                s.morph_groups_in_file,
+                s.morph_groups,
+                s.morph_pairs,
+                s.morph_rows
+            ),
+            (3, 1, 3, 2)
+        );
+        // pun 3 words, nonce 3 (duplicate once), faust dropped; 5 Wake rows reached
+        assert_eq!((s.device_groups, s.device_words, s.device_rows), (2, 6, 5));
+        let d: Vec<Vec<f64>> = [
+            ("thinking", "think"),
+            ("rerunning", "rerun"),
+            ("sitting", "sit"),
+        ]
+        .iter()
+        .map(|(w, b)| {
+            t.vector(w)
+                .iter()
+                .zip(t.vector(b))
+                .map(|(x, y)| x - y)
+                .collect()
+        })
+        .collect();
+        let dbar = mean(&d);
+        let expected = d
+            .iter()
+            .map(|v| {
+                v.iter()
+                    .zip(&dbar)
+                    .map(|(x, y)| (x - y).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / (3 * TINY_DIM) as f64;
+        let c = aux.compute(w, &mut Rng::new(1), None, 1.0);
+        assert!(
+            (c.morph - expected).abs() < 1e-9 * expected,
+            "{} vs {expected}",
+            c.morph
+        );
+        assert!(c.device > 0.0 && c.rep >= 0.0 && c.norm >= 0.0, "{c:?}");
+        // the gradient reaches only the rows the terms use
+        let mut grad = vec![0f32; w.len()];
+        let only_morph = AuxConfig {
+            lambda_rep: 0.0,
+            lambda_norm: 0.0,
+            lambda_device: 0.0,
+            ..config.clone()
+        };
+        t.build(&only_morph)
+            .unwrap()
+            .compute(w, &mut Rng::new(1), Some(&mut grad), 1.0);
+        let touched: Vec<usize> = (0..6)
+            .filter(|r| {
+                grad[r * TINY_DIM..(r + 1) * TINY_DIM]
+                    .iter()
+                    .any(|&g| g != 0.0)
+            })
+            .collect();
+        assert_eq!(touched, [2, 3]);
+    }
+
+    #[test]
+    fn build_errors_say_what_is_wrong() {
+        let t = Tiny::new("errors");
+        let err = |config: AuxConfig| {
+            let e = format!("{:#}", t.build(&config).unwrap_err());
+            assert!(!e.contains('\n'), "{e}");
+            e
+        };
+        let with = |morph, path: PathBuf| AuxConfig {
+            morph,
+            morphemes: path,
+            ..AuxConfig::default()
+        };
+        let missing = t.dir.join("nope.json");
+        let e = err(with(MorphVariant::Centroid, missing));
+        assert!(e.contains("nope.json"), "{e}");
+        let no_examples = t.file("empty.json", r#"{"prefixes": {"un": []}, "suffixes": {}}"#);
+        let e = err(with(MorphVariant::Centroid, no_examples));
+        assert!(
+            e.contains("none of its 1 affixes has an example word"),
+            "{e}"
+        );
+        let no_match = t.file(
+            "nomatch.json",
+            r#"{"prefixes": {"xy": ["unkind"]}, "suffixes": {}}"#,
+        );
+        let e = err(with(MorphVariant::Centroid, no_match));
+        assert!(e.contains("no Wake word starts or ends"), "{e}");
+        let small = t.file(
+            "small.jsonl",
+            "{\"morpheme\": \"re-\", \"morpheme_type\": \"prefix\", \"examples\": [\"redo\"], \"bases\": [\"do\"]}\n",
+        );
+        let e = err(with(MorphVariant::Direction, small));
+        assert!(e.contains("no group has 3"), "{e}");
+        let base_only = t.file(
+            "baseonly.jsonl",
+            "{\"morpheme\": \"-s\", \"morpheme_type\": \"suffix\", \"examples\": [\"cats\", \"dogs\", \"hats\"], \"bases\": [\"cat\", \"dog\", \"hat\"]}\n",
+        );
+        let e = err(with(MorphVariant::Direction, base_only));
+        assert!(e.contains("contains a Wake token"), "{e}");
+        let ragged = t.file(
+            "ragged.jsonl",
+            "{\"morpheme\": \"-s\", \"morpheme_type\": \"suffix\", \"examples\": [\"cats\", \"dogs\"], \"bases\": [\"cat\"]}\n",
+        );
+        let e = err(with(MorphVariant::Direction, ragged));
+        assert!(e.contains("2 examples but 1 bases"), "{e}");
+        let one_group = t.file(
+            "devices.jsonl",
+            "{\"device\": \"pun\", \"examples\": [\"undoings\", \"riverrun\", \"redo\"]}\n",
+        );
+        let e = err(AuxConfig {
+            morph: MorphVariant::Off,
+            devices: one_group,
+            ..AuxConfig::default()
+        });
+        assert!(e.contains("triplets need 2 groups"), "{e}");
+        let e = err(AuxConfig {
+            lambda_device: 1.0,
+            morph: MorphVariant::Off,
+            ..AuxConfig::default()
+        });
+        assert!(e.contains("aux.devices is empty"), "{e}");
+    }
+
+    /// The setup on the injected SmolLM2 (`/root/models/smollm2-135m-wake`) with morpheme data
+    /// mined from its own words; prints what takes part. Skips when the model is absent.
+    /// `cargo test --release --lib aux::tests::real_model_setup -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn real_model_setup() {
+        let dir = Path::new("/root/models/smollm2-135m-wake");
+        if !dir.join("wake2vec.json").is_file() {
+            eprintln!("skipped: no injected model at {}", dir.display());
+            return;
+        }
+        let e = crate::analysis::load::load_embeddings(dir).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let m = crate::vocab::Manifest::load(dir).unwrap();
+        let known: HashSet<String> = m.words.iter().map(|w| w.to_lowercase()).collect();
+        let data = crate::lexicon::morphemes::mine_affixes(
+            &m.words,
+            &|s: &str| known.contains(s),
+            Default::default(),
+        );
+        let tmp = std::env::temp_dir().join(format!("wake2vec-aux-real-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let path = tmp.join("morpheme_data.json");
+        data.save(&path).unwrap();
+        let config = AuxConfig {
+            morphemes: path,
+            ..AuxConfig::default()
+        };
+        let t0 = std::time::Instant::now();
+        let aux = AuxLosses::build_for_model(&config, dir, &tokenizer, &e.data, e.dim).unwrap();
+        let setup = t0.elapsed().as_secs_f64();
+        let wake = e.slice(m.wake_ids());
+        let mut grad = vec![0f32; wake.len()];
+        let t0 = std::time::Instant::now();
+        let c = aux.compute(wake, &mut Rng::new(1), Some(&mut grad), 1.0);
+        eprintln!(
+            "setup {setup:.2} s, one step {:.1} ms\n{}\n{}",
+            t0.elapsed().as_secs_f64() * 1e3,
+            serde_json::to_string(aux.participating()).unwrap(),
+            serde_json::to_string(&c).unwrap()
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(aux.participating().morph_rows > 0);
+    }
+
+    /// Per-step cost on the seed's scale: 44,500 × 576 Wake rows. Prints; asserts nothing
+    /// about time. `cargo test --release --lib aux::tests::step_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn step_cost() {
+        let (count, dim) = (44_500usize, 576usize);
+        let mut rng = Rng::new(1);
+        let wake = normal(&mut rng, count * dim);
+        let base_dir =
+            |rng: &mut Rng| -> Vec<f64> { normal(rng, dim).into_iter().map(f64::from).collect() };
+        // centroid: every row takes part, 16 × 16 affix combinations
+        let targets = normal(&mut rng, 256 * dim);
+        let rows: Vec<(u32, u32)> = (0..count as u32).map(|r| (r, r % 256)).collect();
+        // direction: 258 groups, 6,048 pairs; device: 5 groups, 2,123 words
+        let pairs: Vec<Vec<Lin>> = (0..258)
+            .map(|g| {
+                (0..6048 / 258 + usize::from(g < 6048 % 258))
+                    .map(|_| lin(&base_dir(&mut rng), &[(below(&mut rng, count) as u32, 1.0)]))
+                    .collect()
+            })
+            .collect();
+        let dev: Vec<Vec<Lin>> = [757, 690, 465, 150, 61]
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| lin(&[], &[(below(&mut rng, count) as u32, 1.0)]))
+                    .collect()
+            })
+            .collect();
+        let config = AuxConfig {
+            lambda_device: 0.05,
+            ..AuxConfig::default()
+        };
+        for (name, morph) in [
+            ("centroid", Morph::Centroid(Centroid { rows, targets })),
+            ("direction", direction(pairs)),
+            ("off (norm, rep, device)", Morph::Off),
+        ] {
+            let aux = parts(
+                config.clone(),
+                dim,
+                count,
+                (1.0, 0.2),
+                morph,
+                Some(devices(dev.clone())),
+            );
+            let mut grad = vec![0f32; wake.len()];
+            let mut rng = Rng::new(2);
+            aux.compute(&wake, &mut rng, Some(&mut grad), 1.0);
+            let n = 20;
+            let time = |f: &mut dyn FnMut()| {
+                let (t0, c0) = (
+                    std::time::Instant::now(),
+                    crate::analysis::process_cpu_seconds(),
+                );
+                for _ in 0..n {
+                    f();
+                }
+                (
+                    t0.elapsed().as_secs_f64() * 1e3 / n as f64,
+                    (crate::analysis::process_cpu_seconds() - c0) * 1e3 / n as f64,
+                )
+            };
+            let with = time(&mut || {
+                aux.compute(&wake, &mut rng, Some(&mut grad), 1.0);
+            });
+            let without = time(&mut || {
+                aux.compute(&wake, &mut rng, None, 1.0);
+            });
+            eprintln!(
+                "{name}: per step {:.1} ms wall / {:.1} ms CPU with the gradient, {:.1} / {:.1} without ({} threads)",
+                with.0,
+                with.1,
+                without.0,
+                without.1,
+                rayon::current_num_threads()
+            );
+        }
     }
 }
