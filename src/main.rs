@@ -375,7 +375,7 @@ impl AnalyzeArgs {
 #[command(args_override_self = true)]
 struct TrainArgs {
     /// Continue the run in this directory from its newest checkpoint (its run.toml is used).
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "corpus", "config", "out", "phase", "source"])]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "corpus", "config", "out", "phase", "source", "preset"])]
     resume: Option<PathBuf>,
     /// With --resume: continue from this checkpoint (e.g. step-200) instead of the newest.
     #[arg(long, requires = "resume")]
@@ -399,6 +399,10 @@ struct TrainArgs {
     /// A TOML file of settings (same keys as run.toml).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Start from a preset (before --config): p3b (the seed's Phase 3b: λ_morph 50, λ_device 2,
+    /// lr 2e-5, 1,000 steps, patience 3).
+    #[arg(long)]
+    preset: Option<String>,
     /// The run directory to create (default: runs/<phase>-<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1083,8 +1087,11 @@ fn run_train(args: TrainArgs) -> Result<()> {
                 Some(spec) => Some(cache::resolve(spec, true)?),
                 None => None,
             };
-            let config =
-                TrainConfig::resolve(args.config.as_deref(), &args.overrides(model.as_deref()))?;
+            let config = TrainConfig::resolve(
+                args.preset.as_deref(),
+                args.config.as_deref(),
+                &args.overrides(model.as_deref()),
+            )?;
             let out = match &args.out {
                 Some(o) => o.clone(),
                 None => {

@@ -445,6 +445,7 @@ fn a_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
 fn train_in_process(dir: &Path, steps: u64) -> Trainer {
     let config = TrainConfig::resolve(
         None,
+        None,
         &[
             format!("model={:?}", dir.join("model").to_str().unwrap()),
             format!("corpus={:?}", dir.join("corpus.txt").to_str().unwrap()),

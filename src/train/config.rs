@@ -11,6 +11,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Training presets (`wake2vec train --preset NAME`): name, TOML text.
+pub const PRESETS: &[(&str, &str)] = &[("p3b", include_str!("../../presets/p3b.toml"))];
+
 /// Which training phase: what trains and what stays frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,15 +206,38 @@ impl TrainConfig {
 
 impl TrainConfig {
     /// Defaults, overlaid with `file` (TOML) if given, then with `overrides` (`key=value`).
-    /// The defaults are those of the phase the file or the overrides name (Phase 1 if none).
-    pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+    /// The defaults are those of the phase the preset, the file or the overrides name (Phase 1
+    /// if none).
+    pub fn resolve(
+        preset: Option<&str>,
+        file: Option<&Path>,
+        overrides: &[String],
+    ) -> Result<Self> {
         let mut user = toml::Table::new();
+        if let Some(name) = preset {
+            let text = PRESETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| *t)
+                .with_context(|| {
+                    format!(
+                        "unknown training preset '{name}': expected one of {}",
+                        PRESETS
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+            user = text.parse().expect("presets are valid TOML");
+        }
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            user = text
+            let file: toml::Table = text
                 .parse()
                 .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            merge(&mut user, file);
         }
         for o in overrides {
             apply_override(&mut user, o)?;
@@ -384,6 +410,26 @@ mod tests {
     }
 
     #[test]
+    fn phase_defaults_and_the_p3b_preset() {
+        let p2 = TrainConfig::resolve(None, None, &["phase=p2".into()]).unwrap();
+        assert_eq!((p2.lr, p2.batch_size, p2.grad_accum), (2e-5, 8, 2));
+        assert_eq!(p2.optimizer.weight_decay(), 0.01);
+        assert_eq!(p2.schedule, ScheduleKind::Cosine);
+        let p3 = TrainConfig::resolve(Some("p3b"), None, &["steps=10".into()]).unwrap();
+        assert_eq!(p3.phase, Phase::P3);
+        assert_eq!((p3.lr, p3.steps, p3.patience), (2e-5, 10, 3));
+        assert_eq!((p3.aux.lambda_morph, p3.aux.lambda_device), (50.0, 2.0));
+        assert_eq!(p3.source.select, Rule::MinGap);
+        let err = TrainConfig::resolve(Some("p4"), None, &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("p3b"), "{err:#}");
+        let err = TrainConfig::resolve(None, None, &["phase=p9".into()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("\"p1\", \"p2\" or \"p3\""),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn file_then_overrides() {
         let dir = std::env::temp_dir().join(format!("w2v-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -394,6 +440,7 @@ mod tests {
         )
         .unwrap();
         let c = TrainConfig::resolve(
+            None,
             Some(&f),
             &[
                 "steps=60".into(),
@@ -410,7 +457,7 @@ mod tests {
             OptimizerConfig::Adamw(a) => assert_eq!((a.weight_decay, a.beta2), (0.01, 0.99)),
             other => panic!("expected adamw, got {other:?}"),
         }
-        let err = TrainConfig::resolve(None, &["learning_rate=1".into()]).unwrap_err();
+        let err = TrainConfig::resolve(None, None, &["learning_rate=1".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

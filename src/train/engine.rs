@@ -956,15 +956,20 @@ fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
             run.display()
         )
     })?;
-    let wanted = match config.phase {
-        Phase::P2 => Phase::P1,
-        _ => Phase::P2,
+    // Phase 2 continues Phase 1; Phase 3 continues Phase 2, or Phase 3 itself (the seed's P3b).
+    let allowed: &[Phase] = match config.phase {
+        Phase::P2 => &[Phase::P1],
+        _ => &[Phase::P2, Phase::P3],
     };
     ensure!(
-        source.phase == wanted,
-        "phase {} starts from a phase {} run, but {} is a phase {} run",
+        allowed.contains(&source.phase),
+        "phase {} starts from a {} run, but {} is a phase {} run",
         config.phase.name(),
-        wanted.name(),
+        if config.phase == Phase::P2 {
+            "phase p1"
+        } else {
+            "phase p2 (or p3)"
+        },
         run.display(),
         source.phase.name()
     );
@@ -982,7 +987,7 @@ fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
         source.model.display()
     );
     if config.phase == Phase::P3 {
-        // Phase 3 trains the adapters Phase 2 trained.
+        // Phase 3 trains the adapters its source trained.
         config.lora = source.lora.clone();
     }
     let step = match config.source.step {
