@@ -612,13 +612,15 @@ struct GenerateArgs {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Training speed of one optimizer step (batch 1, accumulation 1): seconds per step and
-    /// peak memory, against a plain candle forward+backward measured in the same run.
+    /// peak memory, against the product-bound floor and (Phase 1) a plain candle
+    /// forward+backward measured in the same run.
     Train {
         /// The model: an injected directory with wake2vec.json, or a base model to which
         /// --wake-rows synthetic Wake rows are appended.
         #[arg(long, default_value = cache::DEFAULT_MODEL)]
         model: ModelSpec,
-        /// The phase to measure (1: Wake rows only).
+        /// The phase to measure (1: Wake rows; 2: LoRA over frozen Wake rows; 3: both, with the
+        /// norm and repulsion losses).
         #[arg(long, default_value_t = 1)]
         phase: u8,
         /// Synthetic Wake rows to append when the model has no wake2vec.json.
@@ -774,12 +776,15 @@ fn run(cli: Cli) -> Result<()> {
             repeats,
             no_baseline,
         }) => {
-            if phase != 1 {
-                anyhow::bail!("bench train measures phase 1 only (got --phase {phase})");
-            }
+            let phase = match phase {
+                1 => wake2vec::train::Phase::P1,
+                2 => wake2vec::train::Phase::P2,
+                3 => wake2vec::train::Phase::P3,
+                n => anyhow::bail!("--phase must be 1, 2 or 3, got {n}"),
+            };
             wake2vec::train::tune_runtime();
             let dir = cache::resolve(&model, true)?;
-            wake2vec::train::bench::phase1(&dir, wake_rows, seq_len, repeats, !no_baseline)
+            wake2vec::train::bench::phase(&dir, phase, wake_rows, seq_len, repeats, !no_baseline)
         }
         Command::Bench(BenchCommand::Generate {
             model,

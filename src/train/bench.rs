@@ -1,12 +1,19 @@
-//! `wake2vec bench train --phase 1`: one Phase-1 optimizer step (batch 1, accumulation 1)
-//! timed and its peak memory read, against a baseline measured in the same process: the plain
-//! candle forward+backward (candle's matmul, which also computes the frozen weights'
-//! gradients, the embedding as one matrix with the Wake block joined by `cat`, and a composed
-//! cross-entropy).
+//! `wake2vec bench train --phase N`: one optimizer step (batch 1, accumulation 1) of Phase 1
+//! (the Wake rows, Adafactor), 2 (LoRA adapters over frozen Wake rows, AdamW) or 3 (both, plus
+//! the norm and repulsion losses, AdamW) timed and its peak memory read, against baselines
+//! measured in the same process: the product-bound floor (the step's FLOPs at the rate of one
+//! large product measured now) and, for Phase 1, the plain candle forward+backward (candle's
+//! matmul, which also computes the frozen weights' gradients, the embedding as one matrix with
+//! the Wake block joined by `cat`, and a composed cross-entropy).
 
-use super::engine::{apply_update, batch_loss, wake_params, wake_rows_of, zero_grads, WakeLayout};
-use super::optim::{Optimizer, OptimizerConfig};
+use super::aux::{AuxConfig, AuxLosses, MorphVariant};
+use super::config::Phase;
+use super::engine::{
+    accumulate, add_aux, apply_update, wake_params, wake_rows_of, zero_grads, Param, WakeLayout,
+};
+use super::optim::{AdamWConfig, Optimizer, OptimizerConfig};
 use crate::bench::peak_rss_mib;
+use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
 use crate::sampling::Rng;
 use anyhow::Result;
@@ -67,10 +74,11 @@ fn cpu_seconds() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-/// Floating-point operations of one Phase-1 step on a block of `t` tokens: the projections
-/// forward and their input gradients, attention (four products forward and backward per head),
-/// the head forward and its input gradient, and the Wake rows' gradient.
-fn step_flops(model: &Llama, wake_count: usize, t: usize) -> f64 {
+/// Floating-point operations of one step on a block of `t` tokens: the projections forward and
+/// their input gradients, attention (four products forward and backward per head), the head
+/// forward and its input gradient, the Wake rows' gradient (Phases 1 and 3) and the adapters'
+/// six products of rank r per target (Phases 2 and 3).
+fn step_flops(model: &Llama, phase: Phase, wake_count: usize, t: usize) -> f64 {
     let c = &model.config;
     let per_layer: usize = model.blocks.first().map_or(0, |b| {
         [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
@@ -83,8 +91,23 @@ fn step_flops(model: &Llama, wake_count: usize, t: usize) -> f64 {
     let attention =
         (2.0 + 4.0) * 2.0 * t * t * c.head_dim as f64 * (c.num_heads * c.num_layers) as f64;
     let vocab = model.embed.dim(0).unwrap_or(0) as f64;
-    let head = 2.0 * 2.0 * (t - 1.0) * vocab * d + 2.0 * (t - 1.0) * wake_count as f64 * d;
-    projections + attention + head
+    let wake_grad = if phase.trains_wake_rows() {
+        2.0 * (t - 1.0) * wake_count as f64 * d
+    } else {
+        0.0
+    };
+    let head = 2.0 * 2.0 * (t - 1.0) * vocab * d + wake_grad;
+    let lora = if phase.has_lora() {
+        let r = LoraConfig::default().r as f64;
+        let inter = c.intermediate_size as f64;
+        let kv = (c.num_kv_heads * c.head_dim) as f64;
+        // q, k, v, gate, up, down: (in + out) per target, six rank-r products each.
+        let sizes = (d + d) + 2.0 * (d + kv) + 3.0 * (d + inter);
+        6.0 * t * r * sizes * c.num_layers as f64
+    } else {
+        0.0
+    };
+    projections + attention + head + lora
 }
 
 /// The best rate of one large product of the step's shape (`t × hidden` by `hidden × 49152`),
@@ -115,8 +138,9 @@ fn reset_peak_rss() -> bool {
 }
 
 /// Runs the benchmark and prints the table.
-pub fn phase1(
+pub fn phase(
     dir: &Path,
+    phase: Phase,
     wake_rows: usize,
     seq_len: usize,
     repeats: usize,
@@ -149,7 +173,8 @@ pub fn phase1(
         .collect();
     let rows = model.embed.dim(0)?;
     println!(
-        "phase 1 step: {} layers, hidden {}, vocab {rows} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
+        "phase {} step: {} layers, hidden {}, vocab {rows} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
+        phase.name(),
         model.config.num_layers,
         model.config.hidden_size,
         wake.wake_count,
@@ -158,38 +183,97 @@ pub fn phase1(
     let load_peak = peak_rss_mib();
     let reset = reset_peak_rss();
 
-    // wake2vec: frozen-weight projections, trainable Wake block, fused Adafactor.
-    let mut params = wake_params(&model, &wake)?;
-    let mut optimizer = Optimizer::new(OptimizerConfig::default())?;
-    let (mut fwd, mut bwd, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![], vec![]);
+    // wake2vec: frozen-weight projections; the phase's trainable parameters; fused updates.
+    let mut params = if phase.trains_wake_rows() {
+        wake_params(&model, &wake)?
+    } else {
+        vec![]
+    };
+    let n_wake = params.len();
+    let lora = if phase.has_lora() {
+        let lora = Lora::new(&model, LoraConfig::default(), 42)?;
+        for (name, var) in lora.params() {
+            params.push(Param::new(name, var)?);
+        }
+        Some(lora)
+    } else {
+        None
+    };
+    let aux = if phase == Phase::P3 {
+        let config = AuxConfig {
+            morph: MorphVariant::Off,
+            ..AuxConfig::default()
+        };
+        let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
+        let layout = crate::analysis::Layout {
+            base_vocab: wake.base_vocab,
+            wake_start: wake.wake_start,
+            wake_count: wake.wake_count,
+            words: vec![],
+        };
+        let vocab = crate::analysis::Vocabulary {
+            layout: &layout,
+            tokenizer: Some(&tokenizer),
+        };
+        Some(AuxLosses::build(
+            &config,
+            &vocab,
+            &embed,
+            model.config.hidden_size,
+        )?)
+    } else {
+        None
+    };
+    let adamw = || {
+        Optimizer::new(OptimizerConfig::Adamw(AdamWConfig {
+            weight_decay: 0.01,
+            ..AdamWConfig::default()
+        }))
+    };
+    let (mut optimizer, update) = match phase {
+        Phase::P1 => (
+            Optimizer::new(OptimizerConfig::default())?,
+            "clip+Adafactor",
+        ),
+        Phase::P2 => (adamw()?, "clip+AdamW"),
+        Phase::P3 => (adamw()?, "aux+clip+AdamW"),
+    };
+    let mut rng = Rng::new(42);
+    let (mut fb, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![]);
     for r in 0..=repeats.max(1) {
-        let wake_rows = wake_rows_of(wake.wake_start, &params);
+        let wake_rows = (n_wake > 0).then(|| wake_rows_of(wake.wake_start, &params[..n_wake]));
+        let pass = lora.as_ref().map(|lora| LoraPass {
+            lora,
+            dropout_seed: Some(r as u64),
+        });
         zero_grads(&params);
         let (t0, c0) = (Instant::now(), cpu_seconds());
-        let loss = batch_loss(&model, &[&block], Some(&wake_rows), None)?;
+        accumulate(
+            &model,
+            &[&block],
+            wake_rows.as_ref(),
+            pass.as_ref(),
+            &params[n_wake..],
+            1.0,
+        )?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        if let Some(sink) = &wake_rows.sink {
-            sink.collect_inputs(&grads)?;
+        if let Some(aux) = &aux {
+            add_aux(aux, &params[0], &mut rng)?;
         }
-        drop(grads);
         apply_update(&mut params, &mut optimizer, 3e-4, 1.0)?;
-        let t3 = Instant::now();
+        let t2 = Instant::now();
         if r > 0 {
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
-            opt.push((t3 - t2).as_secs_f64());
-            total.push((t3 - t0).as_secs_f64());
+            fb.push((t1 - t0).as_secs_f64());
+            opt.push((t2 - t1).as_secs_f64());
+            total.push((t2 - t0).as_secs_f64());
             cpu.push(cpu_seconds() - c0);
         }
     }
     let ours_peak = peak_rss_mib();
     let step = median(total.clone());
+    let ours_fb = median(fb);
     println!(
-        "wake2vec step:      {step:.3} s (median of {repeats}; forward {:.3}, backward {:.3}, clip+Adafactor {:.3}) = {:.0} tokens/s",
-        median(fwd.clone()),
-        median(bwd.clone()),
+        "wake2vec step:      {step:.3} s (median of {repeats}; forward+backward {ours_fb:.3}, {update} {:.3}) = {:.0} tokens/s",
         median(opt),
         seq_len as f64 / step
     );
@@ -201,9 +285,8 @@ pub fn phase1(
             " (process peak, including loading)".into()
         }
     );
-    let ours_fb = median(fwd.iter().zip(&bwd).map(|(a, b)| a + b).collect());
     let rate = gemm_rate(seq_len, model.config.hidden_size);
-    let flops = step_flops(&model, wake.wake_count, seq_len);
+    let flops = step_flops(&model, phase, wake.wake_count, seq_len);
     println!(
         "CPU time:           {:.3} s per step ({} threads); load average now {}",
         median(cpu),
@@ -220,7 +303,7 @@ pub fn phase1(
         flops / rate,
         step / (flops / rate)
     );
-    if baseline {
+    if baseline && phase == Phase::P1 {
         drop(params);
         reset_peak_rss();
         let (base_fb, base_peak) = plain_candle(&model, &wake, &block, repeats)?;
@@ -229,9 +312,11 @@ pub fn phase1(
             base_fb / ours_fb
         );
     }
-    println!(
-        "reference (PyTorch 2.15 + transformers on this machine kind, DESIGN.md §4): 2.06-2.30 s per step, 1.70 s forward+backward, ~3.8 GB"
-    );
+    if phase == Phase::P1 {
+        println!(
+            "reference (PyTorch 2.15 + transformers on this machine kind, DESIGN.md §4): 2.06-2.30 s per step, 1.70 s forward+backward, ~3.8 GB"
+        );
+    }
     Ok(())
 }
 

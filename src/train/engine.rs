@@ -614,8 +614,15 @@ impl Trainer {
             // Phase 2 trains through the frozen head (no Wake-row gradient work).
             let wake = (self.wake_params > 0).then(|| self.wake_rows());
             let seed = dropout_seed(self.config.seed, self.state.step, micro);
-            let loss = self.loss(&batch, wake.as_ref(), self.lora_pass(Some(seed)).as_ref())?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let blocks: Vec<&[u32]> = batch.iter().map(|&b| self.blocks.block(b)).collect();
+            let value = accumulate(
+                &self.model,
+                &blocks,
+                wake.as_ref(),
+                self.lora_pass(Some(seed)).as_ref(),
+                &self.params[self.wake_params..],
+                accum as f64,
+            )?;
             if !value.is_finite() {
                 bail!(
                     "the training loss is {value} at step {} (micro-batch {}, blocks {batch:?}): stopping without saving; the last good checkpoint is kept in {} (lower the lr, or resume from an earlier checkpoint)",
@@ -625,28 +632,9 @@ impl Trainer {
                 );
             }
             loss_sum += value;
-            let grads = (loss / accum as f64)?.backward()?;
-            if let Some(sink) = wake.as_ref().and_then(|w| w.sink.as_ref()) {
-                sink.collect_inputs(&grads)?;
-            }
-            for p in &self.params[self.wake_params..] {
-                if let Some(g) = grads.get(p.var.as_tensor()) {
-                    let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                    let mut buf = p.grad.lock().expect("gradient buffer");
-                    buf.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-                }
-            }
         }
         let aux = match &self.aux {
-            Some(aux) => {
-                let values = self.params[0]
-                    .var
-                    .as_tensor()
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let mut grad = self.params[0].grad.lock().expect("gradient buffer");
-                Some(aux.compute(&values, &mut self.state.rng, Some(&mut grad), 1.0))
-            }
+            Some(aux) => Some(add_aux(aux, &self.params[0], &mut self.state.rng)?),
             None => None,
         };
         let lr = self.schedule.lr(self.state.step);
@@ -821,6 +809,44 @@ pub fn batch_loss(
         .reshape((blocks.len() * (t - 1), model.config.hidden_size))?;
     let per_row = model.head_loss_train(&h, &targets, wake)?;
     Ok((per_row.sum_all()? / targets.len() as f64)?)
+}
+
+/// One micro-batch: the forward pass, and unless its loss is not finite, the backward pass of
+/// loss / `divisor` with the gradients added into the parameters' buffers (the Wake rows' through
+/// their sink, the adapters' from candle's gradient store). Returns the loss.
+pub(crate) fn accumulate(
+    model: &Llama,
+    blocks: &[&[u32]],
+    wake: Option<&WakeRows>,
+    lora: Option<&LoraPass>,
+    lora_params: &[Param],
+    divisor: f64,
+) -> Result<f64> {
+    let loss = batch_loss(model, blocks, wake, lora)?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        return Ok(value);
+    }
+    let grads = (loss / divisor)?.backward()?;
+    if let Some(sink) = wake.and_then(|w| w.sink.as_ref()) {
+        sink.collect_inputs(&grads)?;
+    }
+    for p in lora_params {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            let mut buf = p.grad.lock().expect("gradient buffer");
+            buf.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        }
+    }
+    Ok(value)
+}
+
+/// Adds the auxiliary losses' gradient at the Wake block's current values into its buffer;
+/// returns the terms.
+pub(crate) fn add_aux(aux: &AuxLosses, wake: &Param, rng: &mut Rng) -> Result<Components> {
+    let values = wake.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    let mut grad = wake.grad.lock().expect("gradient buffer");
+    Ok(aux.compute(&values, rng, Some(&mut grad), 1.0))
 }
 
 /// The Wake rows of `params` (the embedding block, then the untied head's) for the forward pass,
@@ -1078,7 +1104,7 @@ fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
 
 impl Param {
     /// A trainable matrix (or vector, as one row) with a zeroed gradient buffer.
-    fn new(name: String, var: Var) -> Result<Self> {
+    pub(crate) fn new(name: String, var: Var) -> Result<Self> {
         let (rows, cols) = match var.dims() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
