@@ -119,7 +119,8 @@ pub struct RunStatus {
     /// `run` (one training run) or `pipeline` (phase runs in p1/ p2/ p3/).
     pub kind: &'static str,
     pub phases: Vec<PhaseStatus>,
-    /// The name of the current phase; `None` when every phase present is done.
+    /// The name of the current phase, or of a pipeline's stage after the phases (export,
+    /// analysis, samples, report); `None` when everything present is done.
     pub current: Option<String>,
 }
 
@@ -134,12 +135,13 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
     let (kind, mut phases) = if dir.join("run.toml").is_file() {
         ("run", vec![phase_status(dir, None)?])
     } else {
+        // With pipeline.toml every phase is listed (those not set up yet as not started).
+        let has_config = dir.join("pipeline.toml").is_file();
         let subs: Vec<&str> = PIPELINE_PHASES
             .into_iter()
-            .filter(|p| dir.join(p).is_dir())
+            .filter(|p| has_config || dir.join(p).is_dir())
             .collect();
-        let is_pipeline = dir.join("pipeline.toml").is_file()
-            || subs.iter().any(|p| dir.join(p).join("run.toml").is_file());
+        let is_pipeline = has_config || subs.iter().any(|p| dir.join(p).join("run.toml").is_file());
         if !is_pipeline {
             bail!(
                 "{} is not a run directory: expected run.toml and log.jsonl (a training run) or phase runs in p1/, p2/, p3/ (a pipeline directory, with pipeline.toml)",
@@ -156,10 +158,27 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
     if let Some(i) = current {
         phases[i].current = true;
     }
+    // After the phases, a pipeline exports, analyzes, samples and reports (pipeline.rs).
+    let after = [
+        ("export", "final/model.safetensors"),
+        ("analysis", "analysis/summary.json"),
+        ("samples", "samples.jsonl"),
+        ("report", "report.html"),
+    ];
+    let finishing = (kind == "pipeline" && current.is_none())
+        .then(|| {
+            after
+                .iter()
+                .find(|(_, f)| !dir.join(f).is_file())
+                .map(|(s, _)| *s)
+        })
+        .flatten();
     Ok(RunStatus {
         dir: dir.to_path_buf(),
         kind,
-        current: current.map(|i| phases[i].name.clone()),
+        current: current
+            .map(|i| phases[i].name.clone())
+            .or(finishing.map(String::from)),
         phases,
     })
 }
@@ -385,6 +404,9 @@ pub fn render(st: &RunStatus) -> String {
             let _ = writeln!(out, "current: {c}");
         }
         None if st.phases.is_empty() => out.push_str("current: no phase has started\n"),
+        None if st.kind == "pipeline" => {
+            let _ = writeln!(out, "done: {}", st.dir.join("report.html").display());
+        }
         None => out.push_str("current: none (every phase present is done)\n"),
     }
     out
