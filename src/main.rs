@@ -367,6 +367,7 @@ impl AnalyzeArgs {
             },
             trajectory_tokens: self.trajectory_tokens,
             no_figures: self.no_figures,
+            logs: vec![],
         }
     }
 }

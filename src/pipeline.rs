@@ -411,6 +411,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             out: Some(analysis_dir.clone()),
             morphemes: config.groups(),
             trajectory_tokens: 0,
+            logs: phase_logs(out),
             ..Default::default()
         };
         report::analyze_path(&req)?;
@@ -445,6 +446,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             morphemes: config.groups(),
             trajectory_tokens: 0,
             no_figures: true,
+            logs: phase_logs(out),
             ..Default::default()
         })?
         .summary;
@@ -459,6 +461,14 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         say(format!("report: {}", out.join("report.html").display()));
     }
     Ok(())
+}
+
+/// The phases' logs in order, for one loss figure of the whole pipeline.
+fn phase_logs(out: &Path) -> Vec<PathBuf> {
+    ["p1", "p2", "p3"]
+        .iter()
+        .map(|p| out.join(p).join("log.jsonl"))
+        .collect()
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

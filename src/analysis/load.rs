@@ -277,6 +277,20 @@ pub struct LogLine {
 
 /// Reads `log.jsonl`; a torn last line (a run killed mid-write) is skipped, any other bad line
 /// is an error.
+/// Several training logs as one: each log's steps are shifted to continue after the previous
+/// log's last step (a pipeline's phases in order).
+pub fn chain_logs(paths: &[PathBuf]) -> Result<Vec<LogLine>> {
+    let mut out: Vec<LogLine> = Vec::new();
+    for p in paths {
+        let offset = out.iter().map(|l| l.step).max().unwrap_or(0);
+        out.extend(load_log(p)?.into_iter().map(|mut l| {
+            l.step += offset;
+            l
+        }));
+    }
+    Ok(out)
+}
+
 pub fn load_log(path: &Path) -> Result<Vec<LogLine>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -35,6 +35,9 @@ pub struct AnalyzeRequest {
     pub trajectory_tokens: usize,
     /// Skip the figures (summary only).
     pub no_figures: bool,
+    /// Training logs to show instead of the run's own, one after the other (a pipeline's
+    /// phases: each log's steps continue from the previous one's last).
+    pub logs: Vec<PathBuf>,
 }
 
 /// `summary.json` (schema: docs/analysis.md).
@@ -163,6 +166,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     // loss curves
     let log_path = source.run_dir.as_ref().map(|r| r.join("log.jsonl"));
     let log = match &log_path {
+        _ if !req.logs.is_empty() => Some(load::chain_logs(&req.logs)?),
         Some(p) if p.is_file() => Some(load::load_log(p)?),
         _ => None,
     };
