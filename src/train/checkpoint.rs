@@ -363,6 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn picks_follow_the_selection_rules() {
+        let mut p = Picks::default();
+        assert!(p.record(100, 2.0, Some(1.0)));
+        assert!(!p.record(200, 2.0, Some(3.0)), "ties keep the earliest");
+        assert!(p.record(300, 1.5, Some(0.5)), "a new best-val");
+        assert!(!p.record(400, f64::NAN, Some(f64::NAN)), "NaN never qualifies");
+        assert!(p.record(500, 1.6, Some(1.55)), "a new min-gap only");
+        assert!(!p.record(600, 1.9, None), "no train loss: no gap");
+        assert_eq!(p.best_val, Some((1.5, 300)));
+        assert_eq!(p.min_gap.map(|(_, s)| s), Some(500));
+        assert_eq!(p.steps(), vec![300, 500]);
+    }
+
+    #[test]
     fn round_trip_prune_and_corruption() {
         let dir = std::env::temp_dir().join(format!("w2v-ckpt-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
