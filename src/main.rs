@@ -1,6 +1,6 @@
 //! The `wake2vec` command line: one subcommand per verb, each a thin layer over the library.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -902,13 +902,10 @@ fn run_report(args: AnalyzeArgs, samples: Option<PathBuf>, html: Option<PathBuf>
 
 /// The Wake rows of a model directory, from its wake2vec.json (None for a base model).
 fn wake_rows(dir: &Path) -> Result<Option<std::ops::Range<usize>>> {
-    let p = dir.join("wake2vec.json");
-    if !p.is_file() {
+    if !dir.join("wake2vec.json").is_file() {
         return Ok(None);
     }
-    let w: wake2vec::analysis::load::WakeJson =
-        serde_json::from_str(&wake2vec::corpus::read_text(&p)?)
-            .with_context(|| format!("{} is not a wake2vec.json", p.display()))?;
+    let w = wake2vec::train::WakeLayout::read(dir)?;
     Ok(Some(w.wake_start..w.wake_start + w.wake_count))
 }
 

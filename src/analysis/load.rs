@@ -182,7 +182,8 @@ pub fn load_reference(path: &Path) -> Result<DriftReference> {
     )
 }
 
-/// The fields of `wake2vec.json` the analysis reads (docs/formats.md).
+/// The fields of `wake2vec.json` that training and analysis read (docs/formats.md; the whole
+/// file is `vocab::Manifest`, written by `inject`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct WakeJson {
     pub base_vocab: usize,
@@ -192,6 +193,29 @@ pub struct WakeJson {
     pub words: Vec<String>,
     #[serde(default)]
     pub base_model: Option<String>,
+}
+
+impl WakeJson {
+    /// Reads a `wake2vec.json` and checks that its words match its row count.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let w: WakeJson = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a wake2vec.json (see docs/formats.md)",
+                path.display()
+            )
+        })?;
+        if !w.words.is_empty() && w.words.len() != w.wake_count {
+            bail!(
+                "{}: {} words for wake_count {}; the file is inconsistent",
+                path.display(),
+                w.words.len(),
+                w.wake_count
+            );
+        }
+        Ok(w)
+    }
 }
 
 /// The row layout: `--base-vocab N` (all rows after N are "new"), else `wake2vec.json` beside
@@ -221,22 +245,7 @@ pub fn load_layout(
     }
     for path in &candidates {
         if path.is_file() {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let w: WakeJson = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is not a wake2vec.json (see docs/formats.md)",
-                    path.display()
-                )
-            })?;
-            if !w.words.is_empty() && w.words.len() != w.wake_count {
-                bail!(
-                    "{}: {} words for wake_count {}; the file is inconsistent",
-                    path.display(),
-                    w.words.len(),
-                    w.wake_count
-                );
-            }
+            let w = WakeJson::read(path)?;
             let layout = Layout {
                 base_vocab: w.base_vocab,
                 wake_start: w.wake_start,

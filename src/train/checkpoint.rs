@@ -368,7 +368,10 @@ mod tests {
         assert!(p.record(100, 2.0, Some(1.0)));
         assert!(!p.record(200, 2.0, Some(3.0)), "ties keep the earliest");
         assert!(p.record(300, 1.5, Some(0.5)), "a new best-val");
-        assert!(!p.record(400, f64::NAN, Some(f64::NAN)), "NaN never qualifies");
+        assert!(
+            !p.record(400, f64::NAN, Some(f64::NAN)),
+            "NaN never qualifies"
+        );
         assert!(p.record(500, 1.6, Some(1.55)), "a new min-gap only");
         assert!(!p.record(600, 1.9, None), "no train loss: no gap");
         assert_eq!(p.best_val, Some((1.5, 300)));

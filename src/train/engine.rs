@@ -16,7 +16,7 @@ use crate::model::{Llama, LoadedModel};
 use crate::sampling::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -49,7 +49,7 @@ pub fn install_interrupt_handler() {
 }
 
 /// The rows of an injected model that are Wake rows (from `wake2vec.json`).
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct WakeLayout {
     pub base_vocab: usize,
     pub wake_start: usize,
@@ -60,13 +60,17 @@ impl WakeLayout {
     /// Reads `DIR/wake2vec.json`.
     pub fn read(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join("wake2vec.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{} has no wake2vec.json: phase 1 trains the Wake rows of an injected model; run `wake2vec inject` first",
-                model_dir.display()
-            )
-        })?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+        ensure!(
+            path.is_file(),
+            "{} has no wake2vec.json: training needs an injected model; run `wake2vec inject` first",
+            model_dir.display()
+        );
+        let w = crate::analysis::load::WakeJson::read(&path)?;
+        Ok(Self {
+            base_vocab: w.base_vocab,
+            wake_start: w.wake_start,
+            wake_count: w.wake_count,
+        })
     }
 }
 
