@@ -892,18 +892,25 @@ pub(crate) fn apply_update(
         .iter()
         .map(|p| p.grad.lock().expect("gradient buffer"))
         .collect();
-    let grads: Vec<&[f32]> = guards.iter().map(|g| g.as_slice()).collect();
-    let (norm, scale) = if max_grad_norm > 0.0 {
-        optim::clip_factor(&grads, max_grad_norm)
+    // One read of each gradient gives the clipping norm and Adafactor's factored statistics.
+    let stats: Vec<_> = params
+        .iter()
+        .zip(&guards)
+        .map(|(p, g)| optimizer.grad_stats(g, (p.rows, p.cols)))
+        .collect();
+    let norm = stats.iter().map(|s| s.sum_sq).sum::<f64>().sqrt();
+    let scale = if max_grad_norm > 0.0 {
+        optim::clip_coef(norm, max_grad_norm)
     } else {
-        (optim::clip_factor(&grads, f64::INFINITY).0, 1.0)
+        1.0
     };
     if !norm.is_finite() {
         return Ok(norm);
     }
-    for (p, grad) in params.iter().zip(&guards) {
+    for ((p, grad), stats) in params.iter().zip(&guards).zip(&stats) {
         let (name, grad, shape) = (&p.name, &grad[..], (p.rows, p.cols));
-        let mut update = |values: &mut [f32]| optimizer.step(name, values, grad, shape, lr, scale);
+        let mut update =
+            |values: &mut [f32]| optimizer.step_with(name, values, grad, shape, lr, scale, stats);
         p.var
             .as_tensor()
             .inplace_op1(&InPlace(RefCell::new(&mut update)))?;

@@ -597,6 +597,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
+/// Row blocks `[r0, r1)` of a `t × t` causal product: the products of a block skip the keys
+/// after `r1` (or, transposed, the queries before `r0`), whose probabilities are zero; the terms
+/// they leave out are exact zeros, so the sums are unchanged.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    const BLOCK: usize = 64;
+    (0..t)
+        .step_by(BLOCK)
+        .map(move |r0| (r0, (r0 + BLOCK).min(t)))
+}
+
 #[derive(Clone)]
 struct Attention {
     /// `P` of every (batch, head), `[b·h, t, t]`.
@@ -641,7 +651,21 @@ impl candle_core::CustomOp3 for Attention {
                     &v[kv * t * d..(kv + 1) * t * d],
                 );
                 in_serial(|| {
-                    gemm_strided(t, t, d, p, t, false, q, (d, 1), k, (1, d));
+                    // Causal: query rows [r0, r1) see keys [0, r1) only.
+                    for (r0, r1) in causal_blocks(t) {
+                        gemm_strided(
+                            r1 - r0,
+                            r1,
+                            d,
+                            &mut p[r0 * t..],
+                            t,
+                            false,
+                            &q[r0 * d..],
+                            (d, 1),
+                            k,
+                            (1, d),
+                        );
+                    }
                     for (i, row) in p.chunks_mut(t).enumerate() {
                         let live = &mut row[..=i];
                         let max = live
@@ -655,7 +679,10 @@ impl candle_core::CustomOp3 for Attention {
                         live.iter_mut().for_each(|x| *x /= sum);
                         row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
                     }
-                    gemm_strided(t, d, t, o, d, false, p, (t, 1), v, (d, 1));
+                    for (r0, r1) in causal_blocks(t) {
+                        let (o, p) = (&mut o[r0 * d..], &p[r0 * t..]);
+                        gemm_strided(r1 - r0, d, r1, o, d, false, p, (t, 1), v, (d, 1));
+                    }
                 });
             });
         *self.saved.lock().expect("attention state") = Some(p);
@@ -707,10 +734,34 @@ impl candle_core::CustomOp3 for Attention {
                                 let p = &p[bh * t * t..(bh + 1) * t * t];
                                 let mut ds = vec![0f32; t * t];
                                 in_serial(|| {
-                                    // dV = Pᵀ·dO
-                                    gemm_strided(t, d, t, dv, d, false, p, (1, t), g, (d, 1));
-                                    // dP = dO·Vᵀ
-                                    gemm_strided(t, t, d, &mut ds, t, false, g, (d, 1), v, (1, d));
+                                    for (r0, r1) in causal_blocks(t) {
+                                        // dV = Pᵀ·dO: key rows [r0, r1) from queries r0..
+                                        gemm_strided(
+                                            r1 - r0,
+                                            d,
+                                            t - r0,
+                                            &mut dv[r0 * d..],
+                                            d,
+                                            false,
+                                            &p[r0 * t + r0..],
+                                            (1, t),
+                                            &g[r0 * d..],
+                                            (d, 1),
+                                        );
+                                        // dP = dO·Vᵀ: query rows [r0, r1) on keys ..r1
+                                        gemm_strided(
+                                            r1 - r0,
+                                            r1,
+                                            d,
+                                            &mut ds[r0 * t..],
+                                            t,
+                                            false,
+                                            &g[r0 * d..],
+                                            (d, 1),
+                                            v,
+                                            (1, d),
+                                        );
+                                    }
                                     for (i, (dsr, pr)) in
                                         ds.chunks_mut(t).zip(p.chunks(t)).enumerate()
                                     {
@@ -725,8 +776,32 @@ impl candle_core::CustomOp3 for Attention {
                                         dsr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
                                     }
                                     // dQ = dS·K, dK = dSᵀ·Q (the scale is in dS)
-                                    gemm_strided(t, d, t, dq, d, false, &ds, (t, 1), k, (d, 1));
-                                    gemm_strided(t, d, t, dk, d, false, &ds, (1, t), q, (d, 1));
+                                    for (r0, r1) in causal_blocks(t) {
+                                        gemm_strided(
+                                            r1 - r0,
+                                            d,
+                                            r1,
+                                            &mut dq[r0 * d..],
+                                            d,
+                                            false,
+                                            &ds[r0 * t..],
+                                            (t, 1),
+                                            k,
+                                            (d, 1),
+                                        );
+                                        gemm_strided(
+                                            r1 - r0,
+                                            d,
+                                            t - r0,
+                                            &mut dk[r0 * d..],
+                                            d,
+                                            false,
+                                            &ds[r0 * t + r0..],
+                                            (1, t),
+                                            &q[r0 * d..],
+                                            (d, 1),
+                                        );
+                                    }
                                 });
                             });
                     })
@@ -1017,20 +1092,30 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
         })?;
         let h_c = h.contiguous()?;
         // dwake = dlogits[:, start..end]ᵀ · h, into the sink or a new buffer.
+        // In blocks of Wake rows, one per task: a single product packs the whole transposed
+        // `count × rows` operand into a fresh buffer (45 MB for SmolLM2, 11K page faults a step);
+        // blocks pack 2 MB each, from memory the allocator reuses.
+        const BLOCK: usize = 2048;
         let dwake_into = |dst: &mut [f32], accumulate: bool| {
             with_f32(&h_c, |hv| {
-                gemm_strided(
-                    self.count,
-                    d,
-                    rows,
-                    dst,
-                    d,
-                    accumulate,
-                    &dl[start..],
-                    (1, vocab),
-                    hv,
-                    (d, 1),
-                )
+                dst.par_chunks_mut(BLOCK * d)
+                    .enumerate()
+                    .for_each(|(b, dst)| {
+                        in_serial(|| {
+                            gemm_strided(
+                                dst.len() / d,
+                                d,
+                                rows,
+                                dst,
+                                d,
+                                accumulate,
+                                &dl[start + b * BLOCK..],
+                                (1, vocab),
+                                hv,
+                                (d, 1),
+                            )
+                        })
+                    })
             })
         };
         let dwake = match &self.sink {
@@ -1324,6 +1409,49 @@ mod head_loss_tests {
     }
 
     #[test]
+    fn wake_gradient_into_the_sink_over_several_blocks_matches_the_composed_path() {
+        // More Wake rows than one block of the blocked dwake product.
+        let mut rng = Rng::new(23);
+        let (start, count, hidden) = (7, 2 * 2048 + 37, 4);
+        let vocab = start + count + 5;
+        let head = uniform(&mut rng, &[vocab, hidden], 1.0);
+        let wake = uniform(&mut rng, &[count, hidden], 1.0);
+        let h = uniform(&mut rng, &[3, hidden], 1.0);
+        let t = [2u32, (start + count - 1) as u32, (vocab - 1) as u32];
+        let sink = std::sync::Arc::new(Mutex::new(vec![0.5f32; count * hidden]));
+        // The hidden states are a variable, so the backward pass runs (the sink's block is not).
+        let hv = candle_core::Var::from_tensor(&h).unwrap();
+        let loss =
+            WakeHeadLoss::forward(&head, start, &wake, hv.as_tensor(), &t, Some(sink.clone()))
+                .unwrap()
+                .sum_all()
+                .unwrap();
+        loss.backward().unwrap();
+        let var = candle_core::Var::from_tensor(&wake).unwrap();
+        let theirs = composed(&head, start, var.as_tensor(), &h, &t)
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want: Vec<f32> = theirs
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = sink.lock().unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            // The sink accumulates onto what it held (0.5).
+            assert!(
+                (a - 0.5 - b).abs() < 1e-5,
+                "element {i}: {} vs {b}",
+                a - 0.5
+            );
+        }
+    }
+
+    #[test]
     fn gradient_of_hidden_states_and_wake_rows() {
         let mut rng = Rng::new(22);
         let head = uniform(&mut rng, &[30, 6], 1.0);
@@ -1349,6 +1477,7 @@ mod attention_tests {
     use super::*;
     use crate::model::llama::softmax_last_dim;
     use crate::sampling::Rng;
+    use candle_core::Var;
 
     /// The composed attention of the inference path (GQA repeat, scale, causal mask, softmax).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
@@ -1393,6 +1522,30 @@ mod attention_tests {
             .unwrap();
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn sequences_of_several_causal_blocks_match_the_composed_attention_and_its_gradient() {
+        // 150 positions: two whole blocks of 64 and a partial one.
+        let mut rng = Rng::new(34);
+        let q = Var::from_tensor(&uniform(&mut rng, &[1, 4, 150, 8], 1.5)).unwrap();
+        let k = Var::from_tensor(&uniform(&mut rng, &[1, 2, 150, 8], 1.5)).unwrap();
+        let v = Var::from_tensor(&uniform(&mut rng, &[1, 2, 150, 8], 1.0)).unwrap();
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let ours = causal_attention(qt, kt, vt).unwrap();
+        let theirs = composed(qt, kt, vt);
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        for (a, b) in flat(&ours).iter().zip(&flat(&theirs)) {
+            assert!((a - b).abs() < 1e-5, "output {a} vs {b}");
+        }
+        let g_ours = weighted_sum(&ours, 35).unwrap().backward().unwrap();
+        let g_theirs = weighted_sum(&theirs, 35).unwrap().backward().unwrap();
+        for (name, x) in [("q", qt), ("k", kt), ("v", vt)] {
+            let (a, b) = (flat(g_ours.get(x).unwrap()), flat(g_theirs.get(x).unwrap()));
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                assert!((a - b).abs() < 1e-4, "d{name}[{i}]: {a} vs {b}");
+            }
         }
     }
 

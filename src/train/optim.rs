@@ -27,21 +27,112 @@ use std::collections::BTreeMap;
 /// Elements per chunk of a parallel pass; fixed so that reductions are deterministic.
 const CHUNK: usize = 1 << 14;
 
+/// Interleaved partial sums within a run of values (a chunk or a row): value `j` goes to
+/// accumulator `j % LANES`, and the accumulators are added in a fixed tree. The order depends
+/// only on the data's length, so it vectorizes and stays deterministic.
+const LANES: usize = 8;
+
+/// Adds `LANES` partial sums in a fixed order.
+#[inline]
+fn lanes_sum(a: [f64; LANES]) -> f64 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// `Σ x²` of a run of values, in f64.
+fn run_sum_squares(x: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for k in 0..LANES {
+            let v = c[k] as f64;
+            acc[k] += v * v;
+        }
+    }
+    let mut s = lanes_sum(acc);
+    for &v in it.remainder() {
+        s += (v as f64) * (v as f64);
+    }
+    s
+}
+
 /// `Σ x²` of a buffer, in f64, chunked deterministically.
 pub fn sum_squares(x: &[f32]) -> f64 {
-    let parts: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
-        .collect();
+    let parts: Vec<f64> = x.par_chunks(CHUNK).map(run_sum_squares).collect();
     parts.iter().sum()
+}
+
+/// The clipping factor of `torch.nn.utils.clip_grad_norm_` for a total gradient norm:
+/// `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    (max_norm / (norm + 1e-6)).min(1.0) as f32
 }
 
 /// Gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`: the total L2 norm of all
 /// gradients and the factor `min(1, max_norm / (norm + 1e-6))` to multiply them by.
 pub fn clip_factor(grads: &[&[f32]], max_norm: f64) -> (f64, f32) {
     let norm = grads.iter().map(|g| sum_squares(g)).sum::<f64>().sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
-    (norm, coef as f32)
+    (norm, clip_coef(norm, max_norm))
+}
+
+/// Rows of a `cols`-wide matrix per chunk of a parallel pass (a chunk is whole rows).
+fn rows_per_chunk(cols: usize) -> usize {
+    (CHUNK / cols.max(1)).max(1)
+}
+
+/// What one read of a gradient yields before the step: its `Σ g²` (for the clipping norm) and,
+/// for a matrix under Adafactor, the row and column sums of `g²` (its factored statistics), so
+/// that clipping and the second-moment update share one pass. Made by [`Optimizer::grad_stats`].
+#[derive(Debug, Clone)]
+pub struct GradStats {
+    /// `Σ g²` over the whole buffer.
+    pub sum_sq: f64,
+    /// Row sums and column sums of `g²` (Adafactor, `rows > 1` only).
+    factored: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+/// Row sums of `g²` of a block of whole rows into `rs`, column sums added into `col`.
+fn block_sum_squares(rs: &mut [f64], col: &mut [f64], block: &[f32]) {
+    for (r, g_row) in rs.iter_mut().zip(block.chunks(col.len())) {
+        let mut acc = [0f64; LANES];
+        let mut gc = g_row.chunks_exact(LANES);
+        let mut cc = col.chunks_exact_mut(LANES);
+        for (g8, c8) in (&mut gc).zip(&mut cc) {
+            for k in 0..LANES {
+                let v = g8[k] as f64;
+                let u = v * v;
+                c8[k] += u;
+                acc[k] += u;
+            }
+        }
+        let mut s = lanes_sum(acc);
+        for (&v, c) in gc.remainder().iter().zip(cc.into_remainder()) {
+            let u = (v as f64) * (v as f64);
+            *c += u;
+            s += u;
+        }
+        *r = s;
+    }
+}
+
+/// Row sums and column sums of `g²` of a `[rows, cols]` matrix in one pass: each chunk of rows
+/// writes its rows' sums and a partial column sum; the partials are added in chunk order.
+fn matrix_sum_squares(g: &[f32], rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
+    let rpc = rows_per_chunk(cols);
+    let mut row_sums = vec![0f64; rows];
+    let parts: Vec<Vec<f64>> = row_sums
+        .par_chunks_mut(rpc)
+        .zip(g.par_chunks(rpc * cols))
+        .map(|(rs, block)| {
+            let mut col = vec![0f64; cols];
+            block_sum_squares(rs, &mut col, block);
+            col
+        })
+        .collect();
+    let mut col_sums = vec![0f64; cols];
+    for part in &parts {
+        col_sums.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    (row_sums, col_sums)
 }
 
 /// The optimizer's settings (run.toml `[optimizer]`).
@@ -199,8 +290,42 @@ impl Optimizer {
         &self.config
     }
 
+    /// Reads `grad` (`[rows, cols]`) once for what the step needs before it can run: `Σ g²`
+    /// for the clipping norm and, for an Adafactor matrix, its factored statistics.
+    pub fn grad_stats(&self, grad: &[f32], (rows, cols): (usize, usize)) -> GradStats {
+        match &self.config {
+            OptimizerConfig::Adafactor(_) if rows > 1 && grad.len() == rows * cols => {
+                let (row_sums, col_sums) = matrix_sum_squares(grad, rows, cols);
+                GradStats {
+                    sum_sq: row_sums.iter().sum(),
+                    factored: Some((row_sums, col_sums)),
+                }
+            }
+            _ => GradStats {
+                sum_sq: sum_squares(grad),
+                factored: None,
+            },
+        }
+    }
+
     /// Updates `param` (`[rows, cols]`, row-major) with `grad × grad_scale` at learning rate `lr`.
     pub fn step(
+        &mut self,
+        name: &str,
+        param: &mut [f32],
+        grad: &[f32],
+        shape: (usize, usize),
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let stats = self.grad_stats(grad, shape);
+        self.step_with(name, param, grad, shape, lr, grad_scale, &stats)
+    }
+
+    /// [`Optimizer::step`] with the gradient's statistics already read by
+    /// [`Optimizer::grad_stats`] (of this same `grad`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_with(
         &mut self,
         name: &str,
         param: &mut [f32],
@@ -208,6 +333,7 @@ impl Optimizer {
         (rows, cols): (usize, usize),
         lr: f64,
         grad_scale: f32,
+        stats: &GradStats,
     ) -> Result<()> {
         ensure!(
             param.len() == rows * cols && grad.len() == param.len(),
@@ -244,7 +370,26 @@ impl Optimizer {
         );
         match (&config, &mut entry.2) {
             (OptimizerConfig::Adafactor(c), State::Adafactor { .. }) => {
-                adafactor_step(c, &mut entry.2, param, grad, (rows, cols), lr, grad_scale)
+                let sums = match &stats.factored {
+                    Some((r, c)) if rows > 1 => {
+                        ensure!(
+                            r.len() == rows && c.len() == cols,
+                            "parameter '{name}': gradient statistics of another shape"
+                        );
+                        Some((&r[..], &c[..]))
+                    }
+                    _ => None,
+                };
+                adafactor_step(
+                    c,
+                    &mut entry.2,
+                    param,
+                    grad,
+                    (rows, cols),
+                    lr,
+                    grad_scale,
+                    sums,
+                )
             }
             (OptimizerConfig::Adamw(c), State::AdamW { step, m, v }) => {
                 *step += 1;
@@ -377,6 +522,7 @@ fn rms(x: &[f32]) -> f64 {
     (sum_squares(x) / x.len().max(1) as f64).sqrt()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn adafactor_step(
     c: &AdafactorConfig,
     state: &mut State,
@@ -385,6 +531,7 @@ fn adafactor_step(
     (rows, cols): (usize, usize),
     sched_lr: f64,
     scale: f32,
+    sums: Option<(&[f64], &[f64])>,
 ) {
     let State::Adafactor {
         step,
@@ -410,45 +557,26 @@ fn adafactor_step(
     let beta2t = beta2t_f64 as f32;
     let alpha = (1.0 - beta2t_f64) as f32;
     let eps1 = c.eps.0 as f32;
-    let sq = |g: f32| {
-        let g = if scale == 1.0 { g } else { g * scale };
-        g * g + eps1
-    };
+    let scaled = |x: f32| if scale == 1.0 { x } else { x * scale };
     let factored = rows > 1;
-    // update = rsqrt(R/mean R)·rsqrt(C) · g, or rsqrt(V)·g, as a function of the element index.
+    // The clipping factor applies to g before Adafactor squares it: mean((s·g)² + eps₁) =
+    // s²·Σg²/n + eps₁, from the sums of g² read before the step.
+    let s2 = (scale as f64) * (scale as f64);
     let (r_factor, c_factor): (Vec<f32>, Vec<f32>) = if factored {
-        // Row means (each row in one chunk of rows) and column sums (partial per chunk of rows).
-        let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
-        let parts: Vec<(Vec<f64>, Vec<f64>)> = g
-            .par_chunks(rows_per_chunk * cols)
-            .map(|block| {
-                let mut col_sum = vec![0f64; cols];
-                let row_mean: Vec<f64> = block
-                    .chunks(cols)
-                    .map(|r| {
-                        let mut s = 0f64;
-                        for (j, &x) in r.iter().enumerate() {
-                            let u = sq(x) as f64;
-                            s += u;
-                            col_sum[j] += u;
-                        }
-                        s / cols as f64
-                    })
-                    .collect();
-                (row_mean, col_sum)
-            })
-            .collect();
-        let mut col_sum = vec![0f64; cols];
-        let mut i = 0;
-        for (row_mean, cs) in &parts {
-            for m in row_mean {
-                row[i] = row[i] * beta2t + (*m as f32) * alpha;
-                i += 1;
+        let owned;
+        let (row_sums, col_sums) = match sums {
+            Some(s) => s,
+            None => {
+                owned = matrix_sum_squares(g, rows, cols);
+                (&owned.0[..], &owned.1[..])
             }
-            col_sum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
+        };
+        let mean = |sum: f64, n: usize| (s2 * sum / n as f64 + eps1 as f64) as f32;
+        for (r, &sum) in row.iter_mut().zip(row_sums) {
+            *r = *r * beta2t + mean(sum, cols) * alpha;
         }
-        for (cv, s) in col.iter_mut().zip(&col_sum) {
-            *cv = *cv * beta2t + ((s / rows as f64) as f32) * alpha;
+        for (cv, &sum) in col.iter_mut().zip(col_sums) {
+            *cv = *cv * beta2t + mean(sum, rows) * alpha;
         }
         let row_mean = (row.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32;
         (
@@ -457,15 +585,15 @@ fn adafactor_step(
         )
     } else {
         for (v, &x) in row.iter_mut().zip(g) {
-            *v = *v * beta2t + sq(x) * alpha;
+            let x = scaled(x);
+            *v = *v * beta2t + (x * x + eps1) * alpha;
         }
         (vec![], row.iter().map(|&v| 1.0 / v.sqrt()).collect())
     };
     // The update is (r_factor[row] · c_factor[col]) · g, or c_factor[i] · g for a vector. Passes
     // go row by row (a chunk is a whole number of rows), so no index is divided per element.
     let (chunk, unit) = if factored {
-        let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
-        (rows_per_chunk * cols, cols)
+        (rows_per_chunk(cols) * cols, cols)
     } else {
         (CHUNK, CHUNK)
     };
@@ -483,29 +611,40 @@ fn adafactor_step(
             &c_factor[k * chunk..]
         }
     };
-    let scaled = |x: f32| if scale == 1.0 { x } else { x * scale };
-    // RMS of the update, then the clipped, scaled update applied in one more pass.
+    // RMS of the update: Σ (rf·cf·s·g)² = s² Σ_rows rf² Σ_cols (cf·g)², in f64.
+    let cf64: Vec<f64> = c_factor.iter().map(|&x| x as f64).collect();
     let parts: Vec<f64> = g
         .par_chunks(chunk)
         .enumerate()
-        .map(|(k, c)| {
-            let cf = col_factors(k);
+        .map(|(k, block)| {
+            let cf = if factored {
+                &cf64[..]
+            } else {
+                &cf64[k * chunk..]
+            };
             let mut s = 0f64;
-            for (u, g_row) in c.chunks(unit).enumerate() {
-                let rf = row_factor(k, u);
-                s += g_row
-                    .iter()
-                    .zip(cf)
-                    .map(|(&x, &cf)| {
-                        let u = ((rf * cf) * scaled(x)) as f64;
-                        u * u
-                    })
-                    .sum::<f64>();
+            for (u, g_row) in block.chunks(unit).enumerate() {
+                let rf = row_factor(k, u) as f64;
+                let mut acc = [0f64; LANES];
+                let mut gc = g_row.chunks_exact(LANES);
+                let mut fc = cf.chunks_exact(LANES);
+                for (g8, f8) in (&mut gc).zip(&mut fc) {
+                    for k in 0..LANES {
+                        let v = f8[k] * g8[k] as f64;
+                        acc[k] += v * v;
+                    }
+                }
+                let mut r = lanes_sum(acc);
+                for (&x, &f) in gc.remainder().iter().zip(fc.remainder()) {
+                    let v = f * x as f64;
+                    r += v * v;
+                }
+                s += (rf * rf) * r;
             }
             s
         })
         .collect();
-    let update_rms = (parts.iter().sum::<f64>() / (rows * cols) as f64).sqrt();
+    let update_rms = (s2 * parts.iter().sum::<f64>() / (rows * cols) as f64).sqrt();
     let denom = ((update_rms / c.clip_threshold) as f32).max(1.0);
     let lr32 = lr as f32;
     let decay = (-c.weight_decay * lr) as f32;
@@ -514,8 +653,16 @@ fn adafactor_step(
         let cf = col_factors(k);
         for (u, (p_row, g_row)) in p.chunks_mut(unit).zip(g.chunks(unit)).enumerate() {
             let rf = row_factor(k, u);
+            let update = |j: usize, x: f32| (((rf * cf[j]) * scaled(x)) / denom) * lr32;
+            if beta1.is_none() && decay == 0.0 {
+                // The common case (the original's settings), kept branch-free to vectorize.
+                for (j, (p, &x)) in p_row.iter_mut().zip(g_row).enumerate() {
+                    *p += -update(j, x);
+                }
+                continue;
+            }
             for (j, (p, &x)) in p_row.iter_mut().zip(g_row).enumerate() {
-                let mut upd = (((rf * cf[j]) * scaled(x)) / denom) * lr32;
+                let mut upd = update(j, x);
                 if let (Some((b1, w)), Some(m)) = (beta1, m.as_deref_mut()) {
                     let m = &mut m[u * unit + j];
                     *m = *m * b1 + upd * w;
@@ -642,9 +789,10 @@ mod tests {
     }
 
     /// Adafactor written the plain way (f64, no chunks), for shapes spanning several chunks.
-    fn naive_adafactor(p: &mut [f64], g: &[f64], rows: usize, cols: usize, lr: f64, steps: usize) {
+    /// One gradient per step.
+    fn naive_adafactor(p: &mut [f64], grads: &[Vec<f64>], rows: usize, cols: usize, lr: f64) {
         let (mut r, mut c, mut v) = (vec![0f64; rows], vec![0f64; cols], vec![0f64; cols]);
-        for t in 1..=steps {
+        for (t, g) in (1..).zip(grads) {
             let b = 1.0 - (t as f64).powf(-0.8);
             let u: Vec<f64> = if rows > 1 {
                 for i in 0..rows {
@@ -692,7 +840,41 @@ mod tests {
                 opt.step("w", &mut p, &g, (rows, cols), 1e-2, 1.0).unwrap();
             }
             let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
-            naive_adafactor(&mut q, &g64, rows, cols, 1e-2, 3);
+            naive_adafactor(&mut q, &vec![g64; 3], rows, cols, 1e-2);
+            for (i, (a, b)) in p.iter().zip(&q).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 2e-6,
+                    "{rows}x{cols} element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn clipped_steps_from_gradient_statistics_match_the_plain_formula() {
+        // The clipping factor folds into the statistics read before the step (mean((s·g)²) =
+        // s²·mean(g²)); gradients of changing size make the factor matter to the moments.
+        let mut rng = crate::sampling::Rng::new(9);
+        for (rows, cols) in [(700usize, 45usize), (1, 30000)] {
+            let n = rows * cols;
+            let mut p: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32).collect();
+            let mut q: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+            let mut opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+            let mut clipped = vec![];
+            for size in [1.0f32, 8.0, 0.5] {
+                let g: Vec<f32> = (0..n)
+                    .map(|_| (rng.next_f64() as f32 - 0.5) * size)
+                    .collect();
+                let stats = opt.grad_stats(&g, (rows, cols));
+                let direct = sum_squares(&g);
+                assert!((stats.sum_sq - direct).abs() <= 1e-12 * direct);
+                let scale = clip_coef(stats.sum_sq.sqrt(), 1.0);
+                assert!(scale < 0.1, "the test must clip");
+                opt.step_with("w", &mut p, &g, (rows, cols), 1e-2, scale, &stats)
+                    .unwrap();
+                clipped.push(g.iter().map(|&x| (x * scale) as f64).collect::<Vec<_>>());
+            }
+            naive_adafactor(&mut q, &clipped, rows, cols, 1e-2);
             for (i, (a, b)) in p.iter().zip(&q).enumerate() {
                 assert!(
                     (*a as f64 - b).abs() < 2e-6,
