@@ -9,7 +9,8 @@
 use super::aux::{AuxConfig, AuxLosses, MorphVariant};
 use super::config::Phase;
 use super::engine::{
-    accumulate, add_aux, apply_update, wake_params, wake_rows_of, zero_grads, Param, WakeLayout,
+    accumulate, add_aux, apply_update, frozen_wake_rows, wake_params, wake_rows_of, zero_grads,
+    Param, WakeLayout,
 };
 use super::optim::{AdamWConfig, Optimizer, OptimizerConfig};
 use crate::bench::peak_rss_mib;
@@ -239,9 +240,14 @@ pub fn phase(
         Phase::P3 => (adamw()?, "aux+clip+AdamW"),
     };
     let mut rng = Rng::new(42);
+    let frozen = frozen_wake_rows(&model, &wake)?;
     let (mut fb, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![]);
     for r in 0..=repeats.max(1) {
-        let wake_rows = (n_wake > 0).then(|| wake_rows_of(wake.wake_start, &params[..n_wake]));
+        let wake_rows = if n_wake > 0 {
+            wake_rows_of(wake.wake_start, &params[..n_wake])
+        } else {
+            frozen.clone()
+        };
         let pass = lora.as_ref().map(|lora| LoraPass {
             lora,
             dropout_seed: Some(r as u64),
@@ -251,7 +257,7 @@ pub fn phase(
         accumulate(
             &model,
             &[&block],
-            wake_rows.as_ref(),
+            Some(&wake_rows),
             pass.as_ref(),
             &params[n_wake..],
             1.0,

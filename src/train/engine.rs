@@ -615,8 +615,8 @@ impl Trainer {
             let batch: Vec<usize> = (0..self.config.batch_size)
                 .map(|_| self.stream.next_block(&self.blocks))
                 .collect();
-            // Phase 2 trains through the frozen head (no Wake-row gradient work).
-            let wake = (self.wake_params > 0).then(|| self.wake_rows());
+            // Phase 2's frozen rows take the same fused head (it skips their gradient).
+            let wake = Some(self.wake_rows());
             let seed = dropout_seed(self.config.seed, self.state.step, micro);
             let blocks: Vec<&[u32]> = batch.iter().map(|&b| self.blocks.block(b)).collect();
             let value = accumulate(
@@ -1191,7 +1191,7 @@ fn set_wake_rows(model: &mut Llama, wake: &WakeLayout, state: &Buffers) -> Resul
 }
 
 /// Phase 2's frozen Wake rows: plain tensors, no gradient sink.
-fn frozen_wake_rows(model: &Llama, wake: &WakeLayout) -> Result<WakeRows> {
+pub(crate) fn frozen_wake_rows(model: &Llama, wake: &WakeLayout) -> Result<WakeRows> {
     let rows = |m: &Tensor| -> Result<Tensor> {
         Ok(m.narrow(0, wake.wake_start, wake.wake_count)?
             .contiguous()?)

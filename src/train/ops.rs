@@ -1119,6 +1119,8 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
             })
         };
         let dwake = match &self.sink {
+            // A frozen block (Phase 2 reads its Wake rows through this op too): no gradient.
+            None if !wake.track_op() => None,
             Some(sink) => {
                 let mut buf = sink.lock().expect("gradient sink");
                 if buf.len() != self.count * d {
