@@ -186,6 +186,19 @@ impl PipelineConfig {
             c.validate()
                 .with_context(|| format!("in [{}] of the pipeline", phase.name()))?;
         }
+        // Phase 3's files are read hours after the start: check them now.
+        let p3 = self.phase_config(Phase::P3, Path::new("OUT"))?;
+        for (key, path) in [
+            ("morphemes", &p3.aux.morphemes),
+            ("devices", &p3.aux.devices),
+        ] {
+            let placeholder = path.starts_with("OUT");
+            ensure!(
+                placeholder || path.as_os_str().is_empty() || path.is_file(),
+                "[p3] aux.{key} = {} does not exist",
+                path.display()
+            );
+        }
         Ok(())
     }
 
@@ -512,6 +525,20 @@ mod tests {
             .and_then(|c| c.phase_config(Phase::P2, Path::new("o")))
             .unwrap_err();
         assert!(format!("{err:#}").contains("'model'"), "{err:#}");
+        let files = ["corpus=Cargo.toml".to_string(), "lexicon=Cargo.toml".into()];
+        let with = |extra: &str| {
+            let mut o = files.to_vec();
+            o.push(extra.into());
+            PipelineConfig::resolve(Some("demo"), None, &o)
+                .unwrap()
+                .validate()
+        };
+        let err = with("p3.aux.devices=/nonexistent/devices.jsonl").unwrap_err();
+        assert!(format!("{err:#}").contains("aux.devices"), "{err:#}");
+        let err = with("p2.lora.r=0").unwrap_err();
+        assert!(format!("{err:#}").contains("[p2]"), "{err:#}");
+        let err = with("corpus=/nonexistent/wake.txt").unwrap_err();
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
         let err = PipelineConfig::resolve(Some("nope"), None, &[]).unwrap_err();
         assert!(format!("{err:#}").contains("demo, seed"), "{err:#}");
     }
