@@ -125,21 +125,7 @@ impl PipelineConfig {
     ) -> Result<Self> {
         let mut table = toml::Table::new();
         if let Some(name) = preset {
-            let text = PRESETS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, t)| *t)
-                .with_context(|| {
-                    format!(
-                        "unknown preset '{name}': expected one of {}",
-                        PRESETS
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?;
-            table = text.parse().expect("presets are valid TOML");
+            table = train::config::preset_table(PRESETS, name, "preset")?;
             table.insert("preset".into(), name.into());
         }
         if let Some(path) = file {

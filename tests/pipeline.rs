@@ -6,10 +6,9 @@
 
 mod common;
 
-use common::{fixture, Scratch};
+use common::{fixture, log_values, step_lines, wait_for, Scratch};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/");
 
@@ -64,41 +63,6 @@ fn bin(dir: &Path) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     c
-}
-
-/// A log's lines without the timing fields.
-fn log_values(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("elapsed_s");
-            o.remove("tokens_per_s");
-            v
-        })
-        .collect()
-}
-
-fn step_lines(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("log.jsonl"))
-        .map(|t| t.lines().filter(|l| l.contains(r#""kind":"step""#)).count())
-        .unwrap_or(0)
-}
-
-fn wait_for(child: &mut Child, what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the pipeline exited ({status}) before {what}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 #[test]

@@ -6,9 +6,11 @@
 //! declares its last rows Wake rows.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 use wake2vec::train::{TrainConfig, Trainer};
+
+mod common;
+use common::{log_values, step_lines, wait_for};
 
 const WAKE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -113,42 +115,6 @@ fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// The log's lines without the timing fields, which differ between runs.
-fn log_values(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("elapsed_s");
-            o.remove("tokens_per_s");
-            v
-        })
-        .collect()
-}
-
-fn step_lines(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("log.jsonl"))
-        .map(|t| t.lines().filter(|l| l.contains(r#""kind":"step""#)).count())
-        .unwrap_or(0)
-}
-
-/// Waits (up to a minute) until `cond` holds, polling every millisecond.
-fn wait_for(child: &mut Child, what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the training process exited ({status}) before {what}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 fn assert_same_log(a: &Path, b: &Path) {

@@ -213,24 +213,10 @@ impl TrainConfig {
         file: Option<&Path>,
         overrides: &[String],
     ) -> Result<Self> {
-        let mut user = toml::Table::new();
-        if let Some(name) = preset {
-            let text = PRESETS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, t)| *t)
-                .with_context(|| {
-                    format!(
-                        "unknown training preset '{name}': expected one of {}",
-                        PRESETS
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?;
-            user = text.parse().expect("presets are valid TOML");
-        }
+        let mut user = match preset {
+            Some(name) => preset_table(PRESETS, name, "training preset")?,
+            None => toml::Table::new(),
+        };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
@@ -340,6 +326,23 @@ impl TrainConfig {
             (self.warmup_ratio * self.steps as f64).ceil() as u64
         }
     }
+}
+
+/// The TOML table of preset `name` among `presets` (name, text); `what` names the kind in the
+/// error.
+pub fn preset_table(presets: &[(&str, &str)], name: &str, what: &str) -> Result<toml::Table> {
+    let text = presets
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .with_context(|| {
+            let names: Vec<&str> = presets.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown {what} '{name}': expected one of {}",
+                names.join(", ")
+            )
+        })?;
+    Ok(text.parse().expect("presets are valid TOML"))
 }
 
 /// Overlays `user` onto `base`, table by table.

@@ -165,7 +165,7 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
         ("samples", "samples.jsonl"),
         ("report", "report.html"),
     ];
-    let finishing = (kind == "pipeline" && current.is_none())
+    let finishing = (dir.join("pipeline.toml").is_file() && current.is_none())
         .then(|| {
             after
                 .iter()
@@ -404,7 +404,7 @@ pub fn render(st: &RunStatus) -> String {
             let _ = writeln!(out, "current: {c}");
         }
         None if st.phases.is_empty() => out.push_str("current: no phase has started\n"),
-        None if st.kind == "pipeline" => {
+        None if st.dir.join("report.html").is_file() => {
             let _ = writeln!(out, "done: {}", st.dir.join("report.html").display());
         }
         None => out.push_str("current: none (every phase present is done)\n"),

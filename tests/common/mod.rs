@@ -1,4 +1,6 @@
-//! Helpers shared by the integration tests: fixture paths and self-removing scratch directories.
+//! Helpers shared by the integration tests: fixture paths, self-removing scratch directories,
+//! random adapters, training-log readers. Each test crate uses a part of them.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,7 +41,6 @@ impl Drop for Scratch {
 
 /// Adapters on `model` with PEFT's initialisation for `A` and, unlike PEFT's, a random non-zero
 /// `B` (uniform in `±b_bound`), so that they change the model's output.
-#[allow(dead_code)]
 pub fn random_lora(
     model: &wake2vec::model::Llama,
     config: wake2vec::model::LoraConfig,
@@ -59,4 +60,42 @@ pub fn random_lora(
         }
     }
     lora
+}
+
+/// A run's `log.jsonl` lines without the timing fields, which differ between runs.
+pub fn log_values(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("elapsed_s");
+            o.remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+/// How many optimizer steps a run's `log.jsonl` records (0 before it exists).
+pub fn step_lines(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .map(|t| t.lines().filter(|l| l.contains(r#""kind":"step""#)).count())
+        .unwrap_or(0)
+}
+
+/// Waits (up to two minutes, polling every millisecond) until `cond` holds; panics if `child`
+/// exits first.
+pub fn wait_for(child: &mut std::process::Child, what: &str, cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the process exited ({status}) before {what}");
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
