@@ -8,7 +8,7 @@
 use super::llama::Llama;
 use super::weights::Weights;
 use crate::sampling::Rng;
-use crate::train::ops::gemm_f32;
+use crate::train::ops::{gemm_f32, slice};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
@@ -649,11 +649,6 @@ fn masked_and_low_rank(
     (xm, t)
 }
 
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let v = s.as_slice::<f32>()?;
-    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
 impl CustomOp3 for LoraDelta {
     fn name(&self) -> &'static str {
         "lora-delta"
@@ -671,7 +666,7 @@ impl CustomOp3 for LoraDelta {
         let (rows, inp) = l1.shape().dims2()?;
         let (r, _) = l2.shape().dims2()?;
         let (out, _) = l3.shape().dims2()?;
-        let (x, a, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (x, a, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let mask = self.mask.values(rows * inp);
         let (_, mut t) = masked_and_low_rank(x, a, mask.as_deref(), (rows, inp, r));
         t.iter_mut().for_each(|v| *v *= self.scale);

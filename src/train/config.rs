@@ -170,35 +170,33 @@ impl TrainConfig {
                 ..AdamWConfig::default()
             })
         };
+        // Phases 2 and 3 share the Trainer-default AdamW, cosine schedule, 8 × 2 and eval 200.
+        let later = Self {
+            optimizer: adamw(0.01),
+            schedule: ScheduleKind::Cosine,
+            batch_size: 8,
+            grad_accum: 2,
+            eval_every: 200,
+            save_every: 200,
+            ..p1.clone()
+        };
         match phase {
             Phase::P1 => p1,
             Phase::P2 => Self {
                 phase,
                 lr: 2e-5,
-                optimizer: adamw(0.01),
-                schedule: ScheduleKind::Cosine,
-                batch_size: 8,
-                grad_accum: 2,
-                eval_every: 200,
-                save_every: 200,
                 snapshot_every: 0,
-                ..p1
+                ..later
             },
             Phase::P3 => Self {
                 phase,
                 lr: 5e-5,
-                optimizer: adamw(0.01),
-                schedule: ScheduleKind::Cosine,
-                batch_size: 8,
-                grad_accum: 2,
-                eval_every: 200,
-                save_every: 200,
                 patience: 5,
                 source: Source {
                     select: Rule::MinGap,
                     ..Source::default()
                 },
-                ..p1
+                ..later
             },
         }
     }

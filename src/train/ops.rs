@@ -614,7 +614,8 @@ struct Attention {
 }
 
 /// The slice of a contiguous `[.., t, d]` tensor's storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The f32 values a CPU storage holds under a contiguous layout.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let n = l.shape().elem_count();
     Ok(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + n])
 }
