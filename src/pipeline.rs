@@ -403,7 +403,10 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     }
     let analysis_dir = out.join("analysis");
     let summary_path = analysis_dir.join("summary.json");
-    if (f.analysis || f.report) && !summary_path.is_file() {
+    let report_path = out.join("report.html");
+    let report_due = f.report && !report_path.is_file();
+    // The report is built from the analysis in memory, so a due report runs it (once) too.
+    let summary = if (f.analysis && !summary_path.is_file()) || report_due {
         let req = report::AnalyzeRequest {
             path: final_dir.clone(),
             pre: Some(out.join("model")),
@@ -413,9 +416,12 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             logs: phase_logs(out),
             ..Default::default()
         };
-        report::analyze_path(&req)?;
+        let summary = report::analyze_path(&req)?.summary;
         say(format!("analysis: {}", summary_path.display()));
-    }
+        Some(summary)
+    } else {
+        None
+    };
     let samples_path = out.join("samples.jsonl");
     if f.samples && !samples_path.is_file() {
         let m = crate::model::LoadedModel::load(&final_dir)?;
@@ -437,27 +443,16 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         )?;
         battery::write(out, &samples, "final")?;
     }
-    if f.report && !out.join("report.html").is_file() {
-        let summary = report::analyze_path(&report::AnalyzeRequest {
-            path: final_dir.clone(),
-            pre: Some(out.join("model")),
-            out: Some(analysis_dir.clone()),
-            morphemes: config.groups(),
-            trajectory_tokens: 0,
-            no_figures: true,
-            logs: phase_logs(out),
-            ..Default::default()
-        })?
-        .summary;
+    if let (true, Some(summary)) = (report_due, &summary) {
         let samples = if samples_path.is_file() {
             battery::read(&samples_path)?
         } else {
             vec![]
         };
         let settings = std::fs::read_to_string(out.join("pipeline.toml")).ok();
-        let page = report::html::build(&summary, &analysis_dir, settings.as_deref(), &samples)?;
-        atomic::write(&out.join("report.html"), page.as_bytes())?;
-        say(format!("report: {}", out.join("report.html").display()));
+        let page = report::html::build(summary, &analysis_dir, settings.as_deref(), &samples)?;
+        atomic::write(&report_path, page.as_bytes())?;
+        say(format!("report: {}", report_path.display()));
     }
     Ok(())
 }

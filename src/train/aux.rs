@@ -225,6 +225,14 @@ struct Lin {
 }
 
 impl Lin {
+    /// How many distinct Wake rows the vectors `lins` depend on.
+    fn rows_reached(lins: &[Lin]) -> usize {
+        lins.iter()
+            .flat_map(|l| l.terms.iter().map(|t| t.0))
+            .collect::<HashSet<u32>>()
+            .len()
+    }
+
     /// `sign ×` the mean of the rows `ids` of the phase-start matrix `embed`, Wake rows
     /// (`start..start + count`) kept as terms.
     fn add_mean(&mut self, ids: &[usize], sign: f64, start: usize, embed: &[f32], dim: usize) {
@@ -747,11 +755,8 @@ impl AuxLosses {
                 config.min_group_size
             );
         }
-        let reached: HashSet<u32> = pairs
-            .iter()
-            .flat_map(|p| p.terms.iter().map(|t| t.0))
-            .collect();
-        if reached.is_empty() {
+        let reached = Lin::rows_reached(&pairs);
+        if reached == 0 {
             bail!(
                 "{}: no word or base of its usable pairs contains a Wake token, so L_morph cannot train the Wake rows; use groups of this lexicon's words",
                 path.display()
@@ -759,7 +764,7 @@ impl AuxLosses {
         }
         stats.morph_groups = groups.len();
         stats.morph_pairs = pairs.len();
-        stats.morph_rows = reached.len();
+        stats.morph_rows = reached;
         Ok(Direction { pairs, groups })
     }
 
@@ -804,11 +809,8 @@ impl AuxLosses {
                 config.min_group_size
             );
         }
-        let reached: HashSet<u32> = words
-            .iter()
-            .flat_map(|w| w.terms.iter().map(|t| t.0))
-            .collect();
-        if reached.is_empty() {
+        let reached = Lin::rows_reached(&words);
+        if reached == 0 {
             bail!(
                 "{}: none of its words contains a Wake token, so L_device cannot train the Wake rows",
                 path.display()
@@ -816,7 +818,7 @@ impl AuxLosses {
         }
         stats.device_groups = groups.len();
         stats.device_words = words.len();
-        stats.device_rows = reached.len();
+        stats.device_rows = reached;
         Ok(Devices {
             words,
             groups,

@@ -28,41 +28,6 @@ pub struct EarlyStop {
     pub bad_evals: u64,
 }
 
-/// The evaluations a later phase may start from (train::select's rules, tracked as the run goes
-/// so their checkpoints are kept): `(value, step)`, the earliest on ties.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct Picks {
-    /// Lowest validation loss.
-    pub best_val: Option<(f64, u64)>,
-    /// Smallest |validation − training loss| (evaluations with a training loss).
-    pub min_gap: Option<(f64, u64)>,
-}
-
-impl Picks {
-    /// Records an evaluation; returns whether it became one of the picks.
-    pub fn record(&mut self, step: u64, val: f64, train: Option<f64>) -> bool {
-        let better = |slot: &mut Option<(f64, u64)>, v: f64| {
-            let wins = v.is_finite() && slot.is_none_or(|(b, _)| v < b);
-            if wins {
-                *slot = Some((v, step));
-            }
-            wins
-        };
-        let a = better(&mut self.best_val, val);
-        let b = train.is_some_and(|t| better(&mut self.min_gap, (val - t).abs()));
-        a || b
-    }
-
-    /// The steps of the picks.
-    pub fn steps(&self) -> Vec<u64> {
-        [self.best_val, self.min_gap]
-            .into_iter()
-            .flatten()
-            .map(|(_, s)| s)
-            .collect()
-    }
-}
-
 /// The loop's state at the end of an optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -90,9 +55,6 @@ pub struct TrainState {
     pub elapsed_s: f64,
     /// The run ended (steps done or early stop).
     pub finished: bool,
-    /// Checkpoints kept for the selection rules of the next phase.
-    #[serde(default)]
-    pub picks: Picks,
 }
 
 /// What a checkpoint holds, in memory.
@@ -357,26 +319,8 @@ mod tests {
                 needs_eval: false,
                 elapsed_s: 1.0,
                 finished: false,
-                picks: Picks::default(),
             },
         }
-    }
-
-    #[test]
-    fn picks_follow_the_selection_rules() {
-        let mut p = Picks::default();
-        assert!(p.record(100, 2.0, Some(1.0)));
-        assert!(!p.record(200, 2.0, Some(3.0)), "ties keep the earliest");
-        assert!(p.record(300, 1.5, Some(0.5)), "a new best-val");
-        assert!(
-            !p.record(400, f64::NAN, Some(f64::NAN)),
-            "NaN never qualifies"
-        );
-        assert!(p.record(500, 1.6, Some(1.55)), "a new min-gap only");
-        assert!(!p.record(600, 1.9, None), "no train loss: no gap");
-        assert_eq!(p.best_val, Some((1.5, 300)));
-        assert_eq!(p.min_gap.map(|(_, s)| s), Some(500));
-        assert_eq!(p.steps(), vec![300, 500]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! evaluation, checkpoints and snapshots.
 
 use super::aux::{AuxLosses, Components};
-use super::checkpoint::{self, Checkpoint, EarlyStop, Picks, TrainState};
+use super::checkpoint::{self, Checkpoint, EarlyStop, TrainState};
 use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
@@ -182,19 +182,6 @@ impl Trainer {
             config.append_lexicon = absolute(&config.append_lexicon)?;
         }
         if let Some(start) = source {
-            let start = match config.phase {
-                // Fresh adapters, drawn from the seed, join the source's Wake rows.
-                Phase::P2 => {
-                    let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
-                    let lora = Lora::new(&model, config.lora.clone(), config.seed)?;
-                    let mut start = start;
-                    for (name, var) in lora.params() {
-                        start.insert(name, buffer(var.as_tensor())?);
-                    }
-                    start
-                }
-                _ => start,
-            };
             crate::atomic::write(
                 &out.join(START_FILE),
                 &checkpoint::safetensors_bytes(&start, None)?,
@@ -274,7 +261,7 @@ impl Trainer {
             model.max_positions()
         );
         // Phases 2 and 3 start from the state their source chose (start.safetensors): its Wake
-        // rows go into the model, its adapters (or fresh ones) become the LoRA.
+        // rows go into the model (and Phase 3's adapters become the LoRA).
         let start = match config.phase {
             Phase::P1 => Buffers::new(),
             _ => read_buffers(&dir.join(START_FILE))?,
@@ -288,15 +275,19 @@ impl Trainer {
             vec![]
         };
         let wake_count = params.len();
-        let lora = if config.phase.has_lora() {
-            let lora = Lora::from_tensors(&model, config.lora.clone(), lora_tensors(&start)?)?;
-            for (name, var) in lora.params() {
-                params.push(Param::new(name, var)?);
-            }
-            Some(lora)
-        } else {
-            None
+        // Phase 2 draws fresh adapters from the seed; Phase 3 continues its source's.
+        let lora = match config.phase {
+            Phase::P1 => None,
+            Phase::P2 => Some(Lora::new(&model, config.lora.clone(), config.seed)?),
+            Phase::P3 => Some(Lora::from_tensors(
+                &model,
+                config.lora.clone(),
+                lora_tensors(&start)?,
+            )?),
         };
+        for (name, var) in lora.iter().flat_map(Lora::params) {
+            params.push(Param::new(name, var)?);
+        }
         let frozen_wake = (config.phase == Phase::P2)
             .then(|| frozen_wake_rows(&model, &wake))
             .transpose()?;
@@ -334,7 +325,6 @@ impl Trainer {
             needs_eval: true,
             elapsed_s: 0.0,
             finished: false,
-            picks: Picks::default(),
         };
         if let Some(ckpt) = ckpt {
             ensure!(
@@ -561,8 +551,7 @@ impl Trainer {
                 e.loss,
                 self.dir.join("checkpoints").display()
             );
-            // Step 0 measures the phase's input; the selection rules never pick it.
-            new_pick = step > 0 && self.state.picks.record(step, e.loss, train_loss);
+            new_pick = self.picks()?.contains(&step);
             let early = &mut self.state.early;
             if early
                 .best
@@ -723,13 +712,7 @@ impl Trainer {
         self.state.optimizer_steps = steps;
         let mut params = BTreeMap::new();
         for p in &self.params {
-            params.insert(
-                p.name.clone(),
-                (
-                    vec![p.rows, p.cols],
-                    p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?,
-                ),
-            );
+            params.insert(p.name.clone(), p.buffer()?);
         }
         let ckpt = Checkpoint {
             params,
@@ -739,12 +722,20 @@ impl Trainer {
         let dir = self.dir.join("checkpoints");
         let path = checkpoint::save(&dir, &ckpt)?;
         let keep = if self.config.keep_best {
-            self.state.picks.steps()
+            self.picks()?
         } else {
             vec![]
         };
         checkpoint::prune(&dir, self.config.keep_last, &keep)?;
         Ok(path)
+    }
+
+    /// The steps `best-val` and `min-gap` pick among the evaluations logged so far: the
+    /// checkpoints a later phase may start from.
+    fn picks(&self) -> Result<Vec<u64>> {
+        let evals = select::read_evals(&self.dir.join("log.jsonl"))?;
+        let (best, gap) = select::current_picks(&evals);
+        Ok(best.into_iter().chain(gap).collect())
     }
 
     /// Writes the Wake rows to `snapshots/step-N.safetensors`.
@@ -755,13 +746,7 @@ impl Trainer {
         let mut tensors = BTreeMap::new();
         let wake = &self.params[..self.wake_params];
         for (p, name) in wake.iter().zip(["wake_rows", "wake_head_rows"]) {
-            tensors.insert(
-                name.to_string(),
-                (
-                    vec![p.rows, p.cols],
-                    p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?,
-                ),
-            );
+            tensors.insert(name.to_string(), p.buffer()?);
         }
         let meta = HashMap::from([
             ("step".to_string(), self.state.step.to_string()),
@@ -848,9 +833,11 @@ pub(crate) fn accumulate(
 /// Adds the auxiliary losses' gradient at the Wake block's current values into its buffer;
 /// returns the terms.
 pub(crate) fn add_aux(aux: &AuxLosses, wake: &Param, rng: &mut Rng) -> Result<Components> {
-    let values = wake.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
     let mut grad = wake.grad.lock().expect("gradient buffer");
-    Ok(aux.compute(&values, rng, Some(&mut grad), 1.0))
+    // Read in place: the block is 100 MB for the Wake lexicon on SmolLM2.
+    Ok(super::ops::with_f32(wake.var.as_tensor(), |values| {
+        aux.compute(values, rng, Some(&mut grad), 1.0)
+    })?)
 }
 
 /// The Wake rows of `params` (the embedding block, then the untied head's) for the forward pass,
@@ -947,12 +934,14 @@ pub fn checkpoint_step(run: &Path, which: &str) -> Result<u64> {
     Ok(step)
 }
 
-/// The name of the file holding a phase's starting state (Wake rows and adapters) in its run
-/// directory; Phase 1 starts from the model itself.
+/// The name of the file holding a later phase's starting state in its run directory: the
+/// source's Wake rows, and for Phase 3 its adapters. Phase 1 starts from the model itself.
 pub const START_FILE: &str = "start.safetensors";
 
-/// Everything a run's model had at `step` besides the frozen base model: the Wake blocks
-/// (`wake_embed`, and `wake_head` when the head is untied) and the LoRA matrices (PEFT names).
+/// Everything a run's model had at checkpoint `step` besides the frozen base model: the Wake
+/// blocks (`wake_embed`, and `wake_head` when the head is untied) and the LoRA matrices (PEFT
+/// names). Step 0 is the starting state, without Phase 2's fresh adapters (drawn from the
+/// seed; no rule selects step 0).
 pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
     let config = TrainConfig::load(&run.join("run.toml")).with_context(|| {
         format!(
@@ -966,7 +955,7 @@ pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
             let wake = WakeLayout::read(&config.model)?;
             wake_params(&model, &wake)?
                 .iter()
-                .map(|p| Ok((p.name.clone(), buffer(p.var.as_tensor())?)))
+                .map(|p| Ok((p.name.clone(), p.buffer()?)))
                 .collect::<Result<Buffers>>()?
         }
         _ => read_buffers(&run.join(START_FILE))?,
@@ -1059,7 +1048,9 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
         }
     }
     let lora = if config.phase.has_lora() {
-        let model = Llama::load(&config.model, &device)?;
+        // The adapters' shapes come from the model the weights already loaded make.
+        let model_config = crate::model::config::ModelConfig::from_dir(&config.model)?;
+        let model = Llama::from_weights(model_config, weights.clone(), &device)?;
         Some(Lora::from_tensors(
             &model,
             config.lora.clone(),
@@ -1129,11 +1120,14 @@ impl Param {
             grad: Arc::new(Mutex::new(vec![0f32; rows * cols])),
         })
     }
-}
 
-/// A tensor's shape and values, as checkpoints store them.
-fn buffer(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
-    Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1()?))
+    /// Its shape and values, as checkpoints and snapshots store them.
+    fn buffer(&self) -> Result<(Vec<usize>, Vec<f32>)> {
+        Ok((
+            vec![self.rows, self.cols],
+            self.var.as_tensor().flatten_all()?.to_vec1()?,
+        ))
+    }
 }
 
 fn read_buffers(path: &Path) -> Result<Buffers> {

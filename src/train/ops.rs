@@ -51,7 +51,7 @@ impl FrozenLinear {
 }
 
 /// Runs `f` on the f32 values of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("wake2vec's training ops run on the CPU only")
@@ -218,6 +218,16 @@ impl CustomOp1 for FrozenLinear {
 /// [`IGNORE`] for rows without a target): `[rows]` values `logsumexp(row) − row[target]`.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (rows, vocab) = logits.dims2()?;
+    check_targets(rows, vocab, targets)?;
+    let op = CrossEntropy {
+        targets: targets.to_vec(),
+        lse: Mutex::new(Vec::new()),
+    };
+    Ok(logits.contiguous()?.apply_op1(op)?)
+}
+
+/// One target per row of logits, each [`IGNORE`] or a vocabulary id.
+fn check_targets(rows: usize, vocab: usize, targets: &[u32]) -> Result<()> {
     ensure!(
         rows == targets.len(),
         "{rows} rows of logits but {} targets",
@@ -229,11 +239,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     {
         bail!("target id {t} is outside the vocabulary of {vocab}");
     }
-    let op = CrossEntropy {
-        targets: targets.to_vec(),
-        lse: Mutex::new(Vec::new()),
-    };
-    Ok(logits.contiguous()?.apply_op1(op)?)
+    Ok(())
 }
 
 /// Mean cross-entropy over the rows that have a target: a scalar.
@@ -923,17 +929,7 @@ impl WakeHeadLoss {
             wake_hidden == hidden && h_hidden == hidden && start + count <= vocab,
             "wake-head-loss: head {vocab}×{hidden}, Wake block {count}×{wake_hidden} at {start}, hidden states {rows}×{h_hidden}"
         );
-        ensure!(
-            rows == targets.len(),
-            "{rows} rows but {} targets",
-            targets.len()
-        );
-        if let Some(t) = targets
-            .iter()
-            .find(|&&t| t != IGNORE && t as usize >= vocab)
-        {
-            bail!("target id {t} is outside the vocabulary of {vocab}");
-        }
+        check_targets(rows, vocab, targets)?;
         let op = WakeHeadLoss {
             head: head.detach().contiguous()?,
             start,
