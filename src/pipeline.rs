@@ -18,10 +18,14 @@
 //! OUT/report.html     everything above on one page
 //! ```
 
+use crate::hub::cache;
+use crate::infer::{battery, text_metrics};
 use crate::lexicon::morphemes::MorphemeData;
 use crate::lexicon::{Case, Lexicon};
-use crate::train::{self, select::Rule, Outcome, Phase, TrainConfig, Trainer};
-use crate::{atomic, battery, cache, corpus, report, text_metrics, vocab};
+use crate::run::select::Rule;
+use crate::train::{self, Outcome, Phase, TrainConfig, Trainer};
+use crate::util::fs;
+use crate::{corpus, report, vocab};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -285,7 +289,7 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
                 c.validate()?;
                 std::fs::create_dir_all(out)
                     .with_context(|| format!("cannot create {}", out.display()))?;
-                atomic::write(&stored, toml::to_string(&c)?.as_bytes())?;
+                fs::write(&stored, toml::to_string(&c)?.as_bytes())?;
             }
             c
         }
@@ -388,13 +392,13 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     if !final_dir.join("model.safetensors").is_file() {
         let p3 = out.join("p3");
         let step = train::engine::checkpoint_step(&p3, &f.select.to_string())?;
-        let tmp = atomic::tmp_path(&final_dir);
+        let tmp = fs::tmp_path(&final_dir);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
         train::engine::export(&p3, step, &tmp, true)?;
-        atomic::commit(&tmp, &final_dir)?;
+        fs::commit(&tmp, &final_dir)?;
         say(format!(
             "final model: phase 3 step {step} ({}), adapters merged: {}",
             f.select,
@@ -433,8 +437,8 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         };
         let samples = battery::run(
             &m,
-            crate::generate::DEFAULT_PROMPT,
-            crate::sampling::SamplingParams::default(),
+            crate::infer::generate::DEFAULT_PROMPT,
+            crate::infer::sampling::SamplingParams::default(),
             f.max_new_tokens,
             42,
             &known,
@@ -451,7 +455,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         };
         let settings = std::fs::read_to_string(out.join("pipeline.toml")).ok();
         let page = report::html::build(summary, &analysis_dir, settings.as_deref(), &samples)?;
-        atomic::write(&report_path, page.as_bytes())?;
+        fs::write(&report_path, page.as_bytes())?;
         say(format!("report: {}", report_path.display()));
     }
     Ok(())

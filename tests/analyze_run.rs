@@ -6,8 +6,8 @@ use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wake2vec::analysis::{load, Options};
+use wake2vec::infer::text_metrics::{BatterySample, TextMetrics};
 use wake2vec::report::{self, html, AnalyzeRequest};
-use wake2vec::text_metrics::{BatterySample, TextMetrics};
 
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
 const BASE: usize = 300;
@@ -52,7 +52,7 @@ fn make_run(root: &Path) -> (usize, usize) {
             .map(|(i, &v)| a * v + (1.0 - a) * (((i * 37) % 101) as f32 / 101.0 - 0.5) * 0.1)
             .collect();
         let t = Tensor::from_vec(rows, (wake, dim), &Device::Cpu).unwrap();
-        wake2vec::model::weights::save_file(
+        wake2vec::hub::weights::save_file(
             &BTreeMap::from([("wake_rows".to_string(), t)]),
             &root.join(format!("snapshots/step-{step}.safetensors")),
         )
@@ -292,7 +292,7 @@ fn errors_name_the_file_and_the_fix() {
     // a snapshot of the wrong shape as --pre
     let snap = root.join("bad.safetensors");
     let t = Tensor::zeros((3, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
-    wake2vec::model::weights::save_file(&BTreeMap::from([("wake_rows".to_string(), t)]), &snap)
+    wake2vec::hub::weights::save_file(&BTreeMap::from([("wake_rows".to_string(), t)]), &snap)
         .unwrap();
     let e = report::analyze_path(&AnalyzeRequest {
         path: PathBuf::from(TINY),
@@ -334,7 +334,7 @@ fn a_checkpoint_of_trained_wake_rows_replaces_the_models_rows() {
     .unwrap();
     let save = |rows: usize, value: f32| {
         let t = Tensor::full(value, (rows, e.dim), &Device::Cpu).unwrap();
-        wake2vec::model::weights::save_file(
+        wake2vec::hub::weights::save_file(
             &BTreeMap::from([("wake_embed".to_string(), t)]),
             &run.join("checkpoints/step-3/params.safetensors"),
         )

@@ -1,7 +1,7 @@
 //! The GGUF importer end to end, without network: GGUF files are written here from the tiny
 //! fixtures the way llama.cpp's `convert_hf_to_gguf.py` lays them out (tensor names, llama q/k
 //! row permutation, `{arch}.*` hyperparameters, `tokenizer.ggml.*` vocabulary), imported with
-//! `wake2vec::gguf::import`, and the imported directory is compared with the HF original.
+//! `wake2vec::hub::gguf::import`, and the imported directory is compared with the HF original.
 //!
 //! Two models, because each covers what the other cannot:
 //! - llama, from tiny-llama's weights: untied head (`output.weight`), GQA (4 query heads, 2 kv
@@ -22,9 +22,10 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use wake2vec::model::config::{Architecture, ModelConfig};
-use wake2vec::model::{weights, Llama, LoadedModel};
-use wake2vec::score;
+use wake2vec::hub::config::{Architecture, ModelConfig};
+use wake2vec::hub::weights;
+use wake2vec::infer::score;
+use wake2vec::model::{Llama, LoadedModel};
 
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -54,10 +55,7 @@ fn plain_rope_llama(dir: &Path) {
     config.as_object_mut().unwrap().remove("rope_scaling");
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let c = ModelConfig::from_dir(dir).unwrap();
-    assert_eq!(
-        c.rope_scaling,
-        wake2vec::model::config::RopeScaling::Default
-    );
+    assert_eq!(c.rope_scaling, wake2vec::hub::config::RopeScaling::Default);
 }
 
 /// llama.cpp's `LlamaModel.permute`: rows `(head, 2, dim/2)` reordered to `(head, dim/2, 2)`,
@@ -259,7 +257,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// config equals the original's, the HF files are there, and the tokenizer encodes like the
 /// original's tokenizer.json. Returns the loaded import.
 fn import_and_check(gguf: &Path, out: &Path, original: &Path) -> LoadedModel {
-    let summary = wake2vec::gguf::import(gguf, out).unwrap();
+    let summary = wake2vec::hub::gguf::import(gguf, out).unwrap();
     let expected = ModelConfig::from_dir(original).unwrap();
     let written = ModelConfig::from_dir(out).unwrap();
     assert_eq!(written, expected, "config.json of the import");
@@ -426,7 +424,10 @@ fn refuses_a_non_empty_output_directory_and_leaves_it_alone() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "keep me").unwrap();
 
-    let err = format!("{:#}", wake2vec::gguf::import(&gguf, &out).unwrap_err());
+    let err = format!(
+        "{:#}",
+        wake2vec::hub::gguf::import(&gguf, &out).unwrap_err()
+    );
     assert!(
         err.contains(out.to_str().unwrap()) && err.contains("not empty"),
         "{err}"
@@ -450,7 +451,7 @@ fn refuses_a_non_empty_output_directory_and_leaves_it_alone() {
     // An empty directory is fine: it is filled.
     let empty = tmp.path("empty");
     std::fs::create_dir(&empty).unwrap();
-    wake2vec::gguf::import(&gguf, &empty).unwrap();
+    wake2vec::hub::gguf::import(&gguf, &empty).unwrap();
     assert!(empty.join("config.json").is_file());
 }
 
@@ -460,7 +461,7 @@ fn vocabulary_only_gguf_imports_a_tokenizer_alone() {
         .join("../shared/data/tokenizers/ggml-vocab-gpt-2.gguf");
     let tmp = Scratch::new("vocab-only");
     let out = tmp.path("gpt-2");
-    let summary = wake2vec::gguf::import(&vocab, &out).unwrap();
+    let summary = wake2vec::hub::gguf::import(&vocab, &out).unwrap();
     assert!(summary.config.is_none());
     assert_eq!(summary.tensors, 0);
     assert_eq!(summary.vocab_size, 50257);

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::Tokenizer;
-use wake2vec::gguf::tokenizer::{from_gguf, GgufTokenizer, TokenizerKind};
+use wake2vec::hub::gguf::tokenizer::{from_gguf, GgufTokenizer, TokenizerKind};
 
 const SEPARATOR: &str = "\n__ggml_vocab_test__\n";
 

@@ -5,8 +5,8 @@
 
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
+use wake2vec::infer::score;
 use wake2vec::model::{decode::DecodeWeights, KvCache, LoadedModel};
-use wake2vec::score;
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -156,7 +156,8 @@ fn tiny_qwen2_tied_f16_biased_padded_matches_transformers() {
 /// whole Wake through its tokenizer.
 #[test]
 fn smollm2_from_the_embedded_default_matches_transformers() {
-    let dir = wake2vec::cache::resolve(&wake2vec::cache::ModelSpec::Embedded, false).unwrap();
+    let dir =
+        wake2vec::hub::cache::resolve(&wake2vec::hub::cache::ModelSpec::Embedded, false).unwrap();
     let m = LoadedModel::load(&dir).unwrap();
     let g = golden(&fixture("smollm2_golden.json"));
     check_against_golden(&m, &g);

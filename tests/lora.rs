@@ -6,10 +6,10 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use common::{fixture, random_lora, Scratch};
 use std::collections::HashMap;
-use wake2vec::model::llama::WakeRows;
 use wake2vec::model::lora::{Target, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use wake2vec::model::{Llama, Lora, LoraConfig, LoraPass};
 use wake2vec::train::engine::batch_loss;
+use wake2vec::train::wake_rows::{self, WakeRows};
 
 const FIXTURES: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
 
@@ -104,13 +104,13 @@ fn with_b_zero_the_training_forward_equals_the_base_forward() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let base = values(&model.hidden_states_train(&ids, None, None).unwrap());
+        let base = values(&wake_rows::hidden_states(&model, &ids, None, None).unwrap());
         for seed in [None, Some(9)] {
             let pass = LoraPass {
                 lora: &lora,
                 dropout_seed: seed,
             };
-            let with = values(&model.hidden_states_train(&ids, None, Some(&pass)).unwrap());
+            let with = values(&wake_rows::hidden_states(&model, &ids, None, Some(&pass)).unwrap());
             assert_eq!(base, with, "{name}, dropout seed {seed:?}");
             assert_eq!(
                 scalar(&loss_of(&model, None, None)),
@@ -148,7 +148,7 @@ fn check_direction(what: &str, var: &Var, g: &[f32], u: &[f32], eps: f32, loss: 
 /// A direction with random magnitudes in [0, 1) and the analytic gradient's signs, so that the
 /// directional derivative stands well above the f32 loss's noise while every entry counts (an
 /// entry with a wrong sign or size would pull the finite difference away).
-fn aligned(g: &[f32], rng: &mut wake2vec::sampling::Rng) -> Vec<f32> {
+fn aligned(g: &[f32], rng: &mut wake2vec::util::rng::Rng) -> Vec<f32> {
     g.iter()
         .map(|&x| {
             let r = rng.next_f64() as f32;
@@ -189,7 +189,7 @@ fn gradient_check(name: &str) {
             .backward()
             .unwrap();
         let params = lora.params();
-        let mut rng = wake2vec::sampling::Rng::new(42);
+        let mut rng = wake2vec::util::rng::Rng::new(42);
         // A few matrices: both layers, attention and MLP, A and B.
         for k in [0, 1, 7, 13, 22, 27] {
             let (key, var) = &params[k];
@@ -266,7 +266,7 @@ fn merged_weights_give_the_lora_forwards_logits() {
     for name in FIXTURES {
         let model = load(name);
         let lora = random_lora(&model, all_targets(), 7, 0.1);
-        let mut weights = wake2vec::model::weights::load_dir(&fixture(name), &Device::Cpu).unwrap();
+        let mut weights = wake2vec::hub::weights::load_dir(&fixture(name), &Device::Cpu).unwrap();
         lora.merge_into(&mut weights).unwrap();
         let merged = Llama::from_weights(model.config.clone(), weights, &Device::Cpu).unwrap();
         let (a, _) = blocks();
@@ -278,12 +278,11 @@ fn merged_weights_give_the_lora_forwards_logits() {
             lora: &lora,
             dropout_seed: None,
         };
-        let h = model
-            .hidden_states_train(&ids, None, Some(&pass))
+        let h = wake_rows::hidden_states(&model, &ids, None, Some(&pass))
             .unwrap()
             .squeeze(0)
             .unwrap();
-        let trained = values(&model.logits_train(&h, None).unwrap());
+        let trained = values(&wake_rows::logits(&model, &h, None).unwrap());
         let merged = values(&merged.forward(&ids, None).unwrap());
         let base = values(&model.forward(&ids, None).unwrap());
         let max_diff = |x: &[f32], y: &[f32]| {
@@ -466,9 +465,7 @@ fn bad_adapters_give_clear_errors() {
         lora: &lora,
         dropout_seed: None,
     };
-    let e = shallow
-        .hidden_states_train(&ids, None, Some(&pass))
-        .unwrap_err();
+    let e = wake_rows::hidden_states(&shallow, &ids, None, Some(&pass)).unwrap_err();
     assert!(format!("{e:#}").contains("cover 2 layers"), "{e:#}");
 }
 
@@ -487,12 +484,12 @@ fn write_peft_interop_files() {
     let lora = random_lora(&model, all_targets(), 21, 0.2);
     lora.save_peft(&out.join("adapter"), base.to_str().unwrap())
         .unwrap();
-    let mut weights = wake2vec::model::weights::load_dir(&base, &Device::Cpu).unwrap();
+    let mut weights = wake2vec::hub::weights::load_dir(&base, &Device::Cpu).unwrap();
     lora.merge_into(&mut weights).unwrap();
     let merged = out.join("merged");
     std::fs::create_dir_all(&merged).unwrap();
     let sorted: std::collections::BTreeMap<_, _> = weights.into_iter().collect();
-    wake2vec::model::weights::save_file(&sorted, &merged.join("model.safetensors")).unwrap();
+    wake2vec::hub::weights::save_file(&sorted, &merged.join("model.safetensors")).unwrap();
     for f in [
         "config.json",
         "tokenizer.json",
@@ -534,16 +531,15 @@ fn a_peft_written_adapter_gives_peft_log_probs() {
         lora: &lora,
         dropout_seed: None,
     };
-    let h = model
-        .hidden_states_train(&input, None, Some(&pass))
+    let h = wake_rows::hidden_states(&model, &input, None, Some(&pass))
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let logits = model.logits_train(&h, None).unwrap();
+    let logits = wake_rows::logits(&model, &h, None).unwrap();
     let lse = values(&logits.log_sum_exp(1).unwrap());
     let l = values(&logits);
     let vocab = logits.dim(1).unwrap();
-    let base = wake2vec::score::logprobs(&model, &ids).unwrap();
+    let base = wake2vec::infer::score::logprobs(&model, &ids).unwrap();
     let (mut max_diff, mut moved) = (0f64, 0f64);
     for (i, w) in want.iter().enumerate() {
         let ours = (l[i * vocab + ids[i + 1] as usize] - lse[i]) as f64;

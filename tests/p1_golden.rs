@@ -3,8 +3,8 @@
 //! absent.
 
 use candle_core::{Device, Tensor, Var};
-use wake2vec::model::llama::{GradSink, WakeRows};
 use wake2vec::model::Llama;
+use wake2vec::train::wake_rows::{GradSink, WakeRows};
 
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -33,7 +33,8 @@ fn wake_rows(n: usize, hidden: usize, seed: u64, radius: f64) -> Vec<f32> {
 #[test]
 fn wake_row_gradient_matches_pytorch_on_smollm2() {
     // The embedded default, fetched and imported by the tool itself (as in tests/golden.rs).
-    let model_dir = wake2vec::cache::resolve(&wake2vec::cache::ModelSpec::Embedded, false).unwrap();
+    let model_dir =
+        wake2vec::hub::cache::resolve(&wake2vec::hub::cache::ModelSpec::Embedded, false).unwrap();
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/p1_gradient_golden.json"

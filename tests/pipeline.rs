@@ -183,7 +183,7 @@ fn phase_2_keeps_the_wake_rows_and_exports_peft_and_merged_models() {
         t.path(dest)
     };
     let cpu = candle_core::Device::Cpu;
-    let load = |d: &Path| wake2vec::model::weights::load_dir(d, &cpu).unwrap();
+    let load = |d: &Path| wake2vec::hub::weights::load_dir(d, &cpu).unwrap();
     let bits = |t: &candle_core::Tensor| -> Vec<u32> {
         t.flatten_all()
             .unwrap()

@@ -440,8 +440,8 @@ fn frozen_check(fixture: &str, wake_end_below_rows: bool) {
     let out = t.0.join("trained");
     wake2vec::train::engine::export(&trainer.dir, trainer.step_done(), &out, false).unwrap();
     let cpu = candle_core::Device::Cpu;
-    let before = wake2vec::model::weights::load_dir(&t.0.join("model"), &cpu).unwrap();
-    let after = wake2vec::model::weights::load_dir(&out, &cpu).unwrap();
+    let before = wake2vec::hub::weights::load_dir(&t.0.join("model"), &cpu).unwrap();
+    let after = wake2vec::hub::weights::load_dir(&out, &cpu).unwrap();
     assert_eq!(before.len(), after.len());
     let bits = |t: &candle_core::Tensor| -> Vec<u32> {
         t.flatten_all()
@@ -498,7 +498,7 @@ fn frozen_is_frozen_untied_head() {
 /// cross-entropy) against central differences along random directions, tied and untied.
 fn end_to_end_gradient(fixture: &str) {
     use candle_core::{Tensor, Var};
-    use wake2vec::model::llama::WakeRows;
+    use wake2vec::train::wake_rows::WakeRows;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture);
@@ -537,7 +537,7 @@ fn end_to_end_gradient(fixture: &str) {
     let reference: f64 = [&block, &block2]
         .iter()
         .map(|b| {
-            let lp = wake2vec::score::logprobs(&model, b).unwrap();
+            let lp = wake2vec::infer::score::logprobs(&model, b).unwrap();
             -lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64
         })
         .sum::<f64>()
@@ -550,7 +550,7 @@ fn end_to_end_gradient(fixture: &str) {
     let grads = l.backward().unwrap();
     // The engine's path (gradients into buffers, bypassing candle's store) gives the same.
     let sink =
-        wake2vec::model::llama::GradSink::new(count, model.config.hidden_size, head.is_some());
+        wake2vec::train::wake_rows::GradSink::new(count, model.config.hidden_size, head.is_some());
     let fast = WakeRows {
         sink: Some(sink.clone()),
         ..wake.clone()
@@ -595,7 +595,7 @@ fn end_to_end_gradient(fixture: &str) {
             .unwrap();
         assert!(g.iter().any(|&x| x != 0.0));
         for seed in 0..3u64 {
-            let mut rng = wake2vec::sampling::Rng::new(100 + seed);
+            let mut rng = wake2vec::util::rng::Rng::new(100 + seed);
             let u: Vec<f32> = (0..g.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let dir: f64 = g.iter().zip(&u).map(|(g, u)| (g * u) as f64).sum();
             // f32 losses carry ~1e-6 of rounding noise: the head block's small directional

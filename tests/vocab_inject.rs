@@ -52,7 +52,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f64>> {
 }
 
 fn base_rows(model: &str, name: &str) -> Vec<Vec<f64>> {
-    let w = wake2vec::model::weights::load_dir(&fixture(model), &Device::Cpu).unwrap();
+    let w = wake2vec::hub::weights::load_dir(&fixture(model), &Device::Cpu).unwrap();
     rows(&w[name])
 }
 
@@ -374,7 +374,7 @@ fn written_directory_loads_and_scores() {
     assert_eq!(loaded.model.config.vocab_size, v);
     assert_eq!(loaded.model.head().dims2().unwrap().0, v);
     // The in-memory and the reloaded weights agree.
-    let saved: BTreeMap<String, Tensor> = wake2vec::model::weights::load_dir(&out, &Device::Cpu)
+    let saved: BTreeMap<String, Tensor> = wake2vec::hub::weights::load_dir(&out, &Device::Cpu)
         .unwrap()
         .into_iter()
         .collect();
@@ -393,7 +393,8 @@ fn written_directory_loads_and_scores() {
         .get_ids()
         .to_vec();
     assert!(ids.contains(&(inj.manifest.wake_start as u32)), "{ids:?}");
-    let s = wake2vec::score::score_text(&loaded.model, &loaded.tokenizer, &text, 64).unwrap();
+    let s =
+        wake2vec::infer::score::score_text(&loaded.model, &loaded.tokenizer, &text, 64).unwrap();
     assert!(s.mean_loss.is_finite() && s.mean_loss > 0.0);
     // And the tokenizer reloaded from disk gives the in-memory extension's ids on the Wake.
     let wake = wake();
@@ -420,7 +421,7 @@ fn sentencepiece_model_end_to_end() {
     let base_dir = temp_dir("spm-base");
     let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data/tokenizers/ggml-vocab-llama-spm.gguf");
-    wake2vec::gguf::import(&gguf, &base_dir).unwrap();
+    wake2vec::hub::gguf::import(&gguf, &base_dir).unwrap();
     // tiny-llama's blocks with 32,000-row embedding and head drawn from a seeded generator.
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap())
@@ -430,11 +431,11 @@ fn sentencepiece_model_end_to_end() {
     config["eos_token_id"] = 2.into();
     std::fs::write(base_dir.join("config.json"), config.to_string()).unwrap();
     let mut weights: BTreeMap<String, Tensor> =
-        wake2vec::model::weights::load_dir(&fixture("tiny-llama"), &Device::Cpu)
+        wake2vec::hub::weights::load_dir(&fixture("tiny-llama"), &Device::Cpu)
             .unwrap()
             .into_iter()
             .collect();
-    let mut rng = wake2vec::sampling::Rng::new(11);
+    let mut rng = wake2vec::util::rng::Rng::new(11);
     for name in ["model.embed_tokens.weight", "lm_head.weight"] {
         let mut z = vec![0.0f64; 32_000 * 64];
         rng.fill_normal(&mut z);
@@ -444,7 +445,7 @@ fn sentencepiece_model_end_to_end() {
             Tensor::from_vec(v, (32_000, 64), &Device::Cpu).unwrap(),
         );
     }
-    wake2vec::model::weights::save_file(&weights, &base_dir.join("model.safetensors")).unwrap();
+    wake2vec::hub::weights::save_file(&weights, &base_dir.join("model.safetensors")).unwrap();
 
     let lex = lexicon(2000);
     let inj = vocab::inject(
@@ -483,7 +484,8 @@ fn sentencepiece_model_end_to_end() {
     );
     assert_eq!(enc.get_tokens()[0], format!("▁{word}"));
     assert_eq!(loaded.tokenizer.decode(enc.get_ids(), false).unwrap(), text);
-    let s = wake2vec::score::score_text(&loaded.model, &loaded.tokenizer, &text, 64).unwrap();
+    let s =
+        wake2vec::infer::score::score_text(&loaded.model, &loaded.tokenizer, &text, 64).unwrap();
     assert!(s.mean_loss.is_finite());
     std::fs::remove_dir_all(&base_dir).unwrap();
     std::fs::remove_dir_all(&out).unwrap();

@@ -28,8 +28,8 @@ fn lexicon() -> Lexicon {
 }
 
 fn from_gguf(path: &Path) -> BaseTokenizer {
-    let (content, _) = wake2vec::gguf::read_content(path).unwrap();
-    let tok = wake2vec::gguf::tokenizer::from_gguf(&content, path).unwrap();
+    let (content, _) = wake2vec::hub::gguf::read_content(path).unwrap();
+    let tok = wake2vec::hub::gguf::tokenizer::from_gguf(&content, path).unwrap();
     BaseTokenizer::from_json(
         &tok.tokenizer.to_string(false).unwrap(),
         &path.display().to_string(),

@@ -2,7 +2,7 @@
 //! embedding matrix, the row layout from `wake2vec.json`, the training log and the snapshots.
 
 use super::{DriftReference, Embeddings, Layout};
-use crate::model::weights;
+use crate::hub::weights;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};

@@ -14,7 +14,7 @@ pub mod npy_random;
 pub mod stats;
 pub mod trajectory;
 
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::Serialize;

@@ -4,7 +4,7 @@
 //! projected with it.
 
 use super::{describe, linalg, sample_indices, Describe, Embeddings, Vocabulary};
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use serde::Serialize;
 

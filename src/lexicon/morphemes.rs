@@ -109,7 +109,7 @@ impl MorphemeData {
     /// Writes `morpheme_data.json` (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;
-        crate::atomic::write(path, json.as_bytes())
+        crate::util::fs::write(path, json.as_bytes())
     }
 }
 

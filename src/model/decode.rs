@@ -8,7 +8,8 @@
 //! The same arithmetic as the tensor path, in another summation order: logits agree within
 //! float rounding (tested).
 
-use super::llama::{Block, KvCache, Linear, Llama};
+use super::llama::{Block, KvCache, Llama};
+use crate::nn::linear::Linear;
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
@@ -130,7 +131,7 @@ impl<'a> DecodeWeights<'a> {
             })
             .sum();
         let mut arena = Arena {
-            buf: super::weights::huge_page_vec(per_block + model.head().elem_count()),
+            buf: crate::hub::weights::huge_page_vec(per_block + model.head().elem_count()),
         };
         let blocks = model
             .blocks

@@ -1,38 +1,16 @@
-//! The Llama-family decoder (Llama 1/2/3, TinyLlama, SmolLM2, Mistral, Qwen2), in f32, built
-//! only from differentiable candle operations so that training can reuse it (candle's fused
-//! `rms_norm`, `softmax_last_dim` and `rope` drop gradients: DESIGN.md §2). One code path serves
-//! whole-sequence scoring and KV-cached generation.
+//! The Llama-family decoder (Llama 1/2/3, TinyLlama, SmolLM2, Mistral, Qwen2), in f32. A pass
+//! is built from one set of layers: the composed ops of `nn` for scoring and KV-cached
+//! generation, or the fused ops with hand-written backward passes for training, where an
+//! [`Embedding`] (the trainable Wake rows) and [`Adapters`] (LoRA) add what trains.
 
-use super::config::{ModelConfig, RopeScaling};
-use super::lora::{LoraPass, Target};
-use super::weights::Weights;
-use crate::train::ops::{FrozenLinear, WakeHeadLoss};
+use super::proj::Target;
+use crate::hub::config::ModelConfig;
+use crate::hub::weights::Weights;
+use crate::nn::linear::Linear;
+use crate::nn::{attention, norm, rope, swiglu};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
-
-/// A projection `y = x·Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Applies the projection to `x` of shape `[.., in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (lead, inner) = dims.split_at(dims.len() - 1);
-        let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, inner[0]))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = lead.to_vec();
-        out.push(self.weight.dim(0)?);
-        Ok(y.reshape(out)?)
-    }
-}
+use candle_core::{Device, Tensor, D};
+use std::path::Path;
 
 /// One decoder block.
 #[derive(Debug, Clone)]
@@ -142,7 +120,7 @@ impl Llama {
         } else {
             Some(take("lm_head.weight").context("config.json says tie_word_embeddings = false")?)
         };
-        let (cos, sin) = rope_tables(&config, device)?;
+        let (cos, sin) = rope::rope_tables(&config, device)?;
         Ok(Self {
             config,
             embed,
@@ -157,7 +135,7 @@ impl Llama {
     /// Loads a model directory (config.json + safetensors).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
-        let weights = super::weights::load_dir(dir, device)?;
+        let weights = crate::hub::weights::load_dir(dir, device)?;
         Self::from_weights(config, weights, device)
             .with_context(|| format!("in model directory {}", dir.display()))
     }
@@ -180,40 +158,36 @@ impl Llama {
     /// Final hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`, continuing after the
     /// positions held in `cache` (pass `None` for a stateless whole-sequence pass).
     pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hidden_states_with(ids, cache, Mode::Inference)
+        self.pass(ids, cache, &Pass::inference())
     }
 
     /// Final hidden states for training: every weight frozen (backward computes input gradients
-    /// only, DESIGN.md §2), except the Wake rows of the embedding when `wake` is given, which are
-    /// read from its trainable block.
-    ///
-    /// With `lora`, each target projection adds its adapter's update
-    /// `(α/r)·(dropout(x)·Aᵀ)·Bᵀ` through differentiable candle ops, so the backward pass gives
-    /// the adapters (variables) their gradients; the dropout masks follow from
-    /// `lora.dropout_seed` alone.
+    /// only), except what `embedding` and `adapters` make trainable: the embedding lookup is
+    /// theirs when given (e.g. the Wake rows read from a trainable block), and each projection
+    /// adds the adapters' update when they carry one for it.
     pub fn hidden_states_train(
         &self,
         ids: &Tensor,
-        wake: Option<&WakeRows>,
-        lora: Option<&LoraPass<'_>>,
+        embedding: Option<&dyn Embedding>,
+        adapters: Option<&dyn Adapters>,
     ) -> Result<Tensor> {
-        if let Some(l) = lora {
+        if let Some(a) = adapters {
             ensure!(
-                l.lora.num_layers() == self.blocks.len(),
+                a.num_layers() == self.blocks.len(),
                 "the LoRA adapters cover {} layers but the model has {}",
-                l.lora.num_layers(),
+                a.num_layers(),
                 self.blocks.len()
             );
         }
-        self.hidden_states_with(ids, None, Mode::Train { wake, lora })
+        let pass = Pass {
+            layers: TRAINING,
+            embedding,
+            adapters,
+        };
+        self.pass(ids, None, &pass)
     }
 
-    fn hidden_states_with(
-        &self,
-        ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
-        mode: Mode<'_>,
-    ) -> Result<Tensor> {
+    fn pass(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, pass: &Pass) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + seq > self.max_positions() {
@@ -227,143 +201,24 @@ impl Llama {
             c.layers.resize(self.blocks.len(), None);
         }
         let flat = ids.flatten_all()?;
-        let mut x = match mode {
-            Mode::Train {
-                wake: Some(wake), ..
-            } => self.embed_with_wake(&flat, wake)?,
-            _ => self.embed.index_select(&flat, 0)?,
+        let mut x = match pass.embedding {
+            Some(e) => e.embed(&self.embed, &flat)?,
+            None => self.embed.index_select(&flat, 0)?,
         }
         .reshape((batch, seq, self.config.hidden_size))?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
-        let mask = causal_mask(seq, offset, x.device())?;
+        let mask = (pass.layers.mask)(seq, offset, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block_forward(i, block, &x, &cos, &sin, mask.as_ref(), layer_cache, mode)?;
+            let at = Position {
+                cos: &cos,
+                sin: &sin,
+                mask: mask.as_ref(),
+            };
+            x = self.block_forward(i, block, &x, at, layer_cache, pass)?;
         }
-        match mode {
-            Mode::Inference => rms_norm(&x, &self.norm, self.config.rms_norm_eps),
-            Mode::Train { .. } => {
-                crate::train::ops::rms_norm_frozen(&x, &self.norm, self.config.rms_norm_eps)
-            }
-        }
-    }
-
-    /// Embedding lookup where Wake ids read the trainable block and every other id the frozen
-    /// matrix: `base[id]·(1 − m) + wake[id − start]·m`, `m` = 1 on Wake positions. Only the Wake
-    /// block is in the graph, so only it receives a gradient.
-    fn embed_with_wake(&self, ids: &Tensor, wake: &WakeRows) -> Result<Tensor> {
-        let ids_v: Vec<u32> = ids.to_vec1()?;
-        let (start, count) = (wake.start as u32, wake.count() as u32);
-        let is_wake = |&id: &u32| id >= start && id < start + count;
-        let base_ids: Vec<u32> = ids_v
-            .iter()
-            .map(|id| if is_wake(id) { 0 } else { *id })
-            .collect();
-        let wake_ids: Vec<u32> = ids_v
-            .iter()
-            .map(|id| if is_wake(id) { id - start } else { 0 })
-            .collect();
-        let m: Vec<f32> = ids_v.iter().map(|id| f32::from(is_wake(id))).collect();
-        let device = ids.device();
-        let n = ids_v.len();
-        let base = self
-            .embed
-            .index_select(&Tensor::from_vec(base_ids, n, device)?, 0)?;
-        if !ids_v.iter().any(is_wake) {
-            return Ok(base);
-        }
-        let m = Tensor::from_vec(m, (n, 1), device)?;
-        let rows = match &wake.sink {
-            None => wake
-                .embed
-                .index_select(&Tensor::from_vec(wake_ids, n, device)?, 0)?,
-            Some(sink) => {
-                // Only the rows this batch reads become a (small) leaf variable; the engine adds
-                // its gradient into the sink's rows after the backward pass.
-                let wanted: Vec<u32> = ids_v
-                    .iter()
-                    .filter(|id| is_wake(id))
-                    .map(|id| id - start)
-                    .collect();
-                let leaf = candle_core::Var::from_tensor(
-                    &wake
-                        .embed
-                        .detach()
-                        .index_select(&Tensor::new(wanted.as_slice(), device)?, 0)?,
-                )?;
-                let mut k = 0u32;
-                let position: Vec<u32> = ids_v
-                    .iter()
-                    .map(|id| {
-                        let here = k.min(wanted.len() as u32 - 1);
-                        if is_wake(id) {
-                            k += 1;
-                        }
-                        here
-                    })
-                    .collect();
-                let rows = leaf
-                    .as_tensor()
-                    .index_select(&Tensor::from_vec(position, n, device)?, 0)?;
-                *sink.inputs.lock().expect("gradient sink") = Some((wanted, leaf));
-                rows
-            }
-        };
-        Ok((base.broadcast_mul(&(1.0 - &m)?)? + rows.broadcast_mul(&m)?)?)
-    }
-
-    /// Per-row next-token loss `[rows]` of final hidden states `[rows, hidden]` against
-    /// `targets` for training: the head and the cross-entropy fused ([`WakeHeadLoss`]) when
-    /// `wake` is given, else the frozen head and the fused cross-entropy.
-    pub fn head_loss_train(
-        &self,
-        h: &Tensor,
-        targets: &[u32],
-        wake: Option<&WakeRows>,
-    ) -> Result<Tensor> {
-        let Some(wake) = wake else {
-            let logits = FrozenLinear::new(self.head(), None)?.forward(h)?;
-            return crate::train::ops::cross_entropy(&logits, targets);
-        };
-        let trainable = match (&self.lm_head, &wake.head) {
-            (None, _) => &wake.embed,
-            (Some(_), Some(t)) => t,
-            (Some(_), None) => {
-                bail!("the head is untied but no trainable Wake head rows were given")
-            }
-        };
-        let sink = wake.sink.as_ref().map(|s| match &self.lm_head {
-            None => s.embed.clone(),
-            Some(_) => s.head.clone().unwrap_or_else(|| s.embed.clone()),
-        });
-        WakeHeadLoss::forward(self.head(), wake.start, trainable, h, targets, sink)
-    }
-
-    /// Training logits `[rows, vocab]` for final hidden states `[rows, hidden]`: the frozen head
-    /// rows through [`FrozenLinear`], the Wake rows (when `wake` is given) from the trainable
-    /// block: the embedding block when the head is tied, the head block when it is not.
-    pub fn logits_train(&self, h: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
-        let head = self.head();
-        let Some(wake) = wake else {
-            return FrozenLinear::new(head, None)?.forward(h);
-        };
-        let rows = head.dim(0)?;
-        let (start, count) = (wake.start, wake.count());
-        let trainable = match (&self.lm_head, &wake.head) {
-            (None, _) => &wake.embed,
-            (Some(_), Some(t)) => t,
-            (Some(_), None) => {
-                bail!("the head is untied but no trainable Wake head rows were given")
-            }
-        };
-        let mut parts = vec![FrozenLinear::new(&head.narrow(0, 0, start)?, None)?.forward(h)?];
-        parts.push(h.matmul(&trainable.t()?)?);
-        if start + count < rows {
-            let tail = head.narrow(0, start + count, rows - start - count)?;
-            parts.push(FrozenLinear::new(&tail, None)?.forward(h)?);
-        }
-        Ok(Tensor::cat(&parts, 1)?)
+        (pass.layers.norm)(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]`.
@@ -376,49 +231,31 @@ impl Llama {
         .forward(&h)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         layer: usize,
         b: &Block,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        at: Position,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        mode: Mode<'_>,
+        pass: &Pass,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
-            match mode {
-                Mode::Inference => rms_norm(x, w, c.rms_norm_eps),
-                Mode::Train { .. } => crate::train::ops::rms_norm_frozen(x, w, c.rms_norm_eps),
-            }
-        };
-        let rotate = |x: &Tensor| -> Result<Tensor> {
-            match mode {
-                Mode::Inference => rope(x, cos, sin),
-                Mode::Train { .. } => crate::train::ops::rope_fused(x, cos, sin),
-            }
-        };
+        let ops = &pass.layers;
+        let norm = |x: &Tensor, w: &Tensor| (ops.norm)(x, w, c.rms_norm_eps);
         let project = |l: &Linear, target: Target, x: &Tensor| -> Result<Tensor> {
-            match mode {
-                Mode::Inference => l.forward(x),
-                Mode::Train { lora, .. } => {
-                    let y = FrozenLinear::new(&l.weight, l.bias.as_ref())?.forward(x)?;
-                    let Some(pass) = lora else {
-                        return Ok(y);
-                    };
-                    let inner = x.dim(D::Minus1)?;
-                    let x2 = x.reshape((x.elem_count() / inner, inner))?;
-                    match pass.delta(layer, target, &x2)? {
-                        Some(d) => {
-                            let d = d.reshape(y.shape())?;
-                            Ok((y + d)?)
-                        }
-                        None => Ok(y),
-                    }
+            let y = (ops.linear)(l, x)?;
+            let Some(adapters) = pass.adapters else {
+                return Ok(y);
+            };
+            let inner = x.dim(D::Minus1)?;
+            let x2 = x.reshape((x.elem_count() / inner, inner))?;
+            match adapters.delta(layer, target, &x2)? {
+                Some(d) => {
+                    let d = d.reshape(y.shape())?;
+                    Ok((y + d)?)
                 }
+                None => Ok(y),
             }
         };
         let (batch, seq, _) = x.dims3()?;
@@ -428,8 +265,9 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotate(&heads(project(&b.q, Target::Q, &h)?, c.num_heads)?)?;
-        let mut k = rotate(&heads(project(&b.k, Target::K, &h)?, c.num_kv_heads)?)?;
+        let rotate = |t: Tensor| (ops.rope)(&t, at.cos, at.sin);
+        let q = rotate(heads(project(&b.q, Target::Q, &h)?, c.num_heads)?)?;
+        let mut k = rotate(heads(project(&b.k, Target::K, &h)?, c.num_kv_heads)?)?;
         let mut v = heads(project(&b.v, Target::V, &h)?, c.num_kv_heads)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -438,224 +276,88 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let attn = match mode {
-            // Training never uses the cache: one whole causal sequence.
-            Mode::Train { .. } => crate::train::ops::causal_attention(&q, &k, &v)?,
-            Mode::Inference => {
-                let rep = c.num_heads / c.num_kv_heads;
-                let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-                let scores = (q.matmul(&k.t()?)? * (1.0 / (c.head_dim as f64).sqrt()))?;
-                let scores = match mask {
-                    Some(m) => scores.broadcast_add(m)?,
-                    None => scores,
-                };
-                softmax_last_dim(&scores)?.matmul(&v)?
-            }
-        };
-        let attn = attn
+        let attn = (ops.attention)(&q, &k, &v, at.mask)?
             .transpose(1, 2)?
             .reshape((batch, seq, c.num_heads * c.head_dim))?;
         let x = (x + project(&b.o, Target::O, &attn)?)?;
         let h = norm(&x, &b.post_attention_norm)?;
-        let (gate, up) = (
-            project(&b.gate, Target::Gate, &h)?,
-            project(&b.up, Target::Up, &h)?,
-        );
-        let act = match mode {
-            Mode::Inference => (gate.silu()? * up)?,
-            Mode::Train { .. } => crate::train::ops::swiglu(&gate, &up)?,
-        };
-        let mlp = project(&b.down, Target::Down, &act)?;
+        let gate = project(&b.gate, Target::Gate, &h)?;
+        let up = project(&b.up, Target::Up, &h)?;
+        let mlp = project(&b.down, Target::Down, &(ops.swiglu)(&gate, &up)?)?;
         Ok((x + mlp)?)
     }
 }
 
-use std::path::Path;
-
-/// How a forward pass treats the weights.
+/// The RoPE rows and the mask of the positions a pass covers.
 #[derive(Clone, Copy)]
-enum Mode<'a> {
-    /// Plain matmuls (generation, scoring).
-    Inference,
-    /// Frozen projections that give their weights no gradient, optionally trainable Wake rows
-    /// and LoRA adapters.
-    Train {
-        wake: Option<&'a WakeRows>,
-        lora: Option<&'a LoraPass<'a>>,
-    },
+struct Position<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: Option<&'a Tensor>,
 }
 
-/// The trainable Wake rows of Phase 1: rows `start .. start + count` of the embedding matrix
-/// (and of the head) are read from these blocks instead of the frozen matrix.
-#[derive(Debug, Clone)]
-pub struct WakeRows {
-    /// First Wake row (`wake_start` of wake2vec.json).
-    pub start: usize,
-    /// The embedding's Wake rows `[count, hidden]`; also the head's when it is tied.
-    pub embed: Tensor,
-    /// The untied head's Wake rows `[count, hidden]`.
-    pub head: Option<Tensor>,
-    /// Where the Wake rows' gradients go; `None`: to candle's gradient store, for `embed` and
-    /// `head` as variables.
-    pub sink: Option<GradSink>,
+/// The layer implementations a pass is built from, chosen when the pass starts.
+#[derive(Clone, Copy)]
+struct Layers {
+    norm: fn(&Tensor, &Tensor, f64) -> Result<Tensor>,
+    rope: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    linear: fn(&Linear, &Tensor) -> Result<Tensor>,
+    /// The additive attention mask of `seq` queries after `offset` cached positions.
+    mask: fn(usize, usize, &Device) -> Result<Option<Tensor>>,
+    attention: fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+    swiglu: fn(&Tensor, &Tensor) -> Result<Tensor>,
 }
 
-/// The Wake rows a forward pass read as inputs: their row indices and the leaf variable that
-/// held them.
-pub type InputRows = (Vec<u32>, candle_core::Var);
+/// Scoring and generation: candle's differentiable ops, composed; KV cache and offset masks.
+const INFERENCE: Layers = Layers {
+    norm: norm::rms_norm,
+    rope: rope::rope,
+    linear: Linear::forward,
+    mask: attention::causal_mask,
+    attention: attention::attention,
+    swiglu: swiglu::swiglu_composed,
+};
 
-/// Phase 1's fast gradient path: the Wake rows' gradients are accumulated straight into these
-/// buffers instead of going through candle's gradient store, which would allocate, zero and add
-/// several `[count, hidden]` tensors per micro-batch (45K × 576 floats each).
-#[derive(Debug, Clone)]
-pub struct GradSink {
-    /// Gradient of the embedding's Wake block (and of the tied head's), `count × hidden`.
-    pub embed: std::sync::Arc<std::sync::Mutex<Vec<f32>>>,
-    /// Gradient of the untied head's Wake block.
-    pub head: Option<std::sync::Arc<std::sync::Mutex<Vec<f32>>>>,
-    /// The Wake rows the last forward pass read as inputs (row indices) and the leaf variable
-    /// that held them; [`GradSink::collect_inputs`] adds its gradient into `embed`.
-    pub inputs: std::sync::Arc<std::sync::Mutex<Option<InputRows>>>,
+/// Training: the fused ops with hand-written backward passes; frozen weights get no gradient
+/// work; one whole causal sequence (no cache, so no mask tensor).
+const TRAINING: Layers = Layers {
+    norm: norm::rms_norm_frozen,
+    rope: rope::rope_fused,
+    linear: Linear::forward_frozen,
+    mask: |_, _, _| Ok(None),
+    attention: |q, k, v, _| attention::causal_attention(q, k, v),
+    swiglu: swiglu::swiglu,
+};
+
+/// One forward pass: its layers, and what it trains besides the frozen weights.
+struct Pass<'a> {
+    layers: Layers,
+    embedding: Option<&'a dyn Embedding>,
+    adapters: Option<&'a dyn Adapters>,
 }
 
-impl GradSink {
-    /// Zeroed buffers for `count × hidden` blocks (and a head block when untied).
-    pub fn new(count: usize, hidden: usize, untied: bool) -> Self {
-        let buf = || std::sync::Arc::new(std::sync::Mutex::new(vec![0f32; count * hidden]));
-        Self {
-            embed: buf(),
-            head: untied.then(buf),
-            inputs: Default::default(),
-        }
-    }
-
-    /// After a backward pass: adds the input rows' gradients into `embed`.
-    pub fn collect_inputs(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        let Some((rows, leaf)) = self.inputs.lock().expect("gradient sink").take() else {
-            return Ok(());
-        };
-        let Some(g) = grads.get(leaf.as_tensor()) else {
-            return Ok(());
-        };
-        let hidden = leaf.dim(1)?;
-        let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-        let mut embed = self.embed.lock().expect("gradient sink");
-        for (i, &r) in rows.iter().enumerate() {
-            let dst = &mut embed[r as usize * hidden..(r as usize + 1) * hidden];
-            dst.iter_mut()
-                .zip(&g[i * hidden..(i + 1) * hidden])
-                .for_each(|(a, b)| *a += b);
-        }
-        Ok(())
-    }
-}
-
-impl WakeRows {
-    /// How many Wake rows there are.
-    pub fn count(&self) -> usize {
-        self.embed.dim(0).unwrap_or(0)
-    }
-}
-
-/// RMSNorm composed from differentiable ops: `x / sqrt(mean(x²) + eps) · w`.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?
-        .broadcast_mul(weight)?)
-}
-
-/// Softmax over the last dimension, composed from differentiable ops (max-shifted).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// Rotary embedding in HF's half-split layout on `x` `[batch, heads, seq, head_dim]` with
-/// tables `[seq, head_dim / 2]`: `(x₁·cos − x₂·sin, x₂·cos + x₁·sin)`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Ok(Tensor::cat(&[a, b], D::Minus1)?)
-}
-
-/// `[batch, kv_heads, seq, d]` → `[batch, kv_heads · rep, seq, d]`, each kv head repeated `rep`
-/// times in place (grouped-query attention, as transformers' `repeat_kv`).
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, h, rep, s, d))?
-        .reshape((b, h * rep, s, d))?)
-}
-
-/// Additive mask `[seq, offset + seq]`: query `i` sees keys `0..=offset + i`. `None` for one query.
-fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
-    if seq == 1 {
-        return Ok(None);
-    }
-    let total = offset + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
-}
-
-/// Inverse frequencies of RoPE with the configured scaling (transformers' `_compute_*_parameters`).
-pub fn inv_freqs(c: &ModelConfig) -> Vec<f64> {
-    let base: Vec<f64> = (0..c.head_dim / 2)
-        .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64))
-        .collect();
-    match c.rope_scaling {
-        RopeScaling::Default => base,
-        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            let old = original_max_position_embeddings as f64;
-            let low_wavelen = old / low_freq_factor;
-            let high_wavelen = old / high_freq_factor;
-            base.iter()
-                .map(|&f| {
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    if wavelen > low_wavelen {
-                        f / factor
-                    } else if wavelen < high_wavelen {
-                        f
-                    } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
-                })
-                .collect()
+impl Pass<'_> {
+    fn inference() -> Self {
+        Pass {
+            layers: INFERENCE,
+            embedding: None,
+            adapters: None,
         }
     }
 }
 
-/// cos and sin of `position · inv_freq`, `[max_positions, head_dim / 2]`, computed as
-/// transformers does (f32 inverse frequencies, f32 product).
-fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = inv_freqs(c).iter().map(|&f| f as f32).collect();
-    let n = c.max_position_embeddings;
-    let angles: Vec<f32> = (0..n)
-        .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
-        .collect();
-    let angles = Tensor::from_vec(angles, (n, inv.len()), device)?;
-    Ok((angles.cos()?.to_dtype(DType::F32)?, angles.sin()?))
+/// An input embedding that replaces the frozen lookup in a training pass (the Wake rows of
+/// Phase 1 and 3 read from their trainable block).
+pub trait Embedding {
+    /// Rows `[n, hidden]` of the flat ids `[n]`; `table` is the model's frozen embedding.
+    fn embed(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor>;
+}
+
+/// Low-rank adapters on the block projections of a training pass (LoRA).
+pub trait Adapters {
+    /// How many layers the adapters cover.
+    fn num_layers(&self) -> usize;
+    /// The update to add to projection `target` of `layer` for inputs `x` `[rows, in]`, or
+    /// `None` when that projection carries no adapter.
+    fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
 }

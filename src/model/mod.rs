@@ -1,12 +1,11 @@
-//! The in-memory model: configuration, weights, and the Llama-family forward pass.
+//! The in-memory model: the Llama-family forward pass, its LoRA adapters and the fast decoder.
 
-pub mod config;
 pub mod decode;
 pub mod llama;
 pub mod lora;
-pub mod weights;
+pub mod proj;
 
-pub use config::ModelConfig;
+pub use crate::hub::ModelConfig;
 pub use llama::{KvCache, Llama};
 pub use lora::{Lora, LoraConfig, LoraPass};
 

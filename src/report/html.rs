@@ -3,7 +3,7 @@
 //! tables and the generated samples with their metrics.
 
 use super::Summary;
-use crate::text_metrics::BatterySample;
+use crate::infer::text_metrics::BatterySample;
 use anyhow::{Context, Result};
 use std::fmt::Write;
 use std::path::Path;

@@ -12,7 +12,7 @@ use crate::analysis::{
     load::{self, LossSummary, Source},
     morph, trajectory, DriftReference, Geometry, Options, Vocabulary,
 };
-use crate::atomic;
+use crate::util::fs;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -69,8 +69,8 @@ fn write_figure(
     f: &figures::Figure,
     names: &mut Vec<String>,
 ) -> Result<()> {
-    atomic::write(&dir.join(format!("{stem}.svg")), f.svg.as_bytes())?;
-    atomic::write(&dir.join(format!("{stem}.png")), &f.png)?;
+    fs::write(&dir.join(format!("{stem}.svg")), f.svg.as_bytes())?;
+    fs::write(&dir.join(format!("{stem}.png")), &f.png)?;
     names.push(format!("{stem}.svg"));
     names.push(format!("{stem}.png"));
     Ok(())
@@ -221,7 +221,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         figures: names,
     };
     let json = serde_json::to_string_pretty(&summary)?;
-    atomic::write(&out.join("summary.json"), json.as_bytes())?;
+    fs::write(&out.join("summary.json"), json.as_bytes())?;
     Ok(AnalyzeOutput { dir: out, summary })
 }
 

@@ -40,7 +40,7 @@
 use crate::analysis::morph::{word_ids, WordIndex};
 use crate::analysis::Vocabulary;
 use crate::lexicon::morphemes::{load_device_groups, load_groups, Decomposer, MorphemeData};
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

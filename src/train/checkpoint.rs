@@ -9,7 +9,7 @@
 
 use super::data::Cursor;
 use super::Buffers;
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};

@@ -5,8 +5,8 @@
 use super::aux::AuxConfig;
 use super::optim::{AdamWConfig, OptimizerConfig};
 use super::schedule::ScheduleKind;
-use super::select::Rule;
 use crate::model::lora::LoraConfig;
+use crate::run::select::Rule;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! block with a seed, and served in a per-epoch order derived from the seed, so that a position
 //! in the stream (`epoch`, `cursor`) is all a checkpoint needs to resume the same order.
 
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 

@@ -9,11 +9,12 @@ use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
 use super::schedule::Schedule;
-use super::{select, Buffers};
-use crate::model::llama::{GradSink, WakeRows};
+use super::wake_rows::{self, GradSink, WakeRows};
+use super::Buffers;
 use crate::model::lora::{Lora, LoraPass};
 use crate::model::{Llama, LoadedModel};
-use crate::sampling::Rng;
+use crate::run::select;
+use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
 use serde::Serialize;
@@ -182,13 +183,13 @@ impl Trainer {
             config.append_lexicon = absolute(&config.append_lexicon)?;
         }
         if let Some(start) = source {
-            crate::atomic::write(
+            crate::util::fs::write(
                 &out.join(START_FILE),
                 &checkpoint::safetensors_bytes(&start, None)?,
             )?;
         }
         // run.toml last: it marks the directory as a run.
-        crate::atomic::write(&out.join("run.toml"), config.to_toml()?.as_bytes())?;
+        crate::util::fs::write(&out.join("run.toml"), config.to_toml()?.as_bytes())?;
         std::fs::write(out.join("log.jsonl"), b"")
             .with_context(|| format!("cannot create {}", out.join("log.jsonl").display()))?;
         Self::open(out, config, None)
@@ -754,7 +755,7 @@ impl Trainer {
             ("base_vocab".to_string(), self.wake.base_vocab.to_string()),
         ]);
         let bytes = checkpoint::safetensors_bytes(&tensors, Some(meta))?;
-        crate::atomic::write(
+        crate::util::fs::write(
             &dir.join(format!("step-{}.safetensors", self.state.step)),
             &bytes,
         )
@@ -791,12 +792,12 @@ pub fn batch_loss(
     let ids: Vec<u32> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
     let targets: Vec<u32> = blocks.iter().flat_map(|b| b[1..].iter().copied()).collect();
     let input = Tensor::from_vec(ids, (blocks.len(), t), model.embed.device())?;
-    let h = model.hidden_states_train(&input, wake, lora)?;
+    let h = wake_rows::hidden_states(model, &input, wake, lora)?;
     let h = h
         .narrow(1, 0, t - 1)?
         .contiguous()?
         .reshape((blocks.len() * (t - 1), model.config.hidden_size))?;
-    let per_row = model.head_loss_train(&h, &targets, wake)?;
+    let per_row = wake_rows::head_loss(model, &h, &targets, wake)?;
     Ok((per_row.sum_all()? / targets.len() as f64)?)
 }
 
@@ -835,7 +836,7 @@ pub(crate) fn accumulate(
 pub(crate) fn add_aux(aux: &AuxLosses, wake: &Param, rng: &mut Rng) -> Result<Components> {
     let mut grad = wake.grad.lock().expect("gradient buffer");
     // Read in place: the block is 100 MB for the Wake lexicon on SmolLM2.
-    Ok(super::ops::with_f32(wake.var.as_tensor(), |values| {
+    Ok(crate::nn::gemm::with_f32(wake.var.as_tensor(), |values| {
         aux.compute(values, rng, Some(&mut grad), 1.0)
     })?)
 }
@@ -1032,7 +1033,7 @@ fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
 pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     let (config, state) = phase_state(run, step)?;
     let device = candle_core::Device::Cpu;
-    let mut weights = crate::model::weights::load_dir(&config.model, &device)?;
+    let mut weights = crate::hub::weights::load_dir(&config.model, &device)?;
     let wake = WakeLayout::read(&config.model)?;
     let tensors = tensors_of(&state)?;
     for (name, key) in [
@@ -1049,7 +1050,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     }
     let lora = if config.phase.has_lora() {
         // The adapters' shapes come from the model the weights already loaded make.
-        let model_config = crate::model::config::ModelConfig::from_dir(&config.model)?;
+        let model_config = crate::hub::config::ModelConfig::from_dir(&config.model)?;
         let model = Llama::from_weights(model_config, weights.clone(), &device)?;
         Some(Lora::from_tensors(
             &model,
@@ -1064,7 +1065,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let all: BTreeMap<String, Tensor> = weights.into_iter().collect();
-    crate::model::weights::save_file(&all, &out.join("model.safetensors"))?;
+    crate::hub::weights::save_file(&all, &out.join("model.safetensors"))?;
     for f in [
         "config.json",
         "tokenizer.json",
@@ -1077,7 +1078,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
         if src.is_file() {
             let bytes =
                 std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
-            crate::atomic::write(&out.join(f), &bytes)?;
+            crate::util::fs::write(&out.join(f), &bytes)?;
         }
     }
     if let (Some(lora), false) = (&lora, merge) {

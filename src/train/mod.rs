@@ -16,16 +16,13 @@
 //! - [`bench`]: `wake2vec bench train`.
 
 pub mod aux;
-pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod engine;
-pub mod ops;
 pub mod optim;
 pub mod schedule;
-pub mod select;
-pub mod status;
+pub mod wake_rows;
 
 pub use config::{Phase, TrainConfig};
 pub use engine::{install_interrupt_handler, Outcome, Trainer, WakeLayout};

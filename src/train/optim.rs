@@ -827,7 +827,7 @@ mod tests {
 
     #[test]
     fn adafactor_over_many_chunks_matches_the_plain_formula() {
-        let mut rng = crate::sampling::Rng::new(5);
+        let mut rng = crate::util::rng::Rng::new(5);
         for (rows, cols) in [(1000usize, 40usize), (3, 20000), (1, 50000)] {
             let n = rows * cols;
             let g: Vec<f32> = (0..n)
@@ -854,7 +854,7 @@ mod tests {
     fn clipped_steps_from_gradient_statistics_match_the_plain_formula() {
         // The clipping factor folds into the statistics read before the step (mean((s·g)²) =
         // s²·mean(g²)); gradients of changing size make the factor matter to the moments.
-        let mut rng = crate::sampling::Rng::new(9);
+        let mut rng = crate::util::rng::Rng::new(9);
         for (rows, cols) in [(700usize, 45usize), (1, 30000)] {
             let n = rows * cols;
             let mut p: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32).collect();

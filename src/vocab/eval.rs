@@ -8,7 +8,7 @@
 //! numpy permutation).
 
 use crate::model::Llama;
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 
@@ -83,7 +83,7 @@ pub fn validation_loss(
     let mut count = 0usize;
     let mut bytes = 0usize;
     for (done, &i) in val.iter().enumerate() {
-        let lp = crate::score::logprobs(model, all[i])?;
+        let lp = crate::infer::score::logprobs(model, all[i])?;
         total -= lp.iter().map(|&x| x as f64).sum::<f64>();
         count += lp.len();
         // Scored tokens are positions 1.. of the block.

@@ -22,7 +22,7 @@
 //! Rows are drawn in word order, each from the same generator, so a seed fixes them all.
 
 use crate::lexicon::{Decomposer, MorphemeData};
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -13,7 +13,7 @@ pub use init::{InitScheme, Matrix};
 pub use tokenizer::{extend, BaseTokenizer, Extension, Family};
 
 use crate::lexicon::{Case, Lexicon, MorphemeData, Skipped};
-use crate::sampling::Rng;
+use crate::util::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -135,12 +135,12 @@ pub fn inject(
         .with_context(|| format!("cannot read {}", config_path.display()))?;
     let mut config: Value = serde_json::from_str(&config_text)
         .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-    let model_config = crate::model::ModelConfig::from_json(&config_text)
+    let model_config = crate::hub::ModelConfig::from_json(&config_text)
         .with_context(|| format!("in {}", config_path.display()))?;
     let base = BaseTokenizer::from_file(&dir.join("tokenizer.json"))?;
     let forms = lexicon.forms(options.case);
 
-    let mut weights: BTreeMap<String, Tensor> = crate::model::weights::load_dir(dir, &Device::Cpu)?
+    let mut weights: BTreeMap<String, Tensor> = crate::hub::weights::load_dir(dir, &Device::Cpu)?
         .into_iter()
         .collect();
     let embed_name = "model.embed_tokens.weight";
@@ -347,7 +347,7 @@ pub fn check_out_dir(out: &Path) -> Result<()> {
 pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
     check_out_dir(out)?;
     let tokenizer_config = tokenizer_config(base_dir)?;
-    let tmp: PathBuf = crate::atomic::tmp_path(out);
+    let tmp: PathBuf = crate::util::fs::tmp_path(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
@@ -355,16 +355,16 @@ pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let result = (|| -> Result<()> {
         let json = |v: &Value| -> Result<Vec<u8>> { Ok(serde_json::to_vec_pretty(v)?) };
-        crate::atomic::write(&tmp.join("config.json"), &json(&injected.config)?)?;
-        crate::atomic::write(
+        crate::util::fs::write(&tmp.join("config.json"), &json(&injected.config)?)?;
+        crate::util::fs::write(
             &tmp.join("tokenizer.json"),
             injected.extension.to_json()?.as_bytes(),
         )?;
-        crate::atomic::write(
+        crate::util::fs::write(
             &tmp.join(MANIFEST),
             &serde_json::to_vec_pretty(&injected.manifest)?,
         )?;
-        crate::atomic::write(
+        crate::util::fs::write(
             &tmp.join("tokenizer_config.json"),
             &json(&tokenizer_config)?,
         )?;
@@ -373,10 +373,10 @@ pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
             if from.is_file() {
                 let bytes = std::fs::read(&from)
                     .with_context(|| format!("cannot read {}", from.display()))?;
-                crate::atomic::write(&tmp.join(name), &bytes)?;
+                crate::util::fs::write(&tmp.join(name), &bytes)?;
             }
         }
-        crate::model::weights::save_file(&injected.weights, &tmp.join("model.safetensors"))
+        crate::hub::weights::save_file(&injected.weights, &tmp.join("model.safetensors"))
     })();
     match result {
         Ok(()) => {

@@ -48,7 +48,7 @@ pub fn random_lora(
     b_bound: f64,
 ) -> wake2vec::model::Lora {
     let lora = wake2vec::model::Lora::new(model, config, seed).unwrap();
-    let mut rng = wake2vec::sampling::Rng::new(seed ^ 0xB);
+    let mut rng = wake2vec::util::rng::Rng::new(seed ^ 0xB);
     for (name, var) in lora.params() {
         if name.contains("lora_B") {
             let n = var.elem_count();

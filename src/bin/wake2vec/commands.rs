@@ -5,8 +5,8 @@ use super::{EvalArgs, ExtendTokenizerArgs, InjectArgs, MineArgs, MorphemesComman
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
 use std::path::Path;
-use wake2vec::cache;
 use wake2vec::corpus;
+use wake2vec::hub::cache;
 use wake2vec::lexicon::{self, morphemes, Lexicon, MorphemeData};
 use wake2vec::model::LoadedModel;
 use wake2vec::vocab::{self, check, BaseTokenizer, InitScheme, InjectOptions};
@@ -51,8 +51,8 @@ pub fn mine_lexicon(args: MineArgs) -> Result<()> {
     let words: Vec<String> = mined.candidates.iter().map(|c| c.word.clone()).collect();
     let mut list = words.join("\n");
     list.push('\n');
-    wake2vec::atomic::write(&args.out, list.as_bytes())?;
-    wake2vec::atomic::write(
+    wake2vec::util::fs::write(&args.out, list.as_bytes())?;
+    wake2vec::util::fs::write(
         &csv_path,
         lexicon::mine::to_csv(&mined.candidates).as_bytes(),
     )?;
@@ -353,7 +353,7 @@ pub fn extend_tokenizer(args: ExtendTokenizerArgs) -> Result<()> {
         }
     }
     if let Some(out) = &args.out {
-        wake2vec::atomic::write(out, ext.to_json()?.as_bytes())?;
+        wake2vec::util::fs::write(out, ext.to_json()?.as_bytes())?;
         println!("wrote {}", out.display());
     }
     Ok(())
@@ -393,11 +393,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 }
 
 pub fn status(run: &Path, json: bool) -> Result<()> {
-    let st = wake2vec::train::status::status(run)?;
+    let st = wake2vec::run::status::status(run)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        print!("{}", wake2vec::train::status::render(&st));
+        print!("{}", wake2vec::run::status::render(&st));
     }
     Ok(())
 }

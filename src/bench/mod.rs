@@ -1,9 +1,11 @@
 //! Benchmarks. Every speed is reported next to a baseline measured in the same run, so the
 //! ratios hold on any machine; absolute times are printed for the record only.
 
-use crate::generate::{self, Limits, DEFAULT_PROMPT};
+pub mod train;
+
+use crate::infer::generate::{self, Limits, DEFAULT_PROMPT};
+use crate::infer::sampling::{Sampler, SamplingParams};
 use crate::model::{decode::DecodeWeights, KvCache, LoadedModel};
-use crate::sampling::{Sampler, SamplingParams};
 use anyhow::Result;
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -90,7 +92,7 @@ fn tensor_path_tokens_per_s(m: &LoadedModel, tokens: usize) -> Result<f64> {
 
 /// Read bandwidth in bytes/s: the best of five parallel sums over `floats` f32 on huge pages.
 fn read_bandwidth(floats: usize) -> Result<f64> {
-    let mut buf = crate::model::weights::huge_page_vec(floats);
+    let mut buf = crate::hub::weights::huge_page_vec(floats);
     buf.extend((0..floats).map(|i| (i % 7) as f32));
     let mut best = 0f64;
     for _ in 0..5 {
@@ -233,7 +235,7 @@ pub fn analysis_matrix(
     new_rows: usize,
     seed: u64,
 ) -> Result<crate::analysis::Embeddings> {
-    let mut rng = crate::sampling::Rng::new(seed);
+    let mut rng = crate::util::rng::Rng::new(seed);
     let mut normal = move || {
         let (u1, u2) = (rng.next_f64(), rng.next_f64());
         ((-2.0 * (1.0 - u1).ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
@@ -345,7 +347,7 @@ pub fn analysis(
         let file = dir.join("emb.safetensors");
         let t =
             candle_core::Tensor::from_slice(&e.data, (e.rows, e.dim), &candle_core::Device::Cpu)?;
-        crate::model::weights::save_file(
+        crate::hub::weights::save_file(
             &std::collections::BTreeMap::from([("embed_tokens".to_string(), t)]),
             &file,
         )?;

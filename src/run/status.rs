@@ -13,9 +13,9 @@
 //! run.toml is read as a plain TOML table (`steps`, `phase`, `eval_every`), so status keeps
 //! working on runs whose other settings changed between versions.
 
-use super::checkpoint;
 use super::select::{self, EvalRecord};
 use crate::analysis::load::{load_log, LogLine};
+use crate::train::checkpoint;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;

@@ -1,8 +1,8 @@
 //! Text generation: prompt prefill through the tensor forward pass, then KV-cached decoding one
 //! token at a time, sampled with HF `generate` semantics, streamed as it comes.
 
+use crate::infer::sampling::Sampler;
 use crate::model::{decode::DecodeWeights, KvCache, Llama};
-use crate::sampling::Sampler;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::Serialize;

@@ -172,9 +172,9 @@ pub fn save_file(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> 
         .iter()
         .map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), d)?)))
         .collect::<Result<_>>()?;
-    let tmp = crate::atomic::tmp_path(path);
+    let tmp = crate::util::fs::tmp_path(path);
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    crate::atomic::commit(&tmp, path)
+    crate::util::fs::commit(&tmp, path)
 }

@@ -3,11 +3,11 @@
 //! top-k 50, repetition penalty 1.15; each sample with its text metrics, written to
 //! `samples.md` (for reading) and `samples.jsonl` (for the report).
 
-use crate::atomic;
-use crate::generate::{self, Limits};
+use crate::infer::generate::{self, Limits};
+use crate::infer::sampling::{Sampler, SamplingParams};
+use crate::infer::text_metrics::{self, BatterySample, KnownWords};
 use crate::model::{decode::DecodeWeights, LoadedModel};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::text_metrics::{self, BatterySample, KnownWords};
+use crate::util::fs;
 use anyhow::Result;
 use std::fmt::Write;
 use std::ops::Range;
@@ -133,13 +133,13 @@ pub fn markdown(samples: &[BatterySample], model: &str) -> String {
 /// Writes `samples.md` and `samples.jsonl` into `dir`.
 pub fn write(dir: &Path, samples: &[BatterySample], model: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    atomic::write(&dir.join("samples.md"), markdown(samples, model).as_bytes())?;
+    fs::write(&dir.join("samples.md"), markdown(samples, model).as_bytes())?;
     let mut jsonl = String::new();
     for s in samples {
         jsonl.push_str(&serde_json::to_string(s)?);
         jsonl.push('\n');
     }
-    atomic::write(&dir.join("samples.jsonl"), jsonl.as_bytes())
+    fs::write(&dir.join("samples.jsonl"), jsonl.as_bytes())
 }
 
 /// Reads `samples.jsonl`.

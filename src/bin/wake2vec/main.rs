@@ -5,15 +5,17 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use wake2vec::analysis::Options;
-use wake2vec::cache::{self, ModelSpec};
-use wake2vec::generate::{self, Limits, DEFAULT_PROMPT};
+use wake2vec::bench;
+use wake2vec::hub::cache::{self, ModelSpec};
+use wake2vec::hub::gguf;
+use wake2vec::infer::generate::{self, Limits, DEFAULT_PROMPT};
+use wake2vec::infer::sampling::{Sampler, SamplingParams};
+use wake2vec::infer::text_metrics::KnownWords;
+use wake2vec::infer::{battery, score};
 use wake2vec::lexicon::Case;
 use wake2vec::model::decode::DecodeWeights;
 use wake2vec::model::LoadedModel;
 use wake2vec::report::{self, AnalyzeRequest};
-use wake2vec::sampling::{Sampler, SamplingParams};
-use wake2vec::text_metrics::KnownWords;
-use wake2vec::{battery, bench, gguf, score};
 
 mod commands;
 
@@ -785,7 +787,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             wake2vec::train::tune_runtime();
             let dir = cache::resolve(&model, true)?;
-            wake2vec::train::bench::phase(&dir, phase, wake_rows, seq_len, repeats, !no_baseline)
+            wake2vec::bench::train::phase(&dir, phase, wake_rows, seq_len, repeats, !no_baseline)
         }
         Command::Bench(BenchCommand::Generate {
             model,
@@ -890,7 +892,7 @@ fn run_report(args: AnalyzeArgs, samples: Option<PathBuf>, html: Option<PathBuf>
     let run_toml = std::fs::read_to_string(args.path.join("run.toml")).ok();
     let page = report::html::build(&out.summary, &out.dir, run_toml.as_deref(), &samples)?;
     let dest = html.unwrap_or_else(|| args.path.join("report.html"));
-    wake2vec::atomic::write(&dest, page.as_bytes())?;
+    wake2vec::util::fs::write(&dest, page.as_bytes())?;
     println!(
         "wrote {} ({} KiB, {} samples)",
         dest.display(),

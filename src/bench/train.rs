@@ -6,17 +6,17 @@
 //! matmul, which also computes the frozen weights' gradients, the embedding as one matrix with
 //! the Wake block joined by `cat`, and a composed cross-entropy).
 
-use super::aux::{AuxConfig, AuxLosses, MorphVariant};
-use super::config::Phase;
-use super::engine::{
-    accumulate, add_aux, apply_update, frozen_wake_rows, wake_params, wake_rows_of, zero_grads,
-    Param, WakeLayout,
-};
-use super::optim::{AdamWConfig, Optimizer, OptimizerConfig};
 use crate::bench::peak_rss_mib;
 use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
-use crate::sampling::Rng;
+use crate::train::aux::{AuxConfig, AuxLosses, MorphVariant};
+use crate::train::config::Phase;
+use crate::train::engine::{
+    accumulate, add_aux, apply_update, frozen_wake_rows, wake_params, wake_rows_of, zero_grads,
+    Param, WakeLayout,
+};
+use crate::train::optim::{AdamWConfig, Optimizer, OptimizerConfig};
+use crate::util::rng::Rng;
 use anyhow::Result;
 use candle_core::{Tensor, D};
 use std::path::Path;
@@ -121,7 +121,7 @@ fn gemm_rate(t: usize, hidden: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..3 {
         let start = Instant::now();
-        super::ops::gemm_f32(t, n, hidden, &mut c, &a, (hidden, 1), &b, (1, hidden));
+        crate::nn::gemm::gemm_f32(t, n, hidden, &mut c, &a, (hidden, 1), &b, (1, hidden));
         best = best.max(2.0 * (t * n * hidden) as f64 / start.elapsed().as_secs_f64());
     }
     std::hint::black_box(&c);

@@ -114,7 +114,7 @@ pub fn resolve(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
     match spec {
         ModelSpec::HfDir(dir) => Ok(dir.clone()),
         _ => resolve_in(&cache_dir()?, spec, progress, &|gguf, out| {
-            crate::gguf::import(gguf, out).map(drop)
+            crate::hub::gguf::import(gguf, out).map(drop)
         }),
     }
 }

@@ -3,7 +3,7 @@
 
 pub mod tokenizer;
 
-use crate::model::config::{Architecture, ModelConfig, RopeScaling};
+use crate::hub::config::{Architecture, ModelConfig, RopeScaling};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
@@ -91,7 +91,7 @@ pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     }
     let (content, mut reader) = read_content(gguf)?;
     let tok = tokenizer::from_gguf(&content, gguf)?;
-    let tmp = crate::atomic::tmp_path(out);
+    let tmp = crate::util::fs::tmp_path(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
@@ -110,7 +110,7 @@ pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
         let config = config_of(&content, &tok, gguf)?;
         let weights = hf_weights(&content, &mut reader, &config, gguf)?;
         let tensors = weights.len();
-        crate::model::weights::save_file(&weights, &tmp.join("model.safetensors"))?;
+        crate::hub::weights::save_file(&weights, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config.to_hf_json())?;
         let generation = serde_json::json!({
             "bos_token_id": config.bos_token_id,
@@ -140,7 +140,7 @@ pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    crate::atomic::write(path, serde_json::to_string_pretty(value)?.as_bytes())
+    crate::util::fs::write(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
 
 fn write_tokenizer(tok: &tokenizer::GgufTokenizer, dir: &Path) -> Result<()> {
@@ -148,7 +148,7 @@ fn write_tokenizer(tok: &tokenizer::GgufTokenizer, dir: &Path) -> Result<()> {
         .tokenizer
         .to_string(true)
         .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
-    crate::atomic::write(&dir.join("tokenizer.json"), json.as_bytes())?;
+    crate::util::fs::write(&dir.join("tokenizer.json"), json.as_bytes())?;
     let name = |id: Option<u32>| id.and_then(|i| tok.tokenizer.id_to_token(i));
     let config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -1,0 +1,8 @@
+//! Using a model: teacher-forced scoring, sampling, streaming generation, the generation battery
+//! and the metrics of its texts.
+
+pub mod battery;
+pub mod generate;
+pub mod sampling;
+pub mod score;
+pub mod text_metrics;

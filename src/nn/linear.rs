@@ -1,0 +1,168 @@
+//! Projections `y = x·Wᵀ (+ b)`: [`Linear`], composed from candle's `matmul` (inference), and
+//! [`FrozenLinear`], one op whose backward returns only the input gradient `g·W`. candle's
+//! `matmul` would also compute `xᵀ·g` for `W` even when `W` is a plain tensor, which is most of
+//! the backward work of a frozen model. The forward of [`FrozenLinear`] calls `gemm` as candle's
+//! CPU `matmul` does, so it is bit-identical to [`Linear::forward`].
+
+use super::gemm::{gemm_f32, with_f32};
+use anyhow::{ensure, Result};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// A projection `y = x·Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Applies the projection to `x` of shape `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (lead, inner) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, inner[0]))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = lead.to_vec();
+        out.push(self.weight.dim(0)?);
+        Ok(y.reshape(out)?)
+    }
+
+    /// The same projection with the weight frozen: [`FrozenLinear`] (no weight-gradient work).
+    pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        FrozenLinear::new(&self.weight, self.bias.as_ref())?.forward(x)
+    }
+}
+
+/// A projection whose weight (and bias) never train: `y = x·Wᵀ (+ b)`, `W` stored `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    /// Wraps a weight `[out, in]` (f32, contiguous) and an optional bias `[out]`.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        if let Some(b) = bias {
+            ensure!(
+                b.dims1()? == out,
+                "bias has {} values for {out} outputs",
+                b.dims1()?
+            );
+        }
+        Ok(Self {
+            weight: weight.detach().contiguous()?,
+            bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        })
+    }
+
+    /// Applies the projection to `x` `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op1(self.clone())?)
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if !l.is_contiguous() {
+            candle_core::bail!("frozen-linear: the input must be contiguous");
+        }
+        let dims = l.dims();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let (out, w_in) = self.weight.dims2()?;
+        if w_in != inner {
+            candle_core::bail!("frozen-linear: input has {inner} features, weight expects {w_in}");
+        }
+        let x = &s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + rows * inner];
+        let mut dst = vec![0f32; rows * out];
+        with_f32(&self.weight, |w| {
+            gemm_f32(rows, out, inner, &mut dst, x, (inner, 1), w, (1, inner))
+        })?;
+        if let Some(b) = &self.bias {
+            with_f32(b, |b| {
+                dst.par_chunks_mut(out.max(1)).for_each(|row| {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                })
+            })?;
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = out;
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (out, inner) = self.weight.dims2()?;
+        let rows = grad.elem_count() / out.max(1);
+        let g = grad.reshape((rows, out))?.matmul(&self.weight)?;
+        debug_assert_eq!(g.dim(1)?, inner);
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::check::{check_gradient, uniform, weighted_sum};
+    use crate::util::rng::Rng;
+    use candle_core::Var;
+
+    #[test]
+    fn frozen_linear_forward_is_bit_identical_to_matmul() {
+        let mut rng = Rng::new(1);
+        let x = uniform(&mut rng, &[2, 5, 12], 1.0);
+        let w = uniform(&mut rng, &[7, 12], 1.0);
+        let b = uniform(&mut rng, &[7], 1.0);
+        let ours = FrozenLinear::new(&w, Some(&b))
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let theirs = Linear {
+            weight: w,
+            bias: Some(b),
+        }
+        .forward(&x)
+        .unwrap();
+        let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    #[test]
+    fn frozen_linear_gradient() {
+        let mut rng = Rng::new(2);
+        let x = uniform(&mut rng, &[3, 4, 6], 1.0);
+        let w = uniform(&mut rng, &[5, 6], 1.0);
+        let b = uniform(&mut rng, &[5], 1.0);
+        let lin = FrozenLinear::new(&w, Some(&b)).unwrap();
+        check_gradient(&[x], &|a| weighted_sum(&lin.forward(&a[0])?, 3), 1e-2);
+    }
+    #[test]
+    fn frozen_linear_gives_the_weight_no_gradient() {
+        let mut rng = Rng::new(3);
+        let x = Var::from_tensor(&uniform(&mut rng, &[4, 6], 1.0)).unwrap();
+        let w = Var::from_tensor(&uniform(&mut rng, &[5, 6], 1.0)).unwrap();
+        let y = FrozenLinear::new(w.as_tensor(), None)
+            .unwrap()
+            .forward(x.as_tensor())
+            .unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(w.as_tensor()).is_none());
+    }
+}

@@ -1,0 +1,5 @@
+//! The run directory a training phase or a pipeline leaves: its log, the selection rules over
+//! the logged evaluations, and `status`.
+
+pub mod select;
+pub mod status;
