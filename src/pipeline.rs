@@ -22,6 +22,7 @@ use crate::hub::cache;
 use crate::infer::{battery, text_metrics};
 use crate::lexicon::morphemes::MorphemeData;
 use crate::lexicon::{Case, Lexicon};
+use crate::run::dir::RunDir;
 use crate::run::select::Rule;
 use crate::train::{self, Outcome, Phase, TrainConfig, Trainer};
 use crate::util::fs;
@@ -391,13 +392,13 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     let final_dir = out.join("final");
     if !final_dir.join("model.safetensors").is_file() {
         let p3 = out.join("p3");
-        let step = train::engine::checkpoint_step(&p3, &f.select.to_string())?;
+        let step = crate::run::select::checkpoint_step(&RunDir::new(&p3), &f.select.to_string())?;
         let tmp = fs::tmp_path(&final_dir);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
-        train::engine::export(&p3, step, &tmp, true)?;
+        train::export::export(&p3, step, &tmp, true)?;
         fs::commit(&tmp, &final_dir)?;
         say(format!(
             "final model: phase 3 step {step} ({}), adapters merged: {}",

@@ -366,8 +366,9 @@ fn a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint() {
     let last = err.trim().lines().last().unwrap();
     assert!(last.starts_with("error: cannot write checkpoint"), "{err}");
     assert!(last.contains("--resume"), "{err}");
-    let ckpts = mnt.join("run/checkpoints");
-    let list = wake2vec::train::checkpoint::list(&ckpts);
+    let run = wake2vec::run::dir::RunDir::new(mnt.join("run"));
+    let ckpts = run.checkpoints();
+    let list = run.list_checkpoints();
     let (_, newest) = list.last().expect("some checkpoints were written");
     wake2vec::train::checkpoint::load(newest).unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(&ckpts)
@@ -401,7 +402,7 @@ fn a_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
         "{err}"
     );
     assert!(err.contains("last good checkpoint"), "{err}");
-    let list = wake2vec::train::checkpoint::list(&t.0.join("run/checkpoints"));
+    let list = wake2vec::run::dir::RunDir::new(t.0.join("run")).list_checkpoints();
     let (_, newest) = list.last().expect("a checkpoint before the NaN");
     let ckpt = wake2vec::train::checkpoint::load(newest).unwrap();
     assert!(ckpt.params["wake_embed"].1.iter().all(|x| x.is_finite()));
@@ -438,7 +439,7 @@ fn frozen_check(fixture: &str, wake_end_below_rows: bool) {
     }
     let trainer = train_in_process(&t.0, 8);
     let out = t.0.join("trained");
-    wake2vec::train::engine::export(&trainer.dir, trainer.step_done(), &out, false).unwrap();
+    wake2vec::train::export::export(trainer.run.root(), trainer.step_done(), &out, false).unwrap();
     let cpu = candle_core::Device::Cpu;
     let before = wake2vec::hub::weights::load_dir(&t.0.join("model"), &cpu).unwrap();
     let after = wake2vec::hub::weights::load_dir(&out, &cpu).unwrap();

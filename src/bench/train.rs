@@ -11,11 +11,9 @@ use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
 use crate::train::aux::{AuxConfig, AuxLosses, MorphVariant};
 use crate::train::config::Phase;
-use crate::train::engine::{
-    accumulate, add_aux, apply_update, frozen_wake_rows, wake_params, wake_rows_of, zero_grads,
-    Param, WakeLayout,
-};
+use crate::train::engine::{accumulate, add_aux, apply_update, zero_grads, WakeLayout};
 use crate::train::optim::{AdamWConfig, Optimizer, OptimizerConfig};
+use crate::train::phase::{frozen_wake_rows, wake_params, wake_rows_of, Param};
 use crate::util::rng::Rng;
 use anyhow::Result;
 use candle_core::{Tensor, D};

@@ -3,7 +3,8 @@
 //! the original's six-panel embedding figure, the loss curves from `log.jsonl`, and the
 //! trajectories of sampled Wake tokens across snapshots.
 
-use crate::analysis::{load::LogLine, trajectory::TrajectoryPlot, FigureData};
+use crate::analysis::{trajectory::TrajectoryPlot, FigureData};
+use crate::run::log::LogLine;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -9,9 +9,11 @@ pub mod html;
 
 use crate::analysis::{
     self,
-    load::{self, LossSummary, Source},
+    load::{self, Source},
     morph, trajectory, DriftReference, Geometry, Options, Vocabulary,
 };
+use crate::run::dir::RunDir;
+use crate::run::log::{self, LossSummary};
 use crate::util::fs;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -104,7 +106,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         tokenizer: tokenizer.as_ref(),
     };
     let snapshots = match &source.run_dir {
-        Some(r) => load::list_snapshots(r)?,
+        Some(r) => RunDir::new(r).list_snapshots()?,
         None => Vec::new(),
     };
     // drift: --pre, else the run's first snapshot
@@ -166,8 +168,8 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     // loss curves
     let log_path = source.run_dir.as_ref().map(|r| r.join("log.jsonl"));
     let log = match &log_path {
-        _ if !req.logs.is_empty() => Some(load::chain_logs(&req.logs)?),
-        Some(p) if p.is_file() => Some(load::load_log(p)?),
+        _ if !req.logs.is_empty() => Some(log::chain_logs(&req.logs)?),
+        Some(p) if p.is_file() => Some(log::load_log(p)?),
         _ => None,
     };
     // trajectories
@@ -216,7 +218,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
             "wake2vec.json"
         },
         geometry: result.geometry,
-        loss: log.as_deref().map(load::summarize_log),
+        loss: log.as_deref().map(log::summarize_log),
         trajectory: traj.map(|t| t.0),
         figures: names,
     };

@@ -23,8 +23,9 @@
 //!   [`current_picks`] tells the engine which ones `best-val` and `min-gap` would choose so it
 //!   can keep them.
 
-use crate::analysis::load::load_log;
-use anyhow::{bail, ensure, Result};
+use super::dir::{step_names, RunDir};
+use super::log::load_log;
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
@@ -205,6 +206,36 @@ pub fn select(evals: &[EvalRecord], rule: Rule, last_step: u64) -> Result<u64> {
 /// pruning.
 pub fn current_picks(evals: &[EvalRecord]) -> (Option<u64>, Option<u64>) {
     (best_val(evals), min_gap(evals))
+}
+
+/// The step of the checkpoint of `run` that `which` names: `last` (the newest checkpoint), a
+/// selection rule (`best-val` or `best`, `min-gap`, `final`) or `step-N`. Step 0 is the run's
+/// starting state (no checkpoint needed).
+pub fn checkpoint_step(run: &RunDir, which: &str) -> Result<u64> {
+    let all = run.list_checkpoints();
+    let newest = all.last().map(|(s, _)| *s);
+    let step = match which {
+        "last" => {
+            newest.with_context(|| format!("{} has no checkpoints yet", run.root().display()))?
+        }
+        _ => {
+            let rule: Rule = match which {
+                "best" => Rule::BestVal,
+                w => w.parse()?,
+            };
+            let evals = read_evals(&run.log())?;
+            let last = newest
+                .with_context(|| format!("{} has no checkpoints yet", run.root().display()))?;
+            select(&evals, rule, last)?
+        }
+    };
+    ensure!(
+        step == 0 || all.iter().any(|(s, _)| *s == step),
+        "{which} chose step {step} of {}, but its checkpoint was not kept (available: {}); keep_best = true keeps the best-val and min-gap checkpoints",
+        run.root().display(),
+        step_names(&all)
+    );
+    Ok(step)
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@
 //! run.toml is read as a plain TOML table (`steps`, `phase`, `eval_every`), so status keeps
 //! working on runs whose other settings changed between versions.
 
+use super::dir::{step_name, RunDir};
+use super::log::{load_log, LogLine};
 use super::select::{self, EvalRecord};
-use crate::analysis::load::{load_log, LogLine};
-use crate::train::checkpoint;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -274,8 +274,8 @@ fn phase_status(dir: &Path, name: Option<&str>) -> Result<PhaseStatus> {
     st.min_gap = point(gap);
 
     let mut finished = false;
-    if let Some((step, path)) = checkpoint::list(&dir.join("checkpoints")).pop() {
-        st.newest_checkpoint = Some(checkpoint::name(step));
+    if let Some((step, path)) = RunDir::new(dir).list_checkpoints().pop() {
+        st.newest_checkpoint = Some(step_name(step));
         let state_path = path.join("state.json");
         let state: serde_json::Value = std::fs::read(&state_path)
             .with_context(|| format!("cannot read {}", state_path.display()))

@@ -9,6 +9,7 @@
 
 use super::data::Cursor;
 use super::Buffers;
+use crate::run::dir::{step_name, RunDir};
 use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -71,11 +72,6 @@ pub struct Checkpoint {
 /// can kill the process in the middle of one.
 const DELAY_ENV: &str = "WAKE2VEC_TEST_CHECKPOINT_DELAY_MS";
 
-/// The directory name of the checkpoint of `step`.
-pub fn name(step: u64) -> String {
-    format!("step-{step}")
-}
-
 /// Serializes f32 tensors as safetensors bytes.
 pub fn safetensors_bytes(
     tensors: &Buffers,
@@ -137,15 +133,16 @@ struct FileSum {
 
 /// Writes `ckpt` as `DIR/step-N` atomically and returns its path. If `step-N` already exists
 /// (a run resumed from it saves again at the same step) it is left as it is.
-pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<PathBuf> {
-    let final_dir = dir.join(name(ckpt.state.step));
+pub fn save(run: &RunDir, ckpt: &Checkpoint) -> Result<PathBuf> {
+    let dir = &run.checkpoints();
+    let final_dir = run.checkpoint(ckpt.state.step);
     if final_dir.is_dir() {
         return Ok(final_dir);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        name(ckpt.state.step),
+        step_name(ckpt.state.step),
         std::process::id()
     ));
     let result = write_files(&tmp, ckpt).and_then(|()| {
@@ -156,12 +153,11 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<PathBuf> {
     });
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
-        let run = dir.parent().unwrap_or(dir);
         return Err(e).with_context(|| {
             format!(
                 "cannot write checkpoint {} (the previous checkpoints are untouched; fix the cause, then continue with `wake2vec train --resume {}`)",
                 final_dir.display(),
-                run.display()
+                run.root().display()
             )
         });
     }
@@ -253,22 +249,6 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// The finished checkpoints under `dir`, by step, ascending.
-pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-            e.path().is_dir().then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// Removes temporary directories left by interrupted checkpoint writes; returns their names.
 pub fn remove_partial(dir: &Path) -> Vec<String> {
     let mut removed = vec![];
@@ -285,8 +265,8 @@ pub fn remove_partial(dir: &Path) -> Vec<String> {
 }
 
 /// Deletes checkpoints beyond the `keep_last` newest, except the steps in `keep`.
-pub fn prune(dir: &Path, keep_last: usize, keep: &[u64]) -> Result<()> {
-    let all = list(dir);
+pub fn prune(run: &RunDir, keep_last: usize, keep: &[u64]) -> Result<()> {
+    let all = run.list_checkpoints();
     let cut = all.len().saturating_sub(keep_last.max(1));
     for (step, path) in &all[..cut] {
         if !keep.contains(step) {
@@ -325,16 +305,18 @@ mod tests {
 
     #[test]
     fn round_trip_prune_and_corruption() {
-        let dir = std::env::temp_dir().join(format!("w2v-ckpt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let root = std::env::temp_dir().join(format!("w2v-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let run = RunDir::new(&root);
+        let dir = run.checkpoints();
         for step in [1, 2, 3, 4] {
-            save(&dir, &sample(step)).unwrap();
+            save(&run, &sample(step)).unwrap();
         }
         let back = load(&dir.join("step-3")).unwrap();
         assert_eq!(back.state, sample(3).state);
         assert_eq!(back.params, sample(3).params);
-        prune(&dir, 2, &[1]).unwrap();
-        let steps: Vec<u64> = list(&dir).iter().map(|(s, _)| *s).collect();
+        prune(&run, 2, &[1]).unwrap();
+        let steps: Vec<u64> = run.list_checkpoints().iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, vec![1, 3, 4]);
         // Flip one byte of the parameters: the load names the file and says it is corrupt.
         let p = dir.join("step-4/params.safetensors");
@@ -347,6 +329,6 @@ mod tests {
             err.contains("params.safetensors is corrupt") && err.contains("CRC-32"),
             "{err}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

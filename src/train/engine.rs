@@ -8,23 +8,27 @@ use super::checkpoint::{self, Checkpoint, EarlyStop, TrainState};
 use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
+use super::phase::{
+    absolute, frozen_wake_rows, lora_tensors, read_buffers, resolve_source, set_wake_rows,
+    wake_params, wake_rows_of, Param,
+};
 use super::schedule::Schedule;
-use super::wake_rows::{self, GradSink, WakeRows};
+use super::wake_rows::{self, WakeRows};
 use super::Buffers;
 use crate::model::lora::{Lora, LoraPass};
 use crate::model::{Llama, LoadedModel};
+use crate::run::dir::{step_names, RunDir};
+use crate::run::log::{EvalLine, StepLine};
 use crate::run::select;
 use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
-use serde::Serialize;
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Set by SIGINT/SIGTERM; the loop saves a checkpoint and returns when it sees it.
@@ -75,36 +79,6 @@ impl WakeLayout {
     }
 }
 
-/// A `log.jsonl` line of an optimizer step (docs/formats.md). `loss` is the language-model loss
-/// in every phase; Phase 3 adds its auxiliary components and the total.
-#[derive(Serialize)]
-struct StepLine<'a> {
-    kind: &'static str,
-    phase: &'a str,
-    step: u64,
-    loss: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    aux: Option<Components>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    total: Option<f64>,
-    lr: f64,
-    grad_norm: f64,
-    tokens_per_s: f64,
-    elapsed_s: f64,
-}
-
-/// A `log.jsonl` line of an evaluation: the language-model loss alone in every phase, so phases
-/// compare; `train_loss` is the mean step loss since the previous evaluation (null at step 0).
-#[derive(Serialize)]
-struct EvalLine<'a> {
-    kind: &'static str,
-    phase: &'a str,
-    step: u64,
-    val_loss: f64,
-    val_bpb: f64,
-    train_loss: Option<f64>,
-}
-
 /// How a call to [`Trainer::run`] ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -116,19 +90,9 @@ pub enum Outcome {
     Interrupted { step: u64 },
 }
 
-/// A trainable parameter: its variable and the gradient accumulated over the micro-batches.
-pub(crate) struct Param {
-    pub(crate) name: String,
-    pub(crate) var: Var,
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
-    /// Its gradient, accumulated over the micro-batches of a step.
-    pub(crate) grad: Arc<Mutex<Vec<f32>>>,
-}
-
 /// A training run in progress.
 pub struct Trainer {
-    pub dir: PathBuf,
+    pub run: RunDir,
     pub config: TrainConfig,
     pub model: Llama,
     pub blocks: Blocks,
@@ -168,7 +132,8 @@ impl Trainer {
             Some(resolve_source(&mut config)?)
         };
         config.validate()?;
-        if out.join("run.toml").exists() {
+        let run = RunDir::new(out);
+        if run.is_run() {
             bail!(
                 "{} already holds a run: continue it with `wake2vec train --resume {}` or choose another --out",
                 out.display(),
@@ -184,31 +149,32 @@ impl Trainer {
         }
         if let Some(start) = source {
             crate::util::fs::write(
-                &out.join(START_FILE),
+                &run.start_state(),
                 &checkpoint::safetensors_bytes(&start, None)?,
             )?;
         }
         // run.toml last: it marks the directory as a run.
-        crate::util::fs::write(&out.join("run.toml"), config.to_toml()?.as_bytes())?;
-        std::fs::write(out.join("log.jsonl"), b"")
-            .with_context(|| format!("cannot create {}", out.join("log.jsonl").display()))?;
-        Self::open(out, config, None)
+        crate::util::fs::write(&run.config(), config.to_toml()?.as_bytes())?;
+        std::fs::write(run.log(), b"")
+            .with_context(|| format!("cannot create {}", run.log().display()))?;
+        Self::open(run, config, None)
     }
 
     /// Reopens the run in `dir` at its newest checkpoint (or `checkpoint`, e.g. `step-200`),
     /// truncating log.jsonl to what that checkpoint had seen. Without any checkpoint the run
     /// starts again from step 0.
     pub fn resume(dir: &Path, checkpoint: Option<&str>) -> Result<Self> {
-        let config = TrainConfig::load(&dir.join("run.toml")).with_context(|| {
+        let run = RunDir::new(dir);
+        let config = TrainConfig::load(&run.config()).with_context(|| {
             format!(
                 "{} is not a run directory (no readable run.toml)",
                 dir.display()
             )
         })?;
         config.validate()?;
-        let ckpt_dir = dir.join("checkpoints");
+        let ckpt_dir = run.checkpoints();
         checkpoint::remove_partial(&ckpt_dir);
-        let available = checkpoint::list(&ckpt_dir);
+        let available = run.list_checkpoints();
         let chosen = match checkpoint {
             Some(name) => {
                 let p = ckpt_dir.join(name);
@@ -216,7 +182,7 @@ impl Trainer {
                     p.is_dir(),
                     "no checkpoint {} (available: {})",
                     p.display(),
-                    names(&available)
+                    step_names(&available)
                 );
                 Some(p)
             }
@@ -228,15 +194,15 @@ impl Trainer {
                 format!(
                     "cannot resume from {}; resume from an older checkpoint with --checkpoint NAME (available: {}) or delete this one",
                     p.display(),
-                    names(&older)
+                    step_names(&older)
                 )
             })?),
             None => None,
         };
-        Self::open(dir, config, ckpt)
+        Self::open(run, config, ckpt)
     }
 
-    fn open(dir: &Path, config: TrainConfig, ckpt: Option<Checkpoint>) -> Result<Self> {
+    fn open(run: RunDir, config: TrainConfig, ckpt: Option<Checkpoint>) -> Result<Self> {
         let LoadedModel {
             mut model,
             tokenizer,
@@ -265,7 +231,7 @@ impl Trainer {
         // rows go into the model (and Phase 3's adapters become the LoRA).
         let start = match config.phase {
             Phase::P1 => Buffers::new(),
-            _ => read_buffers(&dir.join(START_FILE))?,
+            _ => read_buffers(&run.start_state())?,
         };
         if config.phase != Phase::P1 {
             set_wake_rows(&mut model, &wake, &start)?;
@@ -333,7 +299,7 @@ impl Trainer {
                 "the training data changed since the checkpoint (block fingerprint {:08x}, now {:08x}): the corpus, lexicon or tokenizer of {} differs",
                 ckpt.state.data_fingerprint,
                 blocks.fingerprint,
-                dir.display()
+                run.root().display()
             );
             for p in &params {
                 let (shape, values) = ckpt
@@ -367,7 +333,7 @@ impl Trainer {
             )?;
             state = ckpt.state;
         }
-        let log_path = dir.join("log.jsonl");
+        let log_path = run.log();
         let log = OpenOptions::new()
             .read(true)
             .write(true)
@@ -379,7 +345,7 @@ impl Trainer {
             .with_context(|| format!("cannot truncate {}", log_path.display()))?;
         let stream = Stream::new(&blocks, config.seed, state.cursor)?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            run,
             config,
             model,
             blocks,
@@ -550,7 +516,7 @@ impl Trainer {
                 e.loss.is_finite(),
                 "the validation loss at step {step} is {}: stopping; the last good checkpoint is kept in {}",
                 e.loss,
-                self.dir.join("checkpoints").display()
+                self.run.checkpoints().display()
             );
             new_pick = self.picks()?.contains(&step);
             let early = &mut self.state.early;
@@ -622,7 +588,7 @@ impl Trainer {
                     "the training loss is {value} at step {} (micro-batch {}, blocks {batch:?}): stopping without saving; the last good checkpoint is kept in {} (lower the lr, or resume from an earlier checkpoint)",
                     self.state.step + 1,
                     micro + 1,
-                    self.dir.join("checkpoints").display()
+                    self.run.checkpoints().display()
                 );
             }
             loss_sum += value;
@@ -642,7 +608,7 @@ impl Trainer {
             norm.is_finite(),
             "the gradient norm is {norm} at step {}: stopping without saving; the last good checkpoint is kept in {}",
             self.state.step + 1,
-            self.dir.join("checkpoints").display()
+            self.run.checkpoints().display()
         );
         self.state.step += 1;
         self.state.cursor = self.stream.cursor();
@@ -694,7 +660,7 @@ impl Trainer {
 
     fn write_log(&mut self, mut text: String) -> Result<()> {
         text.push('\n');
-        let path = self.dir.join("log.jsonl");
+        let path = self.run.log();
         use std::io::Seek;
         self.log
             .seek(std::io::SeekFrom::End(0))
@@ -708,7 +674,7 @@ impl Trainer {
     fn save(&mut self) -> Result<PathBuf> {
         self.log
             .sync_all()
-            .with_context(|| format!("cannot sync {}", self.dir.join("log.jsonl").display()))?;
+            .with_context(|| format!("cannot sync {}", self.run.log().display()))?;
         let (bufs, steps) = self.optimizer.export();
         self.state.optimizer_steps = steps;
         let mut params = BTreeMap::new();
@@ -720,28 +686,27 @@ impl Trainer {
             optimizer: bufs,
             state: self.state.clone(),
         };
-        let dir = self.dir.join("checkpoints");
-        let path = checkpoint::save(&dir, &ckpt)?;
+        let path = checkpoint::save(&self.run, &ckpt)?;
         let keep = if self.config.keep_best {
             self.picks()?
         } else {
             vec![]
         };
-        checkpoint::prune(&dir, self.config.keep_last, &keep)?;
+        checkpoint::prune(&self.run, self.config.keep_last, &keep)?;
         Ok(path)
     }
 
     /// The steps `best-val` and `min-gap` pick among the evaluations logged so far: the
     /// checkpoints a later phase may start from.
     fn picks(&self) -> Result<Vec<u64>> {
-        let evals = select::read_evals(&self.dir.join("log.jsonl"))?;
+        let evals = select::read_evals(&self.run.log())?;
         let (best, gap) = select::current_picks(&evals);
         Ok(best.into_iter().chain(gap).collect())
     }
 
     /// Writes the Wake rows to `snapshots/step-N.safetensors`.
     fn snapshot(&self) -> Result<()> {
-        let dir = self.dir.join("snapshots");
+        let dir = self.run.snapshots();
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut tensors = BTreeMap::new();
@@ -755,10 +720,7 @@ impl Trainer {
             ("base_vocab".to_string(), self.wake.base_vocab.to_string()),
         ]);
         let bytes = checkpoint::safetensors_bytes(&tensors, Some(meta))?;
-        crate::util::fs::write(
-            &dir.join(format!("step-{}.safetensors", self.state.step)),
-            &bytes,
-        )
+        crate::util::fs::write(&self.run.snapshot(self.state.step), &bytes)
     }
 
     fn progress_bar(&self) -> indicatif::ProgressBar {
@@ -841,21 +803,6 @@ pub(crate) fn add_aux(aux: &AuxLosses, wake: &Param, rng: &mut Rng) -> Result<Co
     })?)
 }
 
-/// The Wake rows of `params` (the embedding block, then the untied head's) for the forward pass,
-/// with the parameters' gradient buffers as the sink.
-pub(crate) fn wake_rows_of(start: usize, params: &[Param]) -> WakeRows {
-    WakeRows {
-        start,
-        embed: params[0].var.as_tensor().clone(),
-        head: params.get(1).map(|p| p.var.as_tensor().clone()),
-        sink: Some(GradSink {
-            embed: params[0].grad.clone(),
-            head: params.get(1).map(|p| p.grad.clone()),
-            inputs: Default::default(),
-        }),
-    }
-}
-
 /// Zeroes the gradient buffers (at the start of an optimizer step).
 pub(crate) fn zero_grads(params: &[Param]) {
     use rayon::prelude::*;
@@ -906,187 +853,6 @@ pub(crate) fn apply_update(
     Ok(norm)
 }
 
-/// The step of the checkpoint of `run` that `which` names: `last` (the newest checkpoint), a
-/// selection rule (`best-val` or `best`, `min-gap`, `final`) or `step-N`. Step 0 is the run's
-/// starting state (no checkpoint needed).
-pub fn checkpoint_step(run: &Path, which: &str) -> Result<u64> {
-    let dir = run.join("checkpoints");
-    let all = checkpoint::list(&dir);
-    let newest = all.last().map(|(s, _)| *s);
-    let step = match which {
-        "last" => newest.with_context(|| format!("{} has no checkpoints yet", run.display()))?,
-        _ => {
-            let rule: select::Rule = match which {
-                "best" => select::Rule::BestVal,
-                w => w.parse()?,
-            };
-            let evals = select::read_evals(&run.join("log.jsonl"))?;
-            let last =
-                newest.with_context(|| format!("{} has no checkpoints yet", run.display()))?;
-            select::select(&evals, rule, last)?
-        }
-    };
-    ensure!(
-        step == 0 || all.iter().any(|(s, _)| *s == step),
-        "{which} chose step {step} of {}, but its checkpoint was not kept (available: {}); keep_best = true keeps the best-val and min-gap checkpoints",
-        run.display(),
-        names(&all)
-    );
-    Ok(step)
-}
-
-/// The name of the file holding a later phase's starting state in its run directory: the
-/// source's Wake rows, and for Phase 3 its adapters. Phase 1 starts from the model itself.
-pub const START_FILE: &str = "start.safetensors";
-
-/// Everything a run's model had at checkpoint `step` besides the frozen base model: the Wake
-/// blocks (`wake_embed`, and `wake_head` when the head is untied) and the LoRA matrices (PEFT
-/// names). Step 0 is the starting state, without Phase 2's fresh adapters (drawn from the
-/// seed; no rule selects step 0).
-pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
-    let config = TrainConfig::load(&run.join("run.toml")).with_context(|| {
-        format!(
-            "{} is not a run directory (no readable run.toml)",
-            run.display()
-        )
-    })?;
-    let mut state = match config.phase {
-        Phase::P1 => {
-            let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
-            let wake = WakeLayout::read(&config.model)?;
-            wake_params(&model, &wake)?
-                .iter()
-                .map(|p| Ok((p.name.clone(), p.buffer()?)))
-                .collect::<Result<Buffers>>()?
-        }
-        _ => read_buffers(&run.join(START_FILE))?,
-    };
-    if step > 0 {
-        let path = run.join("checkpoints").join(checkpoint::name(step));
-        ensure!(
-            path.is_dir(),
-            "{} has no checkpoint of step {step}",
-            run.display()
-        );
-        state.extend(checkpoint::load(&path)?.params);
-    }
-    Ok((config, state))
-}
-
-/// Fills in a later phase's source: its model and corpus default to the source run's, its rule
-/// picks a step (recorded in the config), and the source's state at that step is returned.
-fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
-    let run = absolute(&config.source.run)?;
-    let source = TrainConfig::load(&run.join("run.toml")).with_context(|| {
-        format!(
-            "source.run {} is not a run directory (no readable run.toml)",
-            run.display()
-        )
-    })?;
-    // Phase 2 continues Phase 1; Phase 3 continues Phase 2, or Phase 3 itself (the seed's P3b).
-    let allowed: &[Phase] = match config.phase {
-        Phase::P2 => &[Phase::P1],
-        _ => &[Phase::P2, Phase::P3],
-    };
-    ensure!(
-        allowed.contains(&source.phase),
-        "phase {} starts from a {} run, but {} is a phase {} run",
-        config.phase.name(),
-        if config.phase == Phase::P2 {
-            "phase p1"
-        } else {
-            "phase p2 (or p3)"
-        },
-        run.display(),
-        source.phase.name()
-    );
-    if config.model.as_os_str().is_empty() {
-        config.model = source.model.clone();
-    }
-    if config.corpus.as_os_str().is_empty() {
-        config.corpus = source.corpus.clone();
-        config.append_lexicon = source.append_lexicon.clone();
-    }
-    ensure!(
-        absolute(&config.model)? == source.model,
-        "the model {} differs from the source run's {}",
-        config.model.display(),
-        source.model.display()
-    );
-    if config.phase == Phase::P3 {
-        // Phase 3 trains the adapters its source trained.
-        config.lora = source.lora.clone();
-    }
-    let step = match config.source.step {
-        Some(step) => step,
-        None => checkpoint_step(&run, &config.source.select.to_string())?,
-    };
-    config.source.run = run.clone();
-    config.source.step = Some(step);
-    Ok(phase_state(&run, step)?.1)
-}
-
-/// Writes a run's model at a checkpoint as an HF directory: the base model with the Wake rows of
-/// `step`; its adapters merged into the weights (`merge`) or written beside them in PEFT's
-/// format in `out/adapter` (with `base_model_name_or_path` = `out`). Config, tokenizer and
-/// wake2vec.json are copied.
-pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
-    let (config, state) = phase_state(run, step)?;
-    let device = candle_core::Device::Cpu;
-    let mut weights = crate::hub::weights::load_dir(&config.model, &device)?;
-    let wake = WakeLayout::read(&config.model)?;
-    let tensors = tensors_of(&state)?;
-    for (name, key) in [
-        ("wake_embed", "model.embed_tokens.weight"),
-        ("wake_head", "lm_head.weight"),
-    ] {
-        if let Some(rows) = tensors.get(name) {
-            let full = weights
-                .get(key)
-                .with_context(|| format!("the model has no '{key}'"))?;
-            let merged = replace_rows(full, wake.wake_start, rows)?;
-            weights.insert(key.to_string(), merged);
-        }
-    }
-    let lora = if config.phase.has_lora() {
-        // The adapters' shapes come from the model the weights already loaded make.
-        let model_config = crate::hub::config::ModelConfig::from_dir(&config.model)?;
-        let model = Llama::from_weights(model_config, weights.clone(), &device)?;
-        Some(Lora::from_tensors(
-            &model,
-            config.lora.clone(),
-            lora_tensors(&state)?,
-        )?)
-    } else {
-        None
-    };
-    if let (Some(lora), true) = (&lora, merge) {
-        lora.merge_into(&mut weights)?;
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let all: BTreeMap<String, Tensor> = weights.into_iter().collect();
-    crate::hub::weights::save_file(&all, &out.join("model.safetensors"))?;
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-        "special_tokens_map.json",
-        "wake2vec.json",
-    ] {
-        let src = config.model.join(f);
-        if src.is_file() {
-            let bytes =
-                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
-            crate::util::fs::write(&out.join(f), &bytes)?;
-        }
-    }
-    if let (Some(lora), false) = (&lora, merge) {
-        lora.save_peft(&out.join("adapter"), &absolute(out)?.display().to_string())?;
-    }
-    Ok(())
-}
-
 /// What one optimizer step measured.
 struct StepResult {
     /// Mean language-model loss over the micro-batches.
@@ -1103,134 +869,6 @@ struct StepResult {
 fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
     let mut rng = Rng::new(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64) << 48);
     rng.next_u64()
-}
-
-impl Param {
-    /// A trainable matrix (or vector, as one row) with a zeroed gradient buffer.
-    pub(crate) fn new(name: String, var: Var) -> Result<Self> {
-        let (rows, cols) = match var.dims() {
-            [r, c] => (*r, *c),
-            [c] => (1, *c),
-            d => bail!("parameter '{name}' has shape {d:?}; expected a matrix"),
-        };
-        Ok(Self {
-            name,
-            var,
-            rows,
-            cols,
-            grad: Arc::new(Mutex::new(vec![0f32; rows * cols])),
-        })
-    }
-
-    /// Its shape and values, as checkpoints and snapshots store them.
-    fn buffer(&self) -> Result<(Vec<usize>, Vec<f32>)> {
-        Ok((
-            vec![self.rows, self.cols],
-            self.var.as_tensor().flatten_all()?.to_vec1()?,
-        ))
-    }
-}
-
-fn read_buffers(path: &Path) -> Result<Buffers> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    checkpoint::read_safetensors(&bytes, path)
-}
-
-fn tensors_of(buffers: &Buffers) -> Result<HashMap<String, Tensor>> {
-    buffers
-        .iter()
-        .map(|(name, (shape, values))| {
-            Ok((
-                name.clone(),
-                Tensor::from_slice(values, shape.as_slice(), &candle_core::Device::Cpu)?,
-            ))
-        })
-        .collect()
-}
-
-/// The LoRA matrices of a state (every tensor but the Wake blocks).
-fn lora_tensors(state: &Buffers) -> Result<HashMap<String, Tensor>> {
-    let mut t = tensors_of(state)?;
-    t.retain(|name, _| !name.starts_with("wake_"));
-    Ok(t)
-}
-
-/// `full` with rows `start .. start + rows.len()` replaced by `rows`.
-fn replace_rows(full: &Tensor, start: usize, rows: &Tensor) -> Result<Tensor> {
-    let (total, count) = (full.dim(0)?, rows.dim(0)?);
-    ensure!(
-        start + count <= total,
-        "{count} Wake rows at {start} do not fit a matrix of {total} rows"
-    );
-    let mut parts = vec![full.narrow(0, 0, start)?, rows.clone()];
-    if start + count < total {
-        parts.push(full.narrow(0, start + count, total - start - count)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
-/// Puts the Wake rows of a starting state into the model's embedding (and untied head).
-fn set_wake_rows(model: &mut Llama, wake: &WakeLayout, state: &Buffers) -> Result<()> {
-    let tensors = tensors_of(state)?;
-    let rows = tensors
-        .get("wake_embed")
-        .context("the starting state has no 'wake_embed'")?;
-    model.embed = replace_rows(&model.embed, wake.wake_start, rows)?;
-    if let Some(head) = &model.lm_head {
-        let rows = tensors
-            .get("wake_head")
-            .context("the head is untied but the starting state has no 'wake_head'")?;
-        model.lm_head = Some(replace_rows(head, wake.wake_start, rows)?);
-    }
-    Ok(())
-}
-
-/// Phase 2's frozen Wake rows: plain tensors, no gradient sink.
-pub(crate) fn frozen_wake_rows(model: &Llama, wake: &WakeLayout) -> Result<WakeRows> {
-    let rows = |m: &Tensor| -> Result<Tensor> {
-        Ok(m.narrow(0, wake.wake_start, wake.wake_count)?
-            .contiguous()?)
-    };
-    Ok(WakeRows {
-        start: wake.wake_start,
-        embed: rows(&model.embed)?,
-        head: model.lm_head.as_ref().map(rows).transpose()?,
-        sink: None,
-    })
-}
-
-/// The Wake rows of the embedding (and of an untied head) as trainable variables.
-pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>> {
-    let hidden = model.config.hidden_size;
-    let make = |name: &str, matrix: &Tensor| -> Result<Param> {
-        let rows = matrix.narrow(0, wake.wake_start, wake.wake_count)?;
-        Ok(Param {
-            name: name.into(),
-            var: Var::from_tensor(&rows.contiguous()?)?,
-            rows: wake.wake_count,
-            cols: hidden,
-            grad: Arc::new(Mutex::new(vec![0f32; wake.wake_count * hidden])),
-        })
-    };
-    let mut params = vec![make("wake_embed", &model.embed)?];
-    if let Some(head) = &model.lm_head {
-        params.push(make("wake_head", head)?);
-    }
-    Ok(params)
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
-}
-
-fn names(list: &[(u64, PathBuf)]) -> String {
-    if list.is_empty() {
-        return "none".into();
-    }
-    list.iter()
-        .map(|(s, _)| checkpoint::name(*s))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Runs a closure on a variable's storage in place (the optimizer update), so that the update

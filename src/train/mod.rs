@@ -1,26 +1,26 @@
-//! The training engine: one loop, a phase as configuration (DESIGN.md §1).
+//! The training engine: one loop, a phase as configuration.
 //!
-//! - [`ops`]: the differentiable operations training adds to candle (frozen-weight matmul,
-//!   fused cross-entropy), each with a finite-difference test.
+//! - [`config`]: defaults, TOML file, overrides; `run.toml`.
+//! - [`data`]: blocks, split and per-epoch order.
+//! - [`phase`]: what a phase trains (Wake blocks, LoRA matrices) and where it starts.
+//! - [`wake_rows`]: the trainable Wake rows in the forward pass, with their gradient sink.
 //! - [`optim`], [`schedule`]: Adafactor and AdamW as fused passes over flat buffers; HF's LR
 //!   schedules.
-//! - [`data`]: blocks, split and per-epoch order.
-//! - [`config`]: defaults, TOML file, overrides; `run.toml`.
+//! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
+//!   gradients.
 //! - [`checkpoint`]: atomic, checksummed checkpoints.
 //! - [`engine`]: the loop (accumulation, clipping, evaluation, early stopping, snapshots,
 //!   exact resume, Ctrl-C).
-//! - [`select`]: checkpoint selection rules between phases (`best-val`, `min-gap`, ...).
-//! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
-//!   gradients.
-//! - [`status`]: `wake2vec status`: where a run or pipeline stands.
-//! - [`bench`]: `wake2vec bench train`.
+//! - [`export`]: a checkpoint as an HF directory (adapters merged or in PEFT's format).
 
 pub mod aux;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod optim;
+pub mod phase;
 pub mod schedule;
 pub mod wake_rows;
 

@@ -762,8 +762,11 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             merge,
         } => {
-            let step = wake2vec::train::engine::checkpoint_step(&run, &checkpoint)?;
-            wake2vec::train::engine::export(&run, step, &out, merge)?;
+            let step = wake2vec::run::select::checkpoint_step(
+                &wake2vec::run::dir::RunDir::new(&run),
+                &checkpoint,
+            )?;
+            wake2vec::train::export::export(&run, step, &out, merge)?;
             println!(
                 "wrote {} (the model of {} at step {step})",
                 out.display(),
@@ -1121,7 +1124,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
         trainer.wake.wake_start,
         trainer.wake.wake_start + trainer.wake.wake_count
     );
-    let dir = trainer.dir.clone();
+    let dir = trainer.run.root().to_path_buf();
     match trainer.run()? {
         Outcome::Finished { step } => eprintln!("finished at step {step}: {}", dir.display()),
         Outcome::EarlyStopped { step, best_step } => eprintln!(

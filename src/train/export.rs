@@ -1,0 +1,71 @@
+//! `wake2vec export`: a run's model at one of its checkpoints as an HF directory, the adapters
+//! merged or in PEFT's format beside it.
+
+use super::engine::WakeLayout;
+use super::phase::{absolute, lora_tensors, phase_state, replace_rows, tensors_of};
+use crate::model::{Llama, Lora};
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Writes a run's model at a checkpoint as an HF directory: the base model with the Wake rows of
+/// `step`; its adapters merged into the weights (`merge`) or written beside them in PEFT's
+/// format in `out/adapter` (with `base_model_name_or_path` = `out`). Config, tokenizer and
+/// wake2vec.json are copied.
+pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
+    let (config, state) = phase_state(run, step)?;
+    let device = candle_core::Device::Cpu;
+    let mut weights = crate::hub::weights::load_dir(&config.model, &device)?;
+    let wake = WakeLayout::read(&config.model)?;
+    let tensors = tensors_of(&state)?;
+    for (name, key) in [
+        ("wake_embed", "model.embed_tokens.weight"),
+        ("wake_head", "lm_head.weight"),
+    ] {
+        if let Some(rows) = tensors.get(name) {
+            let full = weights
+                .get(key)
+                .with_context(|| format!("the model has no '{key}'"))?;
+            let merged = replace_rows(full, wake.wake_start, rows)?;
+            weights.insert(key.to_string(), merged);
+        }
+    }
+    let lora = if config.phase.has_lora() {
+        // The adapters' shapes come from the model the weights already loaded make.
+        let model_config = crate::hub::config::ModelConfig::from_dir(&config.model)?;
+        let model = Llama::from_weights(model_config, weights.clone(), &device)?;
+        Some(Lora::from_tensors(
+            &model,
+            config.lora.clone(),
+            lora_tensors(&state)?,
+        )?)
+    } else {
+        None
+    };
+    if let (Some(lora), true) = (&lora, merge) {
+        lora.merge_into(&mut weights)?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let all: BTreeMap<String, Tensor> = weights.into_iter().collect();
+    crate::hub::weights::save_file(&all, &out.join("model.safetensors"))?;
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "wake2vec.json",
+    ] {
+        let src = config.model.join(f);
+        if src.is_file() {
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            crate::util::fs::write(&out.join(f), &bytes)?;
+        }
+    }
+    if let (Some(lora), false) = (&lora, merge) {
+        lora.save_peft(&out.join("adapter"), &absolute(out)?.display().to_string())?;
+    }
+    Ok(())
+}

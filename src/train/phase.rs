@@ -1,0 +1,248 @@
+//! What a phase trains and where it starts: the trainable parameters (the Wake blocks, the LoRA
+//! matrices) and a later phase's starting state, taken from its source run's checkpoint.
+
+use super::checkpoint;
+use super::config::{Phase, TrainConfig};
+use super::engine::WakeLayout;
+use super::wake_rows::{GradSink, WakeRows};
+use super::Buffers;
+use crate::model::Llama;
+use crate::run::dir::RunDir;
+use crate::run::select::checkpoint_step;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Tensor, Var};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A trainable parameter: its variable and the gradient accumulated over the micro-batches.
+pub(crate) struct Param {
+    pub(crate) name: String,
+    pub(crate) var: Var,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// Its gradient, accumulated over the micro-batches of a step.
+    pub(crate) grad: Arc<Mutex<Vec<f32>>>,
+}
+
+impl Param {
+    /// A trainable matrix (or vector, as one row) with a zeroed gradient buffer.
+    pub(crate) fn new(name: String, var: Var) -> Result<Self> {
+        let (rows, cols) = match var.dims() {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            d => bail!("parameter '{name}' has shape {d:?}; expected a matrix"),
+        };
+        Ok(Self {
+            name,
+            var,
+            rows,
+            cols,
+            grad: Arc::new(Mutex::new(vec![0f32; rows * cols])),
+        })
+    }
+
+    /// Its shape and values, as checkpoints and snapshots store them.
+    pub(crate) fn buffer(&self) -> Result<(Vec<usize>, Vec<f32>)> {
+        Ok((
+            vec![self.rows, self.cols],
+            self.var.as_tensor().flatten_all()?.to_vec1()?,
+        ))
+    }
+}
+
+/// The Wake rows of the embedding (and of an untied head) as trainable variables.
+pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>> {
+    let hidden = model.config.hidden_size;
+    let make = |name: &str, matrix: &Tensor| -> Result<Param> {
+        let rows = matrix.narrow(0, wake.wake_start, wake.wake_count)?;
+        Ok(Param {
+            name: name.into(),
+            var: Var::from_tensor(&rows.contiguous()?)?,
+            rows: wake.wake_count,
+            cols: hidden,
+            grad: Arc::new(Mutex::new(vec![0f32; wake.wake_count * hidden])),
+        })
+    };
+    let mut params = vec![make("wake_embed", &model.embed)?];
+    if let Some(head) = &model.lm_head {
+        params.push(make("wake_head", head)?);
+    }
+    Ok(params)
+}
+
+/// Phase 2's frozen Wake rows: plain tensors, no gradient sink.
+pub(crate) fn frozen_wake_rows(model: &Llama, wake: &WakeLayout) -> Result<WakeRows> {
+    let rows = |m: &Tensor| -> Result<Tensor> {
+        Ok(m.narrow(0, wake.wake_start, wake.wake_count)?
+            .contiguous()?)
+    };
+    Ok(WakeRows {
+        start: wake.wake_start,
+        embed: rows(&model.embed)?,
+        head: model.lm_head.as_ref().map(rows).transpose()?,
+        sink: None,
+    })
+}
+
+/// The Wake rows of `params` (the embedding block, then the untied head's) for the forward pass,
+/// with the parameters' gradient buffers as the sink.
+pub(crate) fn wake_rows_of(start: usize, params: &[Param]) -> WakeRows {
+    WakeRows {
+        start,
+        embed: params[0].var.as_tensor().clone(),
+        head: params.get(1).map(|p| p.var.as_tensor().clone()),
+        sink: Some(GradSink {
+            embed: params[0].grad.clone(),
+            head: params.get(1).map(|p| p.grad.clone()),
+            inputs: Default::default(),
+        }),
+    }
+}
+
+/// Puts the Wake rows of a starting state into the model's embedding (and untied head).
+pub(crate) fn set_wake_rows(model: &mut Llama, wake: &WakeLayout, state: &Buffers) -> Result<()> {
+    let tensors = tensors_of(state)?;
+    let rows = tensors
+        .get("wake_embed")
+        .context("the starting state has no 'wake_embed'")?;
+    model.embed = replace_rows(&model.embed, wake.wake_start, rows)?;
+    if let Some(head) = &model.lm_head {
+        let rows = tensors
+            .get("wake_head")
+            .context("the head is untied but the starting state has no 'wake_head'")?;
+        model.lm_head = Some(replace_rows(head, wake.wake_start, rows)?);
+    }
+    Ok(())
+}
+
+/// `full` with rows `start .. start + rows.len()` replaced by `rows`.
+pub(crate) fn replace_rows(full: &Tensor, start: usize, rows: &Tensor) -> Result<Tensor> {
+    let (total, count) = (full.dim(0)?, rows.dim(0)?);
+    ensure!(
+        start + count <= total,
+        "{count} Wake rows at {start} do not fit a matrix of {total} rows"
+    );
+    let mut parts = vec![full.narrow(0, 0, start)?, rows.clone()];
+    if start + count < total {
+        parts.push(full.narrow(0, start + count, total - start - count)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Everything a run's model had at checkpoint `step` besides the frozen base model: the Wake
+/// blocks (`wake_embed`, and `wake_head` when the head is untied) and the LoRA matrices (PEFT
+/// names). Step 0 is the starting state, without Phase 2's fresh adapters (drawn from the
+/// seed; no rule selects step 0).
+pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
+    let run = RunDir::new(run);
+    let config = TrainConfig::load(&run.config()).with_context(|| {
+        format!(
+            "{} is not a run directory (no readable run.toml)",
+            run.root().display()
+        )
+    })?;
+    let mut state = match config.phase {
+        Phase::P1 => {
+            let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
+            let wake = WakeLayout::read(&config.model)?;
+            wake_params(&model, &wake)?
+                .iter()
+                .map(|p| Ok((p.name.clone(), p.buffer()?)))
+                .collect::<Result<Buffers>>()?
+        }
+        _ => read_buffers(&run.start_state())?,
+    };
+    if step > 0 {
+        let path = run.checkpoint(step);
+        ensure!(
+            path.is_dir(),
+            "{} has no checkpoint of step {step}",
+            run.root().display()
+        );
+        state.extend(checkpoint::load(&path)?.params);
+    }
+    Ok((config, state))
+}
+
+/// Fills in a later phase's source: its model and corpus default to the source run's, its rule
+/// picks a step (recorded in the config), and the source's state at that step is returned.
+pub(crate) fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
+    let run = absolute(&config.source.run)?;
+    let source = TrainConfig::load(&RunDir::new(&run).config()).with_context(|| {
+        format!(
+            "source.run {} is not a run directory (no readable run.toml)",
+            run.display()
+        )
+    })?;
+    // Phase 2 continues Phase 1; Phase 3 continues Phase 2, or Phase 3 itself (the seed's P3b).
+    let allowed: &[Phase] = match config.phase {
+        Phase::P2 => &[Phase::P1],
+        _ => &[Phase::P2, Phase::P3],
+    };
+    ensure!(
+        allowed.contains(&source.phase),
+        "phase {} starts from a {} run, but {} is a phase {} run",
+        config.phase.name(),
+        if config.phase == Phase::P2 {
+            "phase p1"
+        } else {
+            "phase p2 (or p3)"
+        },
+        run.display(),
+        source.phase.name()
+    );
+    if config.model.as_os_str().is_empty() {
+        config.model = source.model.clone();
+    }
+    if config.corpus.as_os_str().is_empty() {
+        config.corpus = source.corpus.clone();
+        config.append_lexicon = source.append_lexicon.clone();
+    }
+    ensure!(
+        absolute(&config.model)? == source.model,
+        "the model {} differs from the source run's {}",
+        config.model.display(),
+        source.model.display()
+    );
+    if config.phase == Phase::P3 {
+        // Phase 3 trains the adapters its source trained.
+        config.lora = source.lora.clone();
+    }
+    let step = match config.source.step {
+        Some(step) => step,
+        None => checkpoint_step(&RunDir::new(&run), &config.source.select.to_string())?,
+    };
+    config.source.run = run.clone();
+    config.source.step = Some(step);
+    Ok(phase_state(&run, step)?.1)
+}
+
+pub(crate) fn read_buffers(path: &Path) -> Result<Buffers> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    checkpoint::read_safetensors(&bytes, path)
+}
+
+pub(crate) fn tensors_of(buffers: &Buffers) -> Result<HashMap<String, Tensor>> {
+    buffers
+        .iter()
+        .map(|(name, (shape, values))| {
+            Ok((
+                name.clone(),
+                Tensor::from_slice(values, shape.as_slice(), &candle_core::Device::Cpu)?,
+            ))
+        })
+        .collect()
+}
+
+/// The LoRA matrices of a state (every tensor but the Wake blocks).
+pub(crate) fn lora_tensors(state: &Buffers) -> Result<HashMap<String, Tensor>> {
+    let mut t = tensors_of(state)?;
+    t.retain(|name, _| !name.starts_with("wake_"));
+    Ok(t)
+}
+
+/// `p` as an absolute path (run.toml records absolute paths).
+pub(crate) fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
+}
