@@ -360,7 +360,7 @@ fn inject(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     )?;
     say(format!(
         "injected {} Wake words into {} ({} init)",
-        injected.manifest.wake_count, config.model, config.inject.init
+        injected.manifest.wake.count, config.model, config.inject.init
     ));
     vocab::write(&injected, &base, &dest)
 }
@@ -430,10 +430,10 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     let samples_path = out.join("samples.jsonl");
     if f.samples && !samples_path.is_file() {
         let m = crate::model::LoadedModel::load(&final_dir)?;
-        let wake = train::WakeLayout::read(&final_dir)?;
+        let wake = vocab::Manifest::load(&final_dir)?.wake;
         let known = text_metrics::KnownWords {
             corpus: text_metrics::KnownWords::from_corpus_text(&corpus::read_text(&config.corpus)?),
-            base_vocab: text_metrics::KnownWords::from_tokenizer(&m.tokenizer, wake.wake_start),
+            base_vocab: text_metrics::KnownWords::from_tokenizer(&m.tokenizer, wake.start),
             dictionary: Default::default(),
         };
         let samples = battery::run(
@@ -443,7 +443,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             f.max_new_tokens,
             42,
             &known,
-            Some(wake.wake_start..wake.wake_start + wake.wake_count),
+            Some(wake.range()),
             &mut |s| say(format!("sample [{}]: {} tokens", s.label, s.tokens)),
         )?;
         battery::write(out, &samples, "final")?;

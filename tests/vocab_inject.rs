@@ -58,7 +58,7 @@ fn base_rows(model: &str, name: &str) -> Vec<Vec<f64>> {
 
 /// Rows `a..b` of an injected tensor.
 fn new_rows(inj: &Injected, name: &str) -> Vec<Vec<f64>> {
-    let start = inj.manifest.wake_start;
+    let start = inj.manifest.wake.start;
     rows(&inj.weights[name])[start..].to_vec()
 }
 
@@ -148,13 +148,13 @@ fn spherical_rows_lie_on_the_sphere_embedding_and_untied_head() {
         &lex,
         &options(InitScheme::named("spherical").unwrap(), 7),
     );
-    assert!(inj.manifest.init.head.is_some());
+    assert!(inj.manifest.init.as_ref().unwrap().head.is_some());
     for name in ["model.embed_tokens.weight", "lm_head.weight"] {
         let base = base_rows("tiny-llama", name);
         let (_, _, s) = stats(&base);
         let radius = 1.5 * s * (base[0].len() as f64).sqrt();
         let new = new_rows(&inj, name);
-        assert_eq!(new.len(), inj.manifest.wake_count);
+        assert_eq!(new.len(), inj.manifest.wake.count);
         for row in &new {
             assert!(
                 (norm(row) / radius - 1.0).abs() < 1e-5,
@@ -301,12 +301,12 @@ fn padded_matrix_new_ids_start_after_the_padding() {
     );
     let m = &inj.manifest;
     assert_eq!(
-        (m.base_vocab, m.base_tokenizer_size, m.wake_start),
+        (m.base_vocab, m.base_tokenizer_size.unwrap(), m.wake.start),
         (408, 400, 408)
     );
-    assert_eq!(inj.config["vocab_size"], 408 + m.wake_count);
+    assert_eq!(inj.config["vocab_size"], 408 + m.wake.count);
     let embed = rows(&inj.weights["model.embed_tokens.weight"]);
-    assert_eq!(embed.len(), 408 + m.wake_count);
+    assert_eq!(embed.len(), 408 + m.wake.count);
     let base = base_rows("tiny-qwen2", "model.embed_tokens.weight");
     assert_eq!(embed[400..408], base[400..408]);
     assert!(
@@ -370,7 +370,7 @@ fn written_directory_loads_and_scores() {
         ]
     );
     let loaded = LoadedModel::load(&out).unwrap();
-    let v = inj.manifest.wake_start + inj.manifest.wake_count;
+    let v = inj.manifest.wake.start + inj.manifest.wake.count;
     assert_eq!(loaded.model.config.vocab_size, v);
     assert_eq!(loaded.model.head().dims2().unwrap().0, v);
     // The in-memory and the reloaded weights agree.
@@ -392,7 +392,7 @@ fn written_directory_loads_and_scores() {
         .unwrap()
         .get_ids()
         .to_vec();
-    assert!(ids.contains(&(inj.manifest.wake_start as u32)), "{ids:?}");
+    assert!(ids.contains(&(inj.manifest.wake.start as u32)), "{ids:?}");
     let s =
         wake2vec::infer::score::score_text(&loaded.model, &loaded.tokenizer, &text, 64).unwrap();
     assert!(s.mean_loss.is_finite() && s.mean_loss > 0.0);
@@ -456,10 +456,16 @@ fn sentencepiece_model_end_to_end() {
         &options(InitScheme::named("compositional").unwrap(), 42),
     )
     .unwrap();
-    assert_eq!(inj.manifest.tokenizer.family, vocab::Family::SentencePiece);
-    assert_eq!(inj.manifest.wake_start, 32_000);
+    assert_eq!(
+        inj.manifest.tokenizer.as_ref().unwrap().family,
+        vocab::Family::SentencePiece
+    );
+    assert_eq!(inj.manifest.wake.start, 32_000);
     assert!(inj.manifest.unreachable.is_empty());
-    assert!(inj.manifest.init.head.is_some(), "untied head rows");
+    assert!(
+        inj.manifest.init.as_ref().unwrap().head.is_some(),
+        "untied head rows"
+    );
     let out = temp_dir("spm-out");
     vocab::write(&inj, &base_dir, &out).unwrap();
     let tc: serde_json::Value =
@@ -469,12 +475,12 @@ fn sentencepiece_model_end_to_end() {
     let loaded = LoadedModel::load(&out).unwrap();
     assert_eq!(
         loaded.model.head().dims2().unwrap().0,
-        32_000 + inj.manifest.wake_count
+        32_000 + inj.manifest.wake.count
     );
     let word = &inj.manifest.words[0];
     let text = format!("{word}, {word} and {word}");
     let enc = loaded.tokenizer.encode(text.as_str(), false).unwrap();
-    let wake_id = inj.manifest.wake_start as u32;
+    let wake_id = inj.manifest.wake.start as u32;
     // The first word (after the prepended ▁) and the two after spaces are all the new id.
     assert_eq!(
         enc.get_ids().iter().filter(|&&i| i == wake_id).count(),

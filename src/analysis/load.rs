@@ -3,9 +3,10 @@
 
 use super::{DriftReference, Embeddings, Layout};
 use crate::hub::weights;
+use crate::vocab::Manifest;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// What `wake2vec analyze PATH` resolved `PATH` to.
@@ -182,77 +183,22 @@ pub fn load_reference(path: &Path) -> Result<DriftReference> {
     )
 }
 
-/// The fields of `wake2vec.json` that training and analysis read (docs/formats.md; the whole
-/// file is `vocab::Manifest`, written by `inject`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct WakeJson {
-    pub base_vocab: usize,
-    pub wake_start: usize,
-    pub wake_count: usize,
-    #[serde(default)]
-    pub words: Vec<String>,
-    #[serde(default)]
-    pub base_model: Option<String>,
-}
-
-impl WakeJson {
-    /// Reads a `wake2vec.json` and checks that its words match its row count.
-    pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let w: WakeJson = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a wake2vec.json (see docs/formats.md)",
-                path.display()
-            )
-        })?;
-        if !w.words.is_empty() && w.words.len() != w.wake_count {
-            bail!(
-                "{}: {} words for wake_count {}; the file is inconsistent",
-                path.display(),
-                w.words.len(),
-                w.wake_count
-            );
-        }
-        Ok(w)
-    }
-}
-
 /// The row layout: `--base-vocab N` (all rows after N are "new"), else `wake2vec.json` beside
 /// the model's config.json or in the run directory.
 pub fn load_layout(
     source: &Source,
     rows: usize,
     base_vocab: Option<usize>,
-) -> Result<(Layout, Option<WakeJson>)> {
+) -> Result<(Layout, Option<Manifest>)> {
     if let Some(n) = base_vocab {
-        if n > rows {
-            bail!("--base-vocab {n} exceeds the matrix's {rows} rows");
-        }
-        return Ok((
-            Layout {
-                base_vocab: n,
-                wake_start: n,
-                wake_count: rows - n,
-                words: Vec::new(),
-            },
-            None,
-        ));
+        let m = Manifest::from_base_vocab(n, rows)?;
+        return Ok((Layout::of(&m), None));
     }
-    let mut candidates = vec![source.model_dir.join("wake2vec.json")];
-    if let Some(r) = &source.run_dir {
-        candidates.push(r.join("wake2vec.json"));
-    }
-    for path in &candidates {
-        if path.is_file() {
-            let w = WakeJson::read(path)?;
-            let layout = Layout {
-                base_vocab: w.base_vocab,
-                wake_start: w.wake_start,
-                wake_count: w.wake_count,
-                words: w.words.clone(),
-            };
-            return Ok((layout, Some(w)));
+    let mut dirs = vec![source.model_dir.as_path()];
+    dirs.extend(source.run_dir.as_deref());
+    for dir in dirs {
+        if let Some(m) = Manifest::load_if_present(dir)? {
+            return Ok((Layout::of(&m), Some(m)));
         }
     }
     bail!(

@@ -15,6 +15,7 @@ pub mod stats;
 pub mod trajectory;
 
 use crate::util::rng::Rng;
+use crate::vocab::Manifest;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -72,6 +73,17 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout a manifest describes.
+    pub fn of(m: &Manifest) -> Self {
+        Layout {
+            base_vocab: m.base_vocab,
+            wake_start: m.wake.start,
+            wake_count: m.wake.count,
+            words: m.words.clone(),
+        }
+    }
+
+    /// The Wake rows.
     pub fn wake(&self) -> Range<usize> {
         self.wake_start..self.wake_start + self.wake_count
     }

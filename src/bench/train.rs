@@ -11,10 +11,11 @@ use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
 use crate::train::aux::{AuxConfig, AuxLosses, MorphVariant};
 use crate::train::config::Phase;
-use crate::train::engine::{accumulate, add_aux, apply_update, zero_grads, WakeLayout};
+use crate::train::engine::{accumulate, add_aux, apply_update, zero_grads};
 use crate::train::optim::{AdamWConfig, Optimizer, OptimizerConfig};
 use crate::train::phase::{frozen_wake_rows, wake_params, wake_rows_of, Param};
 use crate::util::rng::Rng;
+use crate::vocab::{Manifest, WakeRange};
 use anyhow::Result;
 use candle_core::{Tensor, D};
 use std::path::Path;
@@ -33,7 +34,7 @@ in vanessy, were sosie sesthers wroth with twone nathandjoe. ";
 
 /// Appends `count` Wake rows on a sphere of 1.5 × the base rows' RMS radius (the reference's
 /// spherical init) to a tied or untied model.
-fn append_synthetic_rows(model: &mut Llama, count: usize, seed: u64) -> Result<WakeLayout> {
+fn append_synthetic_rows(model: &mut Llama, count: usize, seed: u64) -> Result<Manifest> {
     let (rows, hidden) = model.embed.dims2()?;
     let base: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
     let mean = base.iter().map(|&x| x as f64).sum::<f64>() / base.len() as f64;
@@ -57,11 +58,7 @@ fn append_synthetic_rows(model: &mut Llama, count: usize, seed: u64) -> Result<W
         model.lm_head = Some(Tensor::cat(&[head, &new], 0)?);
     }
     model.config.vocab_size = rows + count;
-    Ok(WakeLayout {
-        base_vocab: rows,
-        wake_start: rows,
-        wake_count: count,
-    })
+    Manifest::from_base_vocab(rows, rows + count)
 }
 
 /// CPU seconds (user + system) this process has used.
@@ -149,10 +146,11 @@ pub fn phase(
         mut model,
         tokenizer,
     } = LoadedModel::load(dir)?;
-    let wake = match WakeLayout::read(dir) {
-        Ok(w) => w,
+    let manifest = match Manifest::load(dir) {
+        Ok(m) => m,
         Err(_) => append_synthetic_rows(&mut model, wake_rows, 42)?,
     };
+    let wake = manifest.wake;
     // One block: the text's tokens, every 8th replaced by a Wake id so that both the embedding
     // lookup and the head exercise the Wake rows.
     let enc = tokenizer
@@ -164,7 +162,7 @@ pub fn phase(
         .enumerate()
         .map(|(i, &id)| {
             if i % 8 == 3 {
-                (wake.wake_start + (i * 7919) % wake.wake_count) as u32
+                (wake.start + (i * 7919) % wake.count) as u32
             } else {
                 id
             }
@@ -176,7 +174,7 @@ pub fn phase(
         phase.name(),
         model.config.num_layers,
         model.config.hidden_size,
-        wake.wake_count,
+        wake.count,
         rayon::current_num_threads()
     );
     let load_peak = peak_rss_mib();
@@ -184,7 +182,7 @@ pub fn phase(
 
     // wake2vec: frozen-weight projections; the phase's trainable parameters; fused updates.
     let mut params = if phase.trains_wake_rows() {
-        wake_params(&model, &wake)?
+        wake_params(&model, wake)?
     } else {
         vec![]
     };
@@ -205,9 +203,9 @@ pub fn phase(
         };
         let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
         let layout = crate::analysis::Layout {
-            base_vocab: wake.base_vocab,
-            wake_start: wake.wake_start,
-            wake_count: wake.wake_count,
+            base_vocab: manifest.base_vocab,
+            wake_start: wake.start,
+            wake_count: wake.count,
             words: vec![],
         };
         let vocab = crate::analysis::Vocabulary {
@@ -238,11 +236,11 @@ pub fn phase(
         Phase::P3 => (adamw()?, "aux+clip+AdamW"),
     };
     let mut rng = Rng::new(42);
-    let frozen = frozen_wake_rows(&model, &wake)?;
+    let frozen = frozen_wake_rows(&model, wake)?;
     let (mut fb, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![]);
     for r in 0..=repeats.max(1) {
         let wake_rows = if n_wake > 0 {
-            wake_rows_of(wake.wake_start, &params[..n_wake])
+            wake_rows_of(wake.start, &params[..n_wake])
         } else {
             frozen.clone()
         };
@@ -290,7 +288,7 @@ pub fn phase(
         }
     );
     let rate = gemm_rate(seq_len, model.config.hidden_size);
-    let flops = step_flops(&model, phase, wake.wake_count, seq_len);
+    let flops = step_flops(&model, phase, wake.count, seq_len);
     println!(
         "CPU time:           {:.3} s per step ({} threads); load average now {}",
         median(cpu),
@@ -310,7 +308,7 @@ pub fn phase(
     if baseline && phase == Phase::P1 {
         drop(params);
         reset_peak_rss();
-        let (base_fb, base_peak) = plain_candle(&model, &wake, &block, repeats)?;
+        let (base_fb, base_peak) = plain_candle(&model, wake, &block, repeats)?;
         println!(
             "plain candle:       forward+backward {base_fb:.3} s, peak {base_peak:.0} MiB -> wake2vec forward+backward {ours_fb:.3} s is {:.2}x faster",
             base_fb / ours_fb
@@ -329,14 +327,14 @@ pub fn phase(
 /// median forward+backward seconds and the peak memory.
 fn plain_candle(
     model: &Llama,
-    wake: &WakeLayout,
+    wake: WakeRange,
     block: &[u32],
     repeats: usize,
 ) -> Result<(f64, f64)> {
     let var = candle_core::Var::from_tensor(
         &model
             .embed
-            .narrow(0, wake.wake_start, wake.wake_count)?
+            .narrow(0, wake.start, wake.count)?
             .contiguous()?,
     )?;
     let mut times = vec![];
@@ -344,10 +342,10 @@ fn plain_candle(
         let t0 = Instant::now();
         let rows = model.embed.dim(0)?;
         let mut parts = vec![
-            model.embed.narrow(0, 0, wake.wake_start)?,
+            model.embed.narrow(0, 0, wake.start)?,
             var.as_tensor().clone(),
         ];
-        let end = wake.wake_start + wake.wake_count;
+        let end = wake.end();
         if end < rows {
             parts.push(model.embed.narrow(0, end, rows - end)?);
         }

@@ -835,13 +835,7 @@ impl AuxLosses {
         embed: &[f32],
         hidden: usize,
     ) -> Result<Self> {
-        let m = crate::vocab::Manifest::load(model_dir)?;
-        let layout = crate::analysis::Layout {
-            base_vocab: m.base_vocab,
-            wake_start: m.wake_start,
-            wake_count: m.wake_count,
-            words: m.words,
-        };
+        let layout = crate::analysis::Layout::of(&crate::vocab::Manifest::load(model_dir)?);
         let vocab = Vocabulary {
             layout: &layout,
             tokenizer: Some(tokenizer),
@@ -1949,7 +1943,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         let aux = AuxLosses::build_for_model(&config, dir, &tokenizer, &e.data, e.dim).unwrap();
         let setup = t0.elapsed().as_secs_f64();
-        let wake = e.slice(m.wake_ids());
+        let wake = e.slice(m.wake.range());
         let mut grad = vec![0f32; wake.len()];
         let t0 = std::time::Instant::now();
         let c = aux.compute(wake, &mut Rng::new(1), Some(&mut grad), 1.0);

@@ -21,6 +21,7 @@ use crate::run::dir::{step_names, RunDir};
 use crate::run::log::{EvalLine, StepLine};
 use crate::run::select;
 use crate::util::rng::Rng;
+use crate::vocab::Manifest;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use std::cell::RefCell;
@@ -53,32 +54,6 @@ pub fn install_interrupt_handler() {
     }
 }
 
-/// The rows of an injected model that are Wake rows (from `wake2vec.json`).
-#[derive(Debug, Clone, Copy)]
-pub struct WakeLayout {
-    pub base_vocab: usize,
-    pub wake_start: usize,
-    pub wake_count: usize,
-}
-
-impl WakeLayout {
-    /// Reads `DIR/wake2vec.json`.
-    pub fn read(model_dir: &Path) -> Result<Self> {
-        let path = model_dir.join("wake2vec.json");
-        ensure!(
-            path.is_file(),
-            "{} has no wake2vec.json: training needs an injected model; run `wake2vec inject` first",
-            model_dir.display()
-        );
-        let w = crate::analysis::load::WakeJson::read(&path)?;
-        Ok(Self {
-            base_vocab: w.base_vocab,
-            wake_start: w.wake_start,
-            wake_count: w.wake_count,
-        })
-    }
-}
-
 /// How a call to [`Trainer::run`] ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -96,7 +71,8 @@ pub struct Trainer {
     pub config: TrainConfig,
     pub model: Llama,
     pub blocks: Blocks,
-    pub wake: WakeLayout,
+    /// The model's wake2vec.json: where the Wake rows are.
+    pub manifest: Manifest,
     /// Trainable parameters: the Wake blocks first (Phases 1 and 3), then the LoRA matrices.
     params: Vec<Param>,
     /// How many of `params` are Wake blocks.
@@ -207,15 +183,12 @@ impl Trainer {
             mut model,
             tokenizer,
         } = LoadedModel::load(&config.model)?;
-        let wake = WakeLayout::read(&config.model)?;
-        let rows = model.embed.dim(0)?;
-        ensure!(
-            wake.wake_count > 0 && wake.wake_start + wake.wake_count <= rows,
-            "wake2vec.json in {} puts {} Wake rows at {}, but the embedding has {rows} rows",
-            config.model.display(),
-            wake.wake_count,
-            wake.wake_start
-        );
+        let manifest = Manifest::load(&config.model)?;
+        let wake = manifest.wake;
+        manifest.check_fits(
+            model.embed.dim(0)?,
+            &format!("the embedding of {}", config.model.display()),
+        )?;
         let lexicon = (!config.append_lexicon.as_os_str().is_empty())
             .then_some(config.append_lexicon.as_path());
         let text = data::read_training_text(&config.corpus, lexicon)?;
@@ -234,10 +207,10 @@ impl Trainer {
             _ => read_buffers(&run.start_state())?,
         };
         if config.phase != Phase::P1 {
-            set_wake_rows(&mut model, &wake, &start)?;
+            set_wake_rows(&mut model, wake, &start)?;
         }
         let mut params = if config.phase.trains_wake_rows() {
-            wake_params(&model, &wake)?
+            wake_params(&model, wake)?
         } else {
             vec![]
         };
@@ -256,7 +229,7 @@ impl Trainer {
             params.push(Param::new(name, var)?);
         }
         let frozen_wake = (config.phase == Phase::P2)
-            .then(|| frozen_wake_rows(&model, &wake))
+            .then(|| frozen_wake_rows(&model, wake))
             .transpose()?;
         // The auxiliary losses measure their targets and band on the phase's starting state.
         let aux = if config.phase == Phase::P3 {
@@ -349,7 +322,7 @@ impl Trainer {
             config,
             model,
             blocks,
-            wake,
+            manifest,
             params,
             wake_params: wake_count,
             frozen_wake,
@@ -389,7 +362,7 @@ impl Trainer {
     fn wake_rows(&self) -> WakeRows {
         match &self.frozen_wake {
             Some(w) => w.clone(),
-            None => wake_rows_of(self.wake.wake_start, &self.params[..self.wake_params]),
+            None => wake_rows_of(self.manifest.wake.start, &self.params[..self.wake_params]),
         }
     }
 
@@ -716,8 +689,14 @@ impl Trainer {
         }
         let meta = HashMap::from([
             ("step".to_string(), self.state.step.to_string()),
-            ("wake_start".to_string(), self.wake.wake_start.to_string()),
-            ("base_vocab".to_string(), self.wake.base_vocab.to_string()),
+            (
+                "wake_start".to_string(),
+                self.manifest.wake.start.to_string(),
+            ),
+            (
+                "base_vocab".to_string(),
+                self.manifest.base_vocab.to_string(),
+            ),
         ]);
         let bytes = checkpoint::safetensors_bytes(&tensors, Some(meta))?;
         crate::util::fs::write(&self.run.snapshot(self.state.step), &bytes)

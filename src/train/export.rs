@@ -1,9 +1,9 @@
 //! `wake2vec export`: a run's model at one of its checkpoints as an HF directory, the adapters
 //! merged or in PEFT's format beside it.
 
-use super::engine::WakeLayout;
 use super::phase::{absolute, lora_tensors, phase_state, replace_rows, tensors_of};
 use crate::model::{Llama, Lora};
+use crate::vocab::Manifest;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -17,7 +17,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     let (config, state) = phase_state(run, step)?;
     let device = candle_core::Device::Cpu;
     let mut weights = crate::hub::weights::load_dir(&config.model, &device)?;
-    let wake = WakeLayout::read(&config.model)?;
+    let wake = Manifest::load(&config.model)?.wake;
     let tensors = tensors_of(&state)?;
     for (name, key) in [
         ("wake_embed", "model.embed_tokens.weight"),
@@ -27,7 +27,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
             let full = weights
                 .get(key)
                 .with_context(|| format!("the model has no '{key}'"))?;
-            let merged = replace_rows(full, wake.wake_start, rows)?;
+            let merged = replace_rows(full, wake.start, rows)?;
             weights.insert(key.to_string(), merged);
         }
     }

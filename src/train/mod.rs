@@ -25,7 +25,7 @@ pub mod schedule;
 pub mod wake_rows;
 
 pub use config::{Phase, TrainConfig};
-pub use engine::{install_interrupt_handler, Outcome, Trainer, WakeLayout};
+pub use engine::{install_interrupt_handler, Outcome, Trainer};
 
 /// Named f32 buffers with their shapes (parameters, optimizer state) as checkpoints store them.
 pub type Buffers = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;

@@ -3,12 +3,12 @@
 
 use super::checkpoint;
 use super::config::{Phase, TrainConfig};
-use super::engine::WakeLayout;
 use super::wake_rows::{GradSink, WakeRows};
 use super::Buffers;
 use crate::model::Llama;
 use crate::run::dir::RunDir;
 use crate::run::select::checkpoint_step;
+use crate::vocab::{Manifest, WakeRange};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
@@ -52,16 +52,16 @@ impl Param {
 }
 
 /// The Wake rows of the embedding (and of an untied head) as trainable variables.
-pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>> {
+pub(crate) fn wake_params(model: &Llama, wake: WakeRange) -> Result<Vec<Param>> {
     let hidden = model.config.hidden_size;
     let make = |name: &str, matrix: &Tensor| -> Result<Param> {
-        let rows = matrix.narrow(0, wake.wake_start, wake.wake_count)?;
+        let rows = matrix.narrow(0, wake.start, wake.count)?;
         Ok(Param {
             name: name.into(),
             var: Var::from_tensor(&rows.contiguous()?)?,
-            rows: wake.wake_count,
+            rows: wake.count,
             cols: hidden,
-            grad: Arc::new(Mutex::new(vec![0f32; wake.wake_count * hidden])),
+            grad: Arc::new(Mutex::new(vec![0f32; wake.count * hidden])),
         })
     };
     let mut params = vec![make("wake_embed", &model.embed)?];
@@ -72,13 +72,11 @@ pub(crate) fn wake_params(model: &Llama, wake: &WakeLayout) -> Result<Vec<Param>
 }
 
 /// Phase 2's frozen Wake rows: plain tensors, no gradient sink.
-pub(crate) fn frozen_wake_rows(model: &Llama, wake: &WakeLayout) -> Result<WakeRows> {
-    let rows = |m: &Tensor| -> Result<Tensor> {
-        Ok(m.narrow(0, wake.wake_start, wake.wake_count)?
-            .contiguous()?)
-    };
+pub(crate) fn frozen_wake_rows(model: &Llama, wake: WakeRange) -> Result<WakeRows> {
+    let rows =
+        |m: &Tensor| -> Result<Tensor> { Ok(m.narrow(0, wake.start, wake.count)?.contiguous()?) };
     Ok(WakeRows {
-        start: wake.wake_start,
+        start: wake.start,
         embed: rows(&model.embed)?,
         head: model.lm_head.as_ref().map(rows).transpose()?,
         sink: None,
@@ -101,17 +99,17 @@ pub(crate) fn wake_rows_of(start: usize, params: &[Param]) -> WakeRows {
 }
 
 /// Puts the Wake rows of a starting state into the model's embedding (and untied head).
-pub(crate) fn set_wake_rows(model: &mut Llama, wake: &WakeLayout, state: &Buffers) -> Result<()> {
+pub(crate) fn set_wake_rows(model: &mut Llama, wake: WakeRange, state: &Buffers) -> Result<()> {
     let tensors = tensors_of(state)?;
     let rows = tensors
         .get("wake_embed")
         .context("the starting state has no 'wake_embed'")?;
-    model.embed = replace_rows(&model.embed, wake.wake_start, rows)?;
+    model.embed = replace_rows(&model.embed, wake.start, rows)?;
     if let Some(head) = &model.lm_head {
         let rows = tensors
             .get("wake_head")
             .context("the head is untied but the starting state has no 'wake_head'")?;
-        model.lm_head = Some(replace_rows(head, wake.wake_start, rows)?);
+        model.lm_head = Some(replace_rows(head, wake.start, rows)?);
     }
     Ok(())
 }
@@ -145,8 +143,7 @@ pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
     let mut state = match config.phase {
         Phase::P1 => {
             let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
-            let wake = WakeLayout::read(&config.model)?;
-            wake_params(&model, &wake)?
+            wake_params(&model, Manifest::load(&config.model)?.wake)?
                 .iter()
                 .map(|p| Ok((p.name.clone(), p.buffer()?)))
                 .collect::<Result<Buffers>>()?

@@ -6,95 +6,21 @@
 pub mod check;
 pub mod eval;
 pub mod init;
+pub mod manifest;
 pub mod tokenizer;
 
 pub use check::{check_corpus, CorpusReport, Coverage};
 pub use init::{InitScheme, Matrix};
+pub use manifest::{InitRecord, LexiconRecord, Manifest, TokenizerRecord, WakeRange, MANIFEST};
 pub use tokenizer::{extend, BaseTokenizer, Extension, Family};
 
-use crate::lexicon::{Case, Lexicon, MorphemeData, Skipped};
+use crate::lexicon::{Case, Lexicon, MorphemeData};
 use crate::util::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// The manifest file written beside an injected model's config.json.
-pub const MANIFEST: &str = "wake2vec.json";
-
-/// `wake2vec.json` (docs/formats.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: u32,
-    /// The `--model` the injection started from.
-    pub base_model: String,
-    /// Rows of the base embedding matrix (padded rows included).
-    pub base_vocab: usize,
-    /// Tokens the base tokenizer had.
-    pub base_tokenizer_size: usize,
-    /// First new row and id; equal to `base_vocab`.
-    pub wake_start: usize,
-    pub wake_count: usize,
-    /// `words[i]` is the word of id `wake_start + i`.
-    pub words: Vec<String>,
-    /// Lexicon forms that were already one whole-word token, with their base id.
-    pub existing: BTreeMap<String, u32>,
-    /// Lexicon forms the tokenizer always cuts into several pre-tokens: no row was made.
-    pub unreachable: Vec<String>,
-    pub init: InitRecord,
-    pub case: Case,
-    pub tokenizer: TokenizerRecord,
-    pub lexicon: LexiconRecord,
-}
-
-/// The init scheme, its parameters and its seed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InitRecord {
-    #[serde(flatten)]
-    pub scheme: InitScheme,
-    pub seed: u64,
-    /// How the head's new rows were made (`null` when the head is tied).
-    pub head: Option<String>,
-    /// Where the compositional scheme's morpheme data came from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub morphemes: Option<String>,
-}
-
-/// How the tokenizer was extended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TokenizerRecord {
-    pub family: Family,
-    /// The SentencePiece split regex added, if any.
-    pub split: Option<String>,
-    pub ignore_merges: bool,
-}
-
-/// Where the lexicon came from and what its loading skipped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LexiconRecord {
-    pub path: String,
-    pub entries: usize,
-    pub skipped: Skipped,
-}
-
-impl Manifest {
-    /// Reads `DIR/wake2vec.json`.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {}: is this an injected model?", path.display())
-        })?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid manifest", path.display()))
-    }
-
-    /// The range of Wake ids.
-    pub fn wake_ids(&self) -> std::ops::Range<usize> {
-        self.wake_start..self.wake_start + self.wake_count
-    }
-}
 
 /// Everything `inject` needs besides the model and the lexicon.
 #[derive(Debug, Clone)]
@@ -245,31 +171,33 @@ pub fn inject(
 
     let manifest = Manifest {
         format: 1,
-        base_model: base_model.to_string(),
+        base_model: Some(base_model.to_string()),
         base_vocab: rows,
-        base_tokenizer_size: stat_rows.len(),
-        wake_start: first_id,
-        wake_count: n,
+        base_tokenizer_size: Some(stat_rows.len()),
+        wake: WakeRange {
+            start: first_id,
+            count: n,
+        },
         words: extension.words.clone(),
         existing: extension.existing.clone(),
         unreachable: extension.unreachable.clone(),
-        init: InitRecord {
+        init: Some(InitRecord {
             scheme: options.scheme,
             seed: options.seed,
             head,
             morphemes: morpheme_source,
-        },
-        case: options.case,
-        tokenizer: TokenizerRecord {
+        }),
+        case: Some(options.case),
+        tokenizer: Some(TokenizerRecord {
             family: extension.family,
             split: extension.split.map(String::from),
             ignore_merges: true,
-        },
-        lexicon: LexiconRecord {
+        }),
+        lexicon: Some(LexiconRecord {
             path: lexicon_path.to_string(),
             entries: lexicon.words.len(),
             skipped: lexicon.skipped.clone(),
-        },
+        }),
     };
     Ok(Injected {
         base,

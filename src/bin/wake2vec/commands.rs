@@ -245,14 +245,14 @@ pub fn inject(args: InjectArgs) -> Result<()> {
     println!(
         "{} tokenizer; case {}: {} new words (ids {}..{}), {} already one token (ids kept), {} never one pre-token (no row)",
         injected.extension.family,
-        m.case,
-        m.wake_count,
-        m.wake_start,
-        m.wake_start + m.wake_count,
+        options.case,
+        m.wake.count,
+        m.wake.start,
+        m.wake.end(),
         m.existing.len(),
         m.unreachable.len()
     );
-    if let Some(split) = &m.tokenizer.split {
+    if let Some(split) = &injected.extension.split {
         println!("SentencePiece pre-tokenizer added: Split /{split}/ (Isolated)");
     }
     if !injected.extension.merge_unreachable.is_empty() {
@@ -265,8 +265,8 @@ pub fn inject(args: InjectArgs) -> Result<()> {
     let s = &injected.stats;
     println!(
         "init {} (seed {}): base rows {}, mean-row norm {:.4}, mean row norm {:.4}, std {:.5}",
-        m.init.scheme.name(),
-        m.init.seed,
+        options.scheme.name(),
+        options.seed,
         s.rows,
         s.mean_norm,
         s.mean_row_norm,
@@ -275,14 +275,17 @@ pub fn inject(args: InjectArgs) -> Result<()> {
     if let Some(c) = &injected.composition {
         println!(
             "compositional ({}): {} prefix+suffix, {} prefix only, {} suffix only, {} root only",
-            m.init.morphemes.as_deref().unwrap_or("?"),
+            m.init
+                .as_ref()
+                .and_then(|i| i.morphemes.as_deref())
+                .unwrap_or("?"),
             c.prefix_and_suffix,
             c.prefix_only,
             c.suffix_only,
             c.root_only
         );
     }
-    if let Some(head) = &m.init.head {
+    if let Some(head) = m.init.as_ref().and_then(|i| i.head.as_ref()) {
         println!("untied head: {head}");
     }
     if let Some(text) = &text {

@@ -907,11 +907,7 @@ fn run_report(args: AnalyzeArgs, samples: Option<PathBuf>, html: Option<PathBuf>
 
 /// The Wake rows of a model directory, from its wake2vec.json (None for a base model).
 fn wake_rows(dir: &Path) -> Result<Option<std::ops::Range<usize>>> {
-    if !dir.join("wake2vec.json").is_file() {
-        return Ok(None);
-    }
-    let w = wake2vec::train::WakeLayout::read(dir)?;
-    Ok(Some(w.wake_start..w.wake_start + w.wake_count))
+    Ok(wake2vec::vocab::Manifest::load_if_present(dir)?.map(|m| m.wake.range()))
 }
 
 fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
@@ -1121,8 +1117,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
         trainer.config.seq_len,
         trainer.blocks.train.len(),
         trainer.blocks.val.len(),
-        trainer.wake.wake_start,
-        trainer.wake.wake_start + trainer.wake.wake_count
+        trainer.manifest.wake.start,
+        trainer.manifest.wake.end()
     );
     let dir = trainer.run.root().to_path_buf();
     match trainer.run()? {
