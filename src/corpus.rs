@@ -1,7 +1,7 @@
 //! Reading and cleaning the corpus text, and the word pattern the lexicon is mined with.
 //!
 //! Training reads the corpus verbatim (as the original did); [`clean`] is the lexicon builder's
-//! cleaning (original-system.md §1.1): NFC, line endings, Project Gutenberg / Faded Page
+//! cleaning (docs/origin/original-system.md §1.1): NFC, line endings, Project Gutenberg / Faded Page
 //! boilerplate, and an optional anchor word before which everything is cut.
 
 use anyhow::{anyhow, Context, Result};
@@ -137,7 +137,7 @@ pub fn is_joiner(c: char) -> bool {
     matches!(c, '\'' | '’' | '-')
 }
 
-/// The words of `text` by the original's pattern (original-system.md §1.2): one or more
+/// The words of `text` by the original's pattern (docs/origin/original-system.md §1.2): one or more
 /// letters, optionally followed by groups of one joiner plus more letters. Yields
 /// `(byte offset, word)`.
 pub fn words(text: &str) -> impl Iterator<Item = (usize, &str)> {

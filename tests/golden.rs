@@ -170,7 +170,7 @@ fn smollm2_from_the_embedded_default_matches_transformers() {
     assert_eq!(
         enc.get_ids().len(),
         367_346,
-        "DESIGN.md §2: Python tokenizers gives 367,346"
+        "docs/origin/brief.md §2: Python tokenizers gives 367,346"
     );
     assert_eq!(
         m.tokenizer.decode(enc.get_ids(), false).unwrap(),

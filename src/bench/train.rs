@@ -316,7 +316,7 @@ pub fn phase(
     }
     if phase == Phase::P1 {
         println!(
-            "reference (PyTorch 2.15 + transformers on this machine kind, DESIGN.md §4): 2.06-2.30 s per step, 1.70 s forward+backward, ~3.8 GB"
+            "reference (PyTorch 2.15 + transformers on this machine kind, docs/origin/brief.md §4): 2.06-2.30 s per step, 1.70 s forward+backward, ~3.8 GB"
         );
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! The original's generation battery (original-system.md §7.1): one sample at temperature 0.9,
+//! The original's generation battery (docs/origin/original-system.md §7.1): one sample at temperature 0.9,
 //! one at 1.1, three at 0.9, and the sweep 0.5 / 0.7 / 0.9 / 1.0 / 1.2, all with top-p 0.92,
 //! top-k 50, repetition penalty 1.15; each sample with its text metrics, written to
 //! `samples.md` (for reading) and `samples.jsonl` (for the report).

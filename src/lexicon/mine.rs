@@ -1,6 +1,6 @@
 //! Mining a lexicon from a corpus with a model-aware novelty rule.
 //!
-//! The original (original-system.md §1.2) kept words that are rare in English by `wordfreq`'s
+//! The original (docs/origin/original-system.md §1.2) kept words that are rare in English by `wordfreq`'s
 //! Zipf frequency. Here a word is novel when the base model's tokenizer cannot write it as one
 //! word-start token; its novelty is the number of extra tokens it costs, `pieces − 1`. The
 //! score keeps the original's multipliers:

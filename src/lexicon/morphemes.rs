@@ -1,5 +1,5 @@
 //! Morpheme data: affixes with example words, the group files of the original
-//! (original-system.md §1.7), automatic affix mining from a lexicon, and the greedy
+//! (docs/origin/original-system.md §1.7), automatic affix mining from a lexicon, and the greedy
 //! longest-match decomposition (§5.6) with the root kept non-empty.
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -126,7 +126,7 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
-    /// The seed's Phase 1 (original-system.md §3.3, TinyLlama P1 as run).
+    /// The seed's Phase 1 (docs/origin/original-system.md §3.3, TinyLlama P1 as run).
     fn default() -> Self {
         Self {
             phase: Phase::P1,
@@ -161,7 +161,7 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The seed's settings for `phase` (original-system.md §3.3, §4.3, §5.2, TinyLlama).
+    /// The seed's settings for `phase` (docs/origin/original-system.md §3.3, §4.3, §5.2, TinyLlama).
     pub fn for_phase(phase: Phase) -> Self {
         let p1 = Self::default();
         let adamw = |weight_decay| {

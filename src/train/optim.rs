@@ -1,4 +1,4 @@
-//! Optimizers as fused passes over flat f32 buffers (DESIGN.md §2, trap 3: tensor-op updates of
+//! Optimizers as fused passes over flat f32 buffers (docs/origin/brief.md §2, trap 3: tensor-op updates of
 //! the 45K Wake rows took 1–2.6 s a step). Each parameter is a row-major `[rows, cols]` buffer
 //! (`rows = 1` for a vector) with a same-sized gradient buffer.
 //!

@@ -1,4 +1,4 @@
-//! Validation loss on a corpus with the training protocol (original-system.md §1.4–1.6): the
+//! Validation loss on a corpus with the training protocol (docs/origin/original-system.md §1.4–1.6): the
 //! whole text tokenized without special tokens, cut into non-overlapping blocks (the remainder
 //! dropped), a seeded 90/10 split by block, and the mean loss of the validation blocks (each
 //! block's first token has no context and is not scored, as with HF labels = inputs).

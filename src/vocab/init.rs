@@ -1,4 +1,4 @@
-//! Initial values of the new embedding rows (original-system.md §2), seeded.
+//! Initial values of the new embedding rows (docs/origin/original-system.md §2), seeded.
 //!
 //! Statistics come from the *base* rows the base tokenizer has a token for (padded rows of a
 //! matrix larger than the tokenizer are left out). `μ_d`, `σ_d` are the per-dimension mean and

@@ -1,4 +1,4 @@
-//! Extending a BPE tokenizer with whole-word vocabulary entries (DESIGN.md §2).
+//! Extending a BPE tokenizer with whole-word vocabulary entries (docs/origin/brief.md §2).
 //!
 //! Each new word becomes one entry of the BPE **vocabulary** (never an HF "added token"),
 //! spelled with the word-start marker: `Ġword` (the byte-level spelling of `" word"`) for
@@ -16,7 +16,7 @@
 //!   inner `'`/`’`/`-` joiners, punctuation runs with their `▁`), applied after the spaces
 //!   have become `▁`. A split point cannot change the base ids when no vocabulary piece
 //!   contains one; when some piece does, the coarser [`WORD_START_SPLIT`] (a split before each
-//!   run of `▁` only, DESIGN.md §2) is tried, and if that fails too the tokenizer is refused.
+//!   run of `▁` only, docs/origin/brief.md §2) is tried, and if that fails too the tokenizer is refused.
 //!
 //! New ids start at `first_id`, normally the row count of the base embedding matrix, so they
 //! never fall inside a padded region (Qwen2/Phi: matrix larger than the tokenizer). The ids in
@@ -44,7 +44,7 @@ pub const SPIECE: char = '\u{2581}';
 /// else with its `▁`, or trailing `▁`.
 pub const WORD_SPLIT: &str = "▁*[\\p{L}\\p{M}]+(?:['’-][\\p{L}\\p{M}]+)*|▁*[^▁\\p{L}\\p{M}]+|▁+";
 
-/// The fallback: every run of `▁` starts a new piece (DESIGN.md §2). A lexicon word followed by
+/// The fallback: every run of `▁` starts a new piece (docs/origin/brief.md §2). A lexicon word followed by
 /// punctuation (`▁word,`) is then one piece and is not matched.
 pub const WORD_START_SPLIT: &str = "▁+[^▁]*";
 
