@@ -10,12 +10,12 @@
 //! - [`engine`]: the loop (accumulation, clipping, evaluation, early stopping, snapshots,
 //!   exact resume, Ctrl-C).
 //! - [`select`]: checkpoint selection rules between phases (`best-val`, `min-gap`, ...).
-//! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
+//! - [`aux_loss`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
 //!   gradients.
 //! - [`status`]: `wake2vec status`: where a run or pipeline stands.
 //! - [`bench`]: `wake2vec bench train`.
 
-pub mod aux;
+pub mod aux_loss;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

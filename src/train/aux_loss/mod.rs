@@ -1920,7 +1920,7 @@ mod tests {
 
     /// The setup on the injected SmolLM2 (`/root/models/smollm2-135m-wake`) with morpheme data
     /// mined from its own words; prints what takes part. Skips when the model is absent.
-    /// `cargo test --release --lib aux::tests::real_model_setup -- --ignored --nocapture`
+    /// `cargo test --release --lib aux_loss::tests::real_model_setup -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn real_model_setup() {
@@ -1964,7 +1964,7 @@ mod tests {
     }
 
     /// Per-step cost on the seed's scale: 44,500 × 576 Wake rows. Prints; asserts nothing
-    /// about time. `cargo test --release --lib aux::tests::step_cost -- --ignored --nocapture`
+    /// about time. `cargo test --release --lib aux_loss::tests::step_cost -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn step_cost() {
