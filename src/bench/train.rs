@@ -9,7 +9,7 @@
 use crate::bench::peak_rss_mib;
 use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
-use crate::train::aux::{AuxConfig, AuxLosses, MorphVariant};
+use crate::train::aux_loss::{AuxConfig, AuxLosses, MorphVariant};
 use crate::train::config::Phase;
 use crate::train::engine::{accumulate, add_aux, apply_update, zero_grads};
 use crate::train::optim::{AdamWConfig, Optimizer, OptimizerConfig};

@@ -2,7 +2,7 @@
 //! command-line overrides (`key=value`, dotted keys for tables). The resolved value is written to
 //! `RUN/run.toml` with every default spelled out, and read back on resume.
 
-use super::aux::AuxConfig;
+use super::aux_loss::AuxConfig;
 use super::optim::{AdamWConfig, OptimizerConfig};
 use super::schedule::ScheduleKind;
 use crate::model::lora::LoraConfig;

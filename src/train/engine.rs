@@ -3,7 +3,7 @@
 //! [`Trainer::resume`]), the loop ([`Trainer::run`]), one optimizer step ([`Trainer::step`]),
 //! evaluation, checkpoints and snapshots.
 
-use super::aux::{AuxLosses, Components};
+use super::aux_loss::{AuxLosses, Components};
 use super::checkpoint::{self, Checkpoint, EarlyStop, TrainState};
 use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};

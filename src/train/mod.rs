@@ -6,14 +6,14 @@
 //! - [`wake_rows`]: the trainable Wake rows in the forward pass, with their gradient sink.
 //! - [`optim`], [`schedule`]: Adafactor and AdamW as fused passes over flat buffers; HF's LR
 //!   schedules.
-//! - [`aux`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
+//! - [`aux_loss`]: Phase 3's auxiliary losses (morpheme, repulsion, norm band, device), with their
 //!   gradients.
 //! - [`checkpoint`]: atomic, checksummed checkpoints.
 //! - [`engine`]: the loop (accumulation, clipping, evaluation, early stopping, snapshots,
 //!   exact resume, Ctrl-C).
 //! - [`export`]: a checkpoint as an HF directory (adapters merged or in PEFT's format).
 
-pub mod aux;
+pub mod aux_loss;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
