@@ -8,13 +8,9 @@ use super::checkpoint::{self, Checkpoint, EarlyStop, TrainState};
 use super::config::{Phase, TrainConfig};
 use super::data::{self, Blocks, Cursor, Stream};
 use super::optim::{self, Optimizer};
-use super::phase::{
-    absolute, frozen_wake_rows, lora_tensors, read_buffers, resolve_source, set_wake_rows,
-    wake_params, wake_rows_of, Param,
-};
+use super::phase::{absolute, resolve_source, wake_rows_of, Param, Trainables};
 use super::schedule::Schedule;
 use super::wake_rows::{self, WakeRows};
-use super::Buffers;
 use crate::model::lora::{Lora, LoraPass};
 use crate::model::{Llama, LoadedModel};
 use crate::run::dir::{step_names, RunDir};
@@ -184,7 +180,6 @@ impl Trainer {
             tokenizer,
         } = LoadedModel::load(&config.model)?;
         let manifest = Manifest::load(&config.model)?;
-        let wake = manifest.wake;
         manifest.check_fits(
             model.embed.dim(0)?,
             &format!("the embedding of {}", config.model.display()),
@@ -200,37 +195,7 @@ impl Trainer {
             config.seq_len,
             model.max_positions()
         );
-        // Phases 2 and 3 start from the state their source chose (start.safetensors): its Wake
-        // rows go into the model (and Phase 3's adapters become the LoRA).
-        let start = match config.phase {
-            Phase::P1 => Buffers::new(),
-            _ => read_buffers(&run.start_state())?,
-        };
-        if config.phase != Phase::P1 {
-            set_wake_rows(&mut model, wake, &start)?;
-        }
-        let mut params = if config.phase.trains_wake_rows() {
-            wake_params(&model, wake)?
-        } else {
-            vec![]
-        };
-        let wake_count = params.len();
-        // Phase 2 draws fresh adapters from the seed; Phase 3 continues its source's.
-        let lora = match config.phase {
-            Phase::P1 => None,
-            Phase::P2 => Some(Lora::new(&model, config.lora.clone(), config.seed)?),
-            Phase::P3 => Some(Lora::from_tensors(
-                &model,
-                config.lora.clone(),
-                lora_tensors(&start)?,
-            )?),
-        };
-        for (name, var) in lora.iter().flat_map(Lora::params) {
-            params.push(Param::new(name, var)?);
-        }
-        let frozen_wake = (config.phase == Phase::P2)
-            .then(|| frozen_wake_rows(&model, wake))
-            .transpose()?;
+        let trainables = Trainables::of_phase(&config, &mut model, manifest.wake, &run)?;
         // The auxiliary losses measure their targets and band on the phase's starting state.
         let aux = if config.phase == Phase::P3 {
             let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
@@ -251,71 +216,20 @@ impl Trainer {
             warmup: config.warmup(),
             total: config.steps,
         };
-        let mut state = TrainState {
-            format: 1,
-            phase: config.phase.name().into(),
-            step: 0,
-            cursor: Cursor { epoch: 0, index: 0 },
-            rng: Rng::new(config.seed),
-            early: EarlyStop::default(),
-            optimizer_steps: BTreeMap::new(),
-            log_bytes: 0,
-            data_fingerprint: blocks.fingerprint,
-            losses_since_eval: vec![],
-            needs_eval: true,
-            elapsed_s: 0.0,
-            finished: false,
-        };
-        if let Some(ckpt) = ckpt {
-            ensure!(
-                ckpt.state.data_fingerprint == blocks.fingerprint,
-                "the training data changed since the checkpoint (block fingerprint {:08x}, now {:08x}): the corpus, lexicon or tokenizer of {} differs",
-                ckpt.state.data_fingerprint,
-                blocks.fingerprint,
-                run.root().display()
-            );
-            for p in &params {
-                let (shape, values) = ckpt
-                    .params
-                    .get(&p.name)
-                    .with_context(|| format!("the checkpoint has no parameter '{}'", p.name))?;
+        let state = match ckpt {
+            Some(ckpt) => {
                 ensure!(
-                    shape == &[p.rows, p.cols],
-                    "parameter '{}' is {shape:?} in the checkpoint but {}×{} in the model",
-                    p.name,
-                    p.rows,
-                    p.cols
+                    ckpt.state.data_fingerprint == blocks.fingerprint,
+                    "the training data changed since the checkpoint (block fingerprint {:08x}, now {:08x}): the corpus, lexicon or tokenizer of {} differs",
+                    ckpt.state.data_fingerprint,
+                    blocks.fingerprint,
+                    run.root().display()
                 );
-                p.var.set(&Tensor::from_slice(
-                    values,
-                    (p.rows, p.cols),
-                    model.embed.device(),
-                )?)?;
+                restore(ckpt, &trainables.params, &mut optimizer)?
             }
-            let shapes = params
-                .iter()
-                .map(|p| (p.name.clone(), (p.rows, p.cols)))
-                .collect();
-            optimizer.import(
-                ckpt.optimizer
-                    .into_iter()
-                    .map(|(k, (_, v))| (k, v))
-                    .collect(),
-                &ckpt.state.optimizer_steps,
-                &shapes,
-            )?;
-            state = ckpt.state;
-        }
-        let log_path = run.log();
-        let log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
-        log.set_len(state.log_bytes)
-            .with_context(|| format!("cannot truncate {}", log_path.display()))?;
+            None => fresh_state(&config, blocks.fingerprint),
+        };
+        let log = open_log(&run.log(), state.log_bytes)?;
         let stream = Stream::new(&blocks, config.seed, state.cursor)?;
         Ok(Self {
             run,
@@ -323,10 +237,10 @@ impl Trainer {
             model,
             blocks,
             manifest,
-            params,
-            wake_params: wake_count,
-            frozen_wake,
-            lora,
+            params: trainables.params,
+            wake_params: trainables.wake_params,
+            frozen_wake: trainables.frozen_wake,
+            lora: trainables.lora,
             aux,
             optimizer,
             schedule,
@@ -830,6 +744,74 @@ pub(crate) fn apply_update(
             .inplace_op1(&InPlace(RefCell::new(&mut update)))?;
     }
     Ok(norm)
+}
+
+/// The state of a run before its first step.
+fn fresh_state(config: &TrainConfig, data_fingerprint: u32) -> TrainState {
+    TrainState {
+        format: 1,
+        phase: config.phase.name().into(),
+        step: 0,
+        cursor: Cursor { epoch: 0, index: 0 },
+        rng: Rng::new(config.seed),
+        early: EarlyStop::default(),
+        optimizer_steps: BTreeMap::new(),
+        log_bytes: 0,
+        data_fingerprint,
+        losses_since_eval: vec![],
+        needs_eval: true,
+        elapsed_s: 0.0,
+        finished: false,
+    }
+}
+
+/// Puts a checkpoint's parameter values and optimizer state in place; returns its run state.
+fn restore(ckpt: Checkpoint, params: &[Param], optimizer: &mut Optimizer) -> Result<TrainState> {
+    for p in params {
+        let (shape, values) = ckpt
+            .params
+            .get(&p.name)
+            .with_context(|| format!("the checkpoint has no parameter '{}'", p.name))?;
+        ensure!(
+            shape == &[p.rows, p.cols],
+            "parameter '{}' is {shape:?} in the checkpoint but {}×{} in the model",
+            p.name,
+            p.rows,
+            p.cols
+        );
+        p.var.set(&Tensor::from_slice(
+            values,
+            (p.rows, p.cols),
+            p.var.device(),
+        )?)?;
+    }
+    let shapes = params
+        .iter()
+        .map(|p| (p.name.clone(), (p.rows, p.cols)))
+        .collect();
+    optimizer.import(
+        ckpt.optimizer
+            .into_iter()
+            .map(|(k, (_, v))| (k, v))
+            .collect(),
+        &ckpt.state.optimizer_steps,
+        &shapes,
+    )?;
+    Ok(ckpt.state)
+}
+
+/// Opens the training log for appending, cut to the `bytes` the run's state has seen.
+fn open_log(path: &Path, bytes: u64) -> Result<std::fs::File> {
+    let log = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    log.set_len(bytes)
+        .with_context(|| format!("cannot truncate {}", path.display()))?;
+    Ok(log)
 }
 
 /// What one optimizer step measured.

@@ -5,7 +5,7 @@ use super::checkpoint;
 use super::config::{Phase, TrainConfig};
 use super::wake_rows::{GradSink, WakeRows};
 use super::Buffers;
-use crate::model::Llama;
+use crate::model::{Llama, Lora};
 use crate::run::dir::RunDir;
 use crate::run::select::checkpoint_step;
 use crate::vocab::{Manifest, WakeRange};
@@ -126,6 +126,66 @@ pub(crate) fn replace_rows(full: &Tensor, start: usize, rows: &Tensor) -> Result
         parts.push(full.narrow(0, start + count, total - start - count)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// What a phase trains, set up on the model: the Wake blocks (Phases 1 and 3) and the LoRA
+/// matrices (Phases 2 and 3), and Phase 2's frozen Wake rows.
+pub(crate) struct Trainables {
+    /// The Wake blocks first, then the LoRA matrices.
+    pub(crate) params: Vec<Param>,
+    /// How many of `params` are Wake blocks.
+    pub(crate) wake_params: usize,
+    pub(crate) lora: Option<Lora>,
+    /// Phase 2: the frozen Wake rows, read through the same path as when they trained, so the
+    /// evaluation at step 0 equals the source checkpoint's.
+    pub(crate) frozen_wake: Option<WakeRows>,
+}
+
+impl Trainables {
+    /// Phases 2 and 3 start from the state their source chose (`start.safetensors`): its Wake
+    /// rows go into the model; Phase 2 draws fresh adapters from the seed, Phase 3 continues its
+    /// source's.
+    pub(crate) fn of_phase(
+        config: &TrainConfig,
+        model: &mut Llama,
+        wake: WakeRange,
+        run: &RunDir,
+    ) -> Result<Self> {
+        let start = match config.phase {
+            Phase::P1 => Buffers::new(),
+            _ => read_buffers(&run.start_state())?,
+        };
+        if config.phase != Phase::P1 {
+            set_wake_rows(model, wake, &start)?;
+        }
+        let mut params = if config.phase.trains_wake_rows() {
+            wake_params(model, wake)?
+        } else {
+            vec![]
+        };
+        let wake_params = params.len();
+        let lora = match config.phase {
+            Phase::P1 => None,
+            Phase::P2 => Some(Lora::new(model, config.lora.clone(), config.seed)?),
+            Phase::P3 => Some(Lora::from_tensors(
+                model,
+                config.lora.clone(),
+                lora_tensors(&start)?,
+            )?),
+        };
+        for (name, var) in lora.iter().flat_map(Lora::params) {
+            params.push(Param::new(name, var)?);
+        }
+        let frozen_wake = (config.phase == Phase::P2)
+            .then(|| frozen_wake_rows(model, wake))
+            .transpose()?;
+        Ok(Self {
+            params,
+            wake_params,
+            lora,
+            frozen_wake,
+        })
+    }
 }
 
 /// Everything a run's model had at checkpoint `step` besides the frozen base model: the Wake
