@@ -8,7 +8,7 @@ use common::{fixture, random_lora, Scratch};
 use std::collections::HashMap;
 use wake2vec::model::lora::{Target, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use wake2vec::model::{Llama, Lora, LoraConfig, LoraPass};
-use wake2vec::train::engine::batch_loss;
+use wake2vec::train::step::batch_loss;
 use wake2vec::train::wake_rows::{self, WakeRows};
 
 const FIXTURES: [&str; 2] = ["tiny-llama", "tiny-qwen2"];

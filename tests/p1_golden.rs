@@ -70,7 +70,7 @@ fn wake_row_gradient_matches_pytorch_on_smollm2() {
         head: None,
         sink: Some(sink.clone()),
     };
-    let loss = wake2vec::train::engine::batch_loss(&model, &[&ids], Some(&w), None).unwrap();
+    let loss = wake2vec::train::step::batch_loss(&model, &[&ids], Some(&w), None).unwrap();
     let value = loss.to_scalar::<f32>().unwrap() as f64;
     let want = golden["loss"].as_f64().unwrap();
     assert!(

@@ -521,7 +521,7 @@ fn end_to_end_gradient(fixture: &str) {
             head: h.cloned(),
             sink: None,
         };
-        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake), None)
+        wake2vec::train::step::batch_loss(&model, &[&block, &block2], Some(&wake), None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap() as f64
@@ -533,7 +533,7 @@ fn end_to_end_gradient(fixture: &str) {
         sink: None,
     };
     let l =
-        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&wake), None).unwrap();
+        wake2vec::train::step::batch_loss(&model, &[&block, &block2], Some(&wake), None).unwrap();
     // The training loss equals the inference forward's on the same (unchanged) weights.
     let reference: f64 = [&block, &block2]
         .iter()
@@ -557,7 +557,7 @@ fn end_to_end_gradient(fixture: &str) {
         ..wake.clone()
     };
     let lf =
-        wake2vec::train::engine::batch_loss(&model, &[&block, &block2], Some(&fast), None).unwrap();
+        wake2vec::train::step::batch_loss(&model, &[&block, &block2], Some(&fast), None).unwrap();
     assert_eq!(
         lf.to_scalar::<f32>().unwrap(),
         l.to_scalar::<f32>().unwrap()

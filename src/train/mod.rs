@@ -22,6 +22,7 @@ pub mod export;
 pub mod optim;
 pub mod phase;
 pub mod schedule;
+pub mod step;
 pub mod wake_rows;
 
 pub use config::{Phase, TrainConfig};
