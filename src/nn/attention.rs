@@ -2,10 +2,9 @@
 //! inference, with a KV cache's offset mask) and as one op with a hand-written backward
 //! ([`causal_attention`], training: one whole causal sequence).
 
-use super::gemm::{gemm_strided, in_serial, slice, with_f32};
+use super::gemm::{cpu_tensor, gemm_strided, in_serial, slice, with_f32};
 use anyhow::{ensure, Result};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -307,14 +306,7 @@ impl candle_core::CustomOp3 for Attention {
                 .zip(src_v)
                 .for_each(|(a, x)| *a += x);
         }
-        let tensor = |v: Vec<f32>, heads: usize| {
-            Tensor::from_storage(
-                Storage::Cpu(CpuStorage::F32(v)),
-                (b, heads, t, d),
-                BackpropOp::none(),
-                false,
-            )
-        };
+        let tensor = |v: Vec<f32>, heads: usize| cpu_tensor(v, (b, heads, t, d));
         Ok((
             Some(tensor(dq, h)),
             Some(tensor(dk, kvh)),

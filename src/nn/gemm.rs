@@ -2,7 +2,8 @@
 //! candle's CPU `matmul` calls it (so the fused ops are bit-identical to the composed ones), and
 //! access to a CPU tensor's f32 values.
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 
 /// Runs `f` on the f32 values of a contiguous CPU tensor.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
@@ -125,4 +126,14 @@ pub(crate) fn gemm_strided(
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let n = l.shape().elem_count();
     Ok(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + n])
+}
+
+/// A CPU tensor that owns `values` (no copy), outside any graph: a backward pass's gradient.
+pub(crate) fn cpu_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cpu(CpuStorage::F32(values)),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
 }

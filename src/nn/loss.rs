@@ -3,10 +3,9 @@
 //! intermediates per row), and [`WakeHeadLoss`], the head and the cross-entropy fused with the
 //! Wake rows of the head trainable.
 
-use super::gemm::{gemm_strided, in_serial, with_f32};
+use super::gemm::{cpu_tensor, gemm_strided, in_serial, with_f32};
 use anyhow::{bail, ensure, Result};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -113,12 +112,7 @@ impl CustomOp1 for CrossEntropy {
                     d[t as usize] -= gr;
                 })
         })?;
-        Ok(Some(Tensor::from_storage(
-            Storage::Cpu(CpuStorage::F32(dst)),
-            (rows, vocab),
-            BackpropOp::none(),
-            false,
-        )))
+        Ok(Some(cpu_tensor(dst, (rows, vocab))))
     }
 }
 
@@ -407,14 +401,7 @@ impl candle_core::CustomOp2 for WakeHeadLoss {
             }
         };
         give_buffer(dl);
-        let tensor = |v: Vec<f32>, shape: (usize, usize)| {
-            Tensor::from_storage(
-                Storage::Cpu(CpuStorage::F32(v)),
-                shape,
-                BackpropOp::none(),
-                false,
-            )
-        };
+        let tensor = |v: Vec<f32>, shape: (usize, usize)| cpu_tensor(v, shape);
         Ok((
             Some(tensor(dh, (rows, d))),
             dwake.map(|v| tensor(v, (self.count, d))),

@@ -2,10 +2,9 @@
 //! inference and the finite-difference reference) and as one op with a frozen weight
 //! ([`rms_norm_frozen`], training).
 
-use super::gemm::{slice, with_f32};
+use super::gemm::{cpu_tensor, slice, with_f32};
 use anyhow::{ensure, Result};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -100,12 +99,7 @@ impl CustomOp1 for RmsNorm {
                 })
             })
         })???;
-        Ok(Some(Tensor::from_storage(
-            Storage::Cpu(CpuStorage::F32(dx)),
-            arg.shape().clone(),
-            BackpropOp::none(),
-            false,
-        )))
+        Ok(Some(cpu_tensor(dx, arg.shape().clone())))
     }
 }
 

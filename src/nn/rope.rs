@@ -3,11 +3,10 @@
 //! rotation ([`rope_fused`], training). One convention serves HF and GGUF weights: the GGUF
 //! importer un-permutes llama.cpp's interleaved q/k rows.
 
-use super::gemm::{slice, with_f32};
+use super::gemm::{cpu_tensor, slice, with_f32};
 use crate::hub::config::{ModelConfig, RopeScaling};
 use anyhow::{ensure, Result};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rotary embedding in HF's half-split layout on `x` `[batch, heads, seq, head_dim]` with
@@ -140,12 +139,7 @@ impl CustomOp1 for Rope {
         let (_, _, t, d) = arg.dims4()?;
         let g = grad.contiguous()?;
         let dx = with_f32(&g, |g| self.rotate(g, t, d, -1.0))??;
-        Ok(Some(Tensor::from_storage(
-            Storage::Cpu(CpuStorage::F32(dx)),
-            arg.shape().clone(),
-            BackpropOp::none(),
-            false,
-        )))
+        Ok(Some(cpu_tensor(dx, arg.shape().clone())))
     }
 }
 

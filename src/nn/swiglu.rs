@@ -1,10 +1,9 @@
 //! The gated MLP's activation `silu(gate) ⊙ up`: composed ([`swiglu_composed`], inference) and
 //! as one op (backward: `dgate = dy·up·σ(g)·(1 + g·(1 − σ(g)))`, `dup = dy·silu(g)`).
 
-use super::gemm::{slice, with_f32};
+use super::gemm::{cpu_tensor, slice, with_f32};
 use anyhow::{ensure, Result};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `silu(gate) ⊙ up` from candle's differentiable ops.
@@ -83,14 +82,7 @@ impl candle_core::CustomOp2 for SwiGlu {
                 })
             })
         })???;
-        let t = |v: Vec<f32>| {
-            Tensor::from_storage(
-                Storage::Cpu(CpuStorage::F32(v)),
-                gate.shape().clone(),
-                BackpropOp::none(),
-                false,
-            )
-        };
+        let t = |v: Vec<f32>| cpu_tensor(v, gate.shape().clone());
         Ok((Some(t(dg)), Some(t(du))))
     }
 }
