@@ -127,21 +127,15 @@ impl PipelineConfig {
         file: Option<&Path>,
         overrides: &[String],
     ) -> Result<Self> {
-        let mut table = toml::Table::new();
+        const LAYERS: train::config::Layers = train::config::Layers {
+            presets: PRESETS,
+            preset_kind: "preset",
+            file_kind: "pipeline file",
+        };
+        let mut table = LAYERS.resolve(preset, file, overrides)?;
         if let Some(name) = preset {
-            table = train::config::preset_table(PRESETS, name, "preset")?;
-            table.insert("preset".into(), name.into());
-        }
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the pipeline file {}", path.display()))?;
-            let user: toml::Table = text
-                .parse()
-                .with_context(|| format!("{} is not valid TOML", path.display()))?;
-            train::config::merge(&mut table, user);
-        }
-        for o in overrides {
-            train::config::apply_override(&mut table, o)?;
+            // The preset's name, unless the file or an override set one (no preset sets it).
+            table.entry("preset").or_insert(name.into());
         }
         let config: Self = toml::Value::Table(table)
             .try_into()
