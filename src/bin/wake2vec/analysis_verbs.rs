@@ -21,23 +21,20 @@ pub fn report(args: ReportArgs) -> Result<()> {
         html,
     } = args;
     let out = report::analyze_path(&analyze.request())?;
-    let samples_path = samples.or_else(|| {
-        let p = analyze.path.join("samples.jsonl");
-        p.is_file().then_some(p)
-    });
-    let samples = match &samples_path {
-        Some(p) => battery::read(p)?,
-        None => Vec::new(),
-    };
-    let run_toml = std::fs::read_to_string(analyze.path.join("run.toml")).ok();
-    let page = report::html::build(&out.summary, &out.dir, run_toml.as_deref(), &samples)?;
+    let samples = samples.or_else(|| battery::existing(&analyze.path));
     let dest = html.unwrap_or_else(|| analyze.path.join("report.html"));
-    wake2vec::util::fs::write(&dest, page.as_bytes())?;
+    let page = report::html::write_page(
+        &out.summary,
+        &out.dir,
+        &analyze.path.join("run.toml"),
+        samples.as_deref(),
+        &dest,
+    )?;
     println!(
         "wrote {} ({} KiB, {} samples)",
         dest.display(),
-        page.len() / 1024,
-        samples.len()
+        page.bytes / 1024,
+        page.samples
     );
     Ok(())
 }

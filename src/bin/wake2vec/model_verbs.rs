@@ -163,21 +163,12 @@ fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
     let m = LoadedModel::load(&dir)?;
     let wake = wake_rows(&dir)?;
     let base_vocab = wake.as_ref().map_or(usize::MAX, |w| w.start);
-    let known = KnownWords {
-        corpus: match &args.corpus {
-            Some(p) => KnownWords::from_corpus_text(&corpus::read_text(p)?),
-            None => Default::default(),
-        },
-        base_vocab: KnownWords::from_tokenizer(&m.tokenizer, base_vocab),
-        dictionary: match &args.dictionary {
-            Some(p) => corpus::read_text(p)?
-                .lines()
-                .map(|l| l.trim().to_lowercase())
-                .filter(|l| !l.is_empty())
-                .collect(),
-            None => Default::default(),
-        },
-    };
+    let known = KnownWords::load(
+        &m.tokenizer,
+        base_vocab,
+        args.corpus.as_deref(),
+        args.dictionary.as_deref(),
+    )?;
     eprintln!(
         "known words: {} from the corpus, {} whole-word tokens of the base vocabulary, {} from the dictionary",
         known.corpus.len(),
@@ -188,25 +179,18 @@ fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let samples = battery::run(
-        &m,
-        &args.prompt,
+    let settings = battery::Settings {
+        prompt: args.prompt.clone(),
         params,
-        args.max_new_tokens,
-        args.seed,
-        &known,
-        wake,
-        &mut |s| {
-            eprintln!(
-                "[{}] {} tokens, coinage {:.3}, fused {:.3}, distinct-2 {:.3}",
-                s.label,
-                s.tokens,
-                s.metrics.coinage_rate,
-                s.metrics.fused_rate,
-                s.metrics.distinct_2
-            )
-        },
-    )?;
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    let samples = battery::run(&m, &settings, &known, wake, &mut |s| {
+        eprintln!(
+            "[{}] {} tokens, coinage {:.3}, fused {:.3}, distinct-2 {:.3}",
+            s.label, s.tokens, s.metrics.coinage_rate, s.metrics.fused_rate, s.metrics.distinct_2
+        )
+    })?;
     battery::write(&args.out, &samples, &name)?;
     println!(
         "wrote {} and {}",
