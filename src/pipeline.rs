@@ -19,14 +19,15 @@
 //! ```
 
 use crate::hub::cache;
-use crate::infer::{battery, text_metrics};
+use crate::infer::battery;
+use crate::infer::text_metrics::KnownWords;
 use crate::lexicon::morphemes::MorphemeData;
 use crate::lexicon::{Case, Lexicon};
 use crate::run::dir::RunDir;
 use crate::run::select::Rule;
 use crate::train::{self, Outcome, Phase, TrainConfig, Trainer};
 use crate::util::fs;
-use crate::{corpus, report, vocab};
+use crate::{report, vocab};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -128,21 +129,15 @@ impl PipelineConfig {
         file: Option<&Path>,
         overrides: &[String],
     ) -> Result<Self> {
-        let mut table = toml::Table::new();
+        const LAYERS: train::config::Layers = train::config::Layers {
+            presets: PRESETS,
+            preset_kind: "preset",
+            file_kind: "pipeline file",
+        };
+        let mut table = LAYERS.resolve(preset, file, overrides)?;
         if let Some(name) = preset {
-            table = train::config::preset_table(PRESETS, name, "preset")?;
-            table.insert("preset".into(), name.into());
-        }
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the pipeline file {}", path.display()))?;
-            let user: toml::Table = text
-                .parse()
-                .with_context(|| format!("{} is not valid TOML", path.display()))?;
-            train::config::merge(&mut table, user);
-        }
-        for o in overrides {
-            train::config::apply_override(&mut table, o)?;
+            // The preset's name, unless the file or an override set one (no preset sets it).
+            table.entry("preset").or_insert(name.into());
         }
         let config: Self = toml::Value::Table(table)
             .try_into()
@@ -431,17 +426,10 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     if f.samples && !samples_path.is_file() {
         let m = crate::model::LoadedModel::load(&final_dir)?;
         let wake = vocab::Manifest::load(&final_dir)?.wake;
-        let known = text_metrics::KnownWords {
-            corpus: text_metrics::KnownWords::from_corpus_text(&corpus::read_text(&config.corpus)?),
-            base_vocab: text_metrics::KnownWords::from_tokenizer(&m.tokenizer, wake.start),
-            dictionary: Default::default(),
-        };
+        let known = KnownWords::load(&m.tokenizer, wake.start, Some(&config.corpus), None)?;
         let samples = battery::run(
             &m,
-            crate::infer::generate::DEFAULT_PROMPT,
-            crate::infer::sampling::SamplingParams::default(),
-            f.max_new_tokens,
-            42,
+            &battery::Settings::original(f.max_new_tokens),
             &known,
             Some(wake.range()),
             &mut |s| say(format!("sample [{}]: {} tokens", s.label, s.tokens)),
@@ -449,14 +437,13 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         battery::write(out, &samples, "final")?;
     }
     if let (true, Some(summary)) = (report_due, &summary) {
-        let samples = if samples_path.is_file() {
-            battery::read(&samples_path)?
-        } else {
-            vec![]
-        };
-        let settings = std::fs::read_to_string(out.join("pipeline.toml")).ok();
-        let page = report::html::build(summary, &analysis_dir, settings.as_deref(), &samples)?;
-        fs::write(&report_path, page.as_bytes())?;
+        report::html::write_page(
+            summary,
+            &analysis_dir,
+            &out.join("pipeline.toml"),
+            battery::existing(out).as_deref(),
+            &report_path,
+        )?;
         say(format!("report: {}", report_path.display()));
     }
     Ok(())

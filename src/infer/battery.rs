@@ -11,7 +11,7 @@ use crate::util::fs;
 use anyhow::Result;
 use std::fmt::Write;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// `(label, temperature)` of every sample of the battery, in order.
 pub fn plan() -> Vec<(String, f32)> {
@@ -28,37 +28,55 @@ pub fn plan() -> Vec<(String, f32)> {
     p
 }
 
+/// What the battery samples: the prompt, the sampling parameters (each sample sets its own
+/// temperature), the length of each sample and the seed of the first.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub prompt: String,
+    pub params: SamplingParams,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Settings {
+    /// The original's battery: the default prompt and sampling parameters, seed 42.
+    pub fn original(max_new_tokens: usize) -> Self {
+        Self {
+            prompt: generate::DEFAULT_PROMPT.to_string(),
+            params: SamplingParams::default(),
+            max_new_tokens,
+            seed: 42,
+        }
+    }
+}
+
 /// Runs the battery; `on_sample` sees each sample as it is finished. Sample `i` uses seed
-/// `seed + i`, so any one can be regenerated alone.
-#[allow(clippy::too_many_arguments)]
+/// `seed + i`, so any one can be regenerated alone. `wake` is the model's Wake rows, when known.
 pub fn run(
     m: &LoadedModel,
-    prompt: &str,
-    base: SamplingParams,
-    max_new_tokens: usize,
-    seed: u64,
+    settings: &Settings,
     known: &KnownWords,
     wake: Option<Range<usize>>,
     on_sample: &mut dyn FnMut(&BatterySample),
 ) -> Result<Vec<BatterySample>> {
     let weights = DecodeWeights::new(&m.model)?;
     let limits = Limits {
-        max_new_tokens,
+        max_new_tokens: settings.max_new_tokens,
         stop_at_eos: true,
     };
     let mut out = Vec::new();
     for (i, (label, temperature)) in plan().into_iter().enumerate() {
         let params = SamplingParams {
             temperature,
-            ..base
+            ..settings.params
         };
-        let s_seed = seed + i as u64;
+        let s_seed = settings.seed + i as u64;
         let mut sampler = Sampler::new(params, s_seed)?;
         let s = generate::generate(
             &weights,
             &m.model,
             &m.tokenizer,
-            prompt,
+            &settings.prompt,
             limits,
             &mut sampler,
             &mut |_| {},
@@ -71,7 +89,7 @@ pub fn run(
             top_k: params.top_k,
             repetition_penalty: params.repetition_penalty,
             seed: s_seed,
-            prompt: prompt.to_string(),
+            prompt: settings.prompt.clone(),
             text: s.text,
             tokens: s.ids.len(),
             metrics,
@@ -140,6 +158,12 @@ pub fn write(dir: &Path, samples: &[BatterySample], model: &str) -> Result<()> {
         jsonl.push('\n');
     }
     fs::write(&dir.join("samples.jsonl"), jsonl.as_bytes())
+}
+
+/// The `samples.jsonl` in `dir`, when there is one.
+pub fn existing(dir: &Path) -> Option<PathBuf> {
+    let p = dir.join("samples.jsonl");
+    p.is_file().then_some(p)
 }
 
 /// Reads `samples.jsonl`.

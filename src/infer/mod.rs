@@ -1,7 +1,8 @@
-//! Using a model: teacher-forced scoring, sampling, streaming generation, the generation battery
-//! and the metrics of its texts.
+//! Using a model: teacher-forced scoring, validation loss on a corpus, sampling, streaming
+//! generation, the generation battery and the metrics of its texts.
 
 pub mod battery;
+pub mod eval;
 pub mod generate;
 pub mod sampling;
 pub mod score;

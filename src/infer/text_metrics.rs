@@ -5,8 +5,10 @@
 //!
 //! Words are maximal runs of letters (apostrophes inside a word kept), lower-cased.
 
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::path::Path;
 
 /// Lower-cased words of `text`.
 pub fn words(text: &str) -> Vec<String> {
@@ -42,6 +44,33 @@ pub struct KnownWords {
 }
 
 impl KnownWords {
+    /// The known words of a model's samples: the whole-word tokens of `tokenizer` below
+    /// `base_vocab`, the words of the text file `corpus` and the lines of the word list
+    /// `dictionary` (one word each), the files when given.
+    pub fn load(
+        tokenizer: &tokenizers::Tokenizer,
+        base_vocab: usize,
+        corpus: Option<&Path>,
+        dictionary: Option<&Path>,
+    ) -> Result<Self> {
+        Ok(Self {
+            corpus: match corpus {
+                Some(p) => Self::from_corpus_text(&crate::corpus::read_text(p)?),
+                None => HashSet::new(),
+            },
+            base_vocab: Self::from_tokenizer(tokenizer, base_vocab),
+            dictionary: match dictionary {
+                Some(p) => crate::corpus::read_text(p)?
+                    .lines()
+                    .map(|l| l.trim().to_lowercase())
+                    .filter(|l| !l.is_empty())
+                    .collect(),
+                None => HashSet::new(),
+            },
+        })
+    }
+
+    /// The words of a text.
     pub fn from_corpus_text(text: &str) -> HashSet<String> {
         words(text).into_iter().collect()
     }
@@ -254,5 +283,28 @@ mod tests {
         let m = metrics("x", &k, &[1, 100, 101, 5], Some(100..200));
         assert_eq!(m.wake_token_share, Some(0.5));
         assert_eq!(metrics("x", &k, &[1], None).wake_token_share, None);
+    }
+
+    #[test]
+    fn known_words_load_the_tokenizer_the_corpus_and_the_dictionary() {
+        let dir = std::env::temp_dir().join(format!("w2v-known-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (corpus, dictionary) = (dir.join("corpus.txt"), dir.join("words.txt"));
+        std::fs::write(&corpus, "Riverrun, past Eve").unwrap();
+        std::fs::write(&dictionary, "  Multiverse \n\ndog\n").unwrap();
+        let tok = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-llama/tokenizer.json"
+        );
+        let t = tokenizers::Tokenizer::from_file(tok).unwrap();
+        let k = KnownWords::load(&t, usize::MAX, Some(&corpus), Some(&dictionary)).unwrap();
+        let set = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        assert_eq!(k.corpus, set(&["riverrun", "past", "eve"]));
+        assert_eq!(k.dictionary, set(&["multiverse", "dog"]));
+        assert_eq!(k.base_vocab, KnownWords::from_tokenizer(&t, usize::MAX));
+        assert!(!k.base_vocab.is_empty());
+        let none = KnownWords::load(&t, 0, None, None).unwrap();
+        assert!(none.corpus.is_empty() && none.base_vocab.is_empty() && none.dictionary.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,6 +3,7 @@
 //! tables and the generated samples with their metrics.
 
 use super::Summary;
+use crate::infer::battery;
 use crate::infer::text_metrics::BatterySample;
 use anyhow::{Context, Result};
 use std::fmt::Write;
@@ -429,6 +430,38 @@ pub fn build(
     }
     h.push_str("</body></html>\n");
     Ok(h)
+}
+
+/// What [`write_page`] wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// Size of the page in bytes.
+    pub bytes: usize,
+    /// Samples shown.
+    pub samples: usize,
+}
+
+/// Builds the page of `summary` (its figures in `analysis_dir`) and writes it to `dest`, with
+/// the text of the settings file `settings` (run.toml, pipeline.toml) when it can be read and
+/// the samples of `samples` (a samples.jsonl) when given.
+pub fn write_page(
+    summary: &Summary,
+    analysis_dir: &Path,
+    settings: &Path,
+    samples: Option<&Path>,
+    dest: &Path,
+) -> Result<Page> {
+    let samples = match samples {
+        Some(p) => battery::read(p)?,
+        None => Vec::new(),
+    };
+    let settings = std::fs::read_to_string(settings).ok();
+    let page = build(summary, analysis_dir, settings.as_deref(), &samples)?;
+    crate::util::fs::write(dest, page.as_bytes())?;
+    Ok(Page {
+        bytes: page.len(),
+        samples: samples.len(),
+    })
 }
 
 #[cfg(test)]

@@ -203,29 +203,20 @@ impl TrainConfig {
 }
 
 impl TrainConfig {
-    /// Defaults, overlaid with `file` (TOML) if given, then with `overrides` (`key=value`).
-    /// The defaults are those of the phase the preset, the file or the overrides name (Phase 1
-    /// if none).
+    /// Defaults, overlaid with the preset, `file` (TOML) and `overrides` (`key=value`), each if
+    /// given ([`Layers`]). The defaults are those of the phase the preset, the file or the
+    /// overrides name (Phase 1 if none).
     pub fn resolve(
         preset: Option<&str>,
         file: Option<&Path>,
         overrides: &[String],
     ) -> Result<Self> {
-        let mut user = match preset {
-            Some(name) => preset_table(PRESETS, name, "training preset")?,
-            None => toml::Table::new(),
+        const LAYERS: Layers = Layers {
+            presets: PRESETS,
+            preset_kind: "training preset",
+            file_kind: "config file",
         };
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            let file: toml::Table = text
-                .parse()
-                .with_context(|| format!("{} is not valid TOML", path.display()))?;
-            merge(&mut user, file);
-        }
-        for o in overrides {
-            apply_override(&mut user, o)?;
-        }
+        let user = LAYERS.resolve(preset, file, overrides)?;
         Self::from_table(user)
     }
 
@@ -326,25 +317,65 @@ impl TrainConfig {
     }
 }
 
-/// The TOML table of preset `name` among `presets` (name, text); `what` names the kind in the
-/// error.
-pub fn preset_table(presets: &[(&str, &str)], name: &str, what: &str) -> Result<toml::Table> {
-    let text = presets
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, t)| *t)
-        .with_context(|| {
-            let names: Vec<&str> = presets.iter().map(|(n, _)| *n).collect();
-            format!(
-                "unknown {what} '{name}': expected one of {}",
-                names.join(", ")
-            )
-        })?;
-    Ok(text.parse().expect("presets are valid TOML"))
+/// The layers of a configuration, named as its errors name them: a preset, then a TOML file,
+/// then `key=value` overrides, each overlaid on the ones before by [`merge`].
+pub struct Layers<'a> {
+    /// The shipped presets: name, TOML text.
+    pub presets: &'a [(&'a str, &'a str)],
+    /// What a preset is called in errors ("training preset").
+    pub preset_kind: &'a str,
+    /// What the file is called in errors ("config file").
+    pub file_kind: &'a str,
+}
+
+impl Layers<'_> {
+    /// The table of preset `preset` overlaid with `file`, then with each of `overrides`; a
+    /// layer not given is empty.
+    pub fn resolve(
+        &self,
+        preset: Option<&str>,
+        file: Option<&Path>,
+        overrides: &[String],
+    ) -> Result<toml::Table> {
+        let mut table = match preset {
+            Some(name) => self.preset(name)?,
+            None => toml::Table::new(),
+        };
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the {} {}", self.file_kind, path.display())
+            })?;
+            let user: toml::Table = text
+                .parse()
+                .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            merge(&mut table, user);
+        }
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        Ok(table)
+    }
+
+    fn preset(&self, name: &str) -> Result<toml::Table> {
+        let text = self
+            .presets
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .with_context(|| {
+                let names: Vec<&str> = self.presets.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown {} '{name}': expected one of {}",
+                    self.preset_kind,
+                    names.join(", ")
+                )
+            })?;
+        Ok(text.parse().expect("presets are valid TOML"))
+    }
 }
 
 /// Overlays `user` onto `base`, table by table.
-pub fn merge(base: &mut toml::Table, user: toml::Table) {
+fn merge(base: &mut toml::Table, user: toml::Table) {
     for (k, v) in user {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(u)) if k != "optimizer" => merge(b, u),
@@ -366,7 +397,7 @@ pub fn merge(base: &mut toml::Table, user: toml::Table) {
 
 /// Applies one `key=value` override; `value` is read as TOML (`3e-4`, `true`, `"cosine"`), or as
 /// a string when it is not valid TOML (`schedule=cosine`).
-pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
+fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
     let Some((key, value)) = o.split_once('=') else {
         bail!("override '{o}' is not key=value (e.g. --set lr=5e-4)");
     };
@@ -428,6 +459,23 @@ mod tests {
             format!("{err:#}").contains("\"p1\", \"p2\" or \"p3\""),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn preset_then_file_then_overrides() {
+        let dir = std::env::temp_dir().join(format!("w2v-layers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "lr = 1e-3\npatience = 4\n").unwrap();
+        let c = TrainConfig::resolve(Some("p3b"), Some(&f), &["patience=5".into()]).unwrap();
+        assert_eq!((c.phase, c.lr, c.patience), (Phase::P3, 1e-3, 5));
+        assert_eq!(c.aux.lambda_morph, 50.0);
+        let err = TrainConfig::resolve(None, Some(&dir.join("none.toml")), &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot read the config file"),
+            "{err:#}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

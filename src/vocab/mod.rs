@@ -4,7 +4,6 @@
 //! (docs/formats.md).
 
 pub mod check;
-pub mod eval;
 pub mod init;
 pub mod manifest;
 pub mod tokenizer;

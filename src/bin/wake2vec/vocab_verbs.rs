@@ -1,16 +1,15 @@
-//! The lexicon, morpheme, injection, evaluation and status verbs of the CLI: argument handling and
-//! printing only; the work is in the library.
+//! The verbs of the lexicon and the vocabulary: inject, extend-tokenizer, lexicon mine,
+//! morphemes.
 
-use super::{EvalArgs, ExtendTokenizerArgs, InjectArgs, MineArgs, MorphemesCommand};
+use crate::args::{ExtendTokenizerArgs, InjectArgs, MineArgs, MorphemesCommand};
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
-use std::path::Path;
 use wake2vec::corpus;
 use wake2vec::hub::cache;
 use wake2vec::lexicon::{self, morphemes, Lexicon, MorphemeData};
-use wake2vec::model::LoadedModel;
 use wake2vec::vocab::{self, check, BaseTokenizer, InitScheme, InjectOptions};
 
+/// `wake2vec lexicon mine`: the word list and its CSV of scores.
 pub fn mine_lexicon(args: MineArgs) -> Result<()> {
     let text = corpus::clean(&corpus::read_text(&args.corpus)?, args.anchor.as_deref());
     let stop: HashSet<String> = match &args.stop_list {
@@ -82,6 +81,7 @@ pub fn mine_lexicon(args: MineArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wake2vec morphemes mine | decompose | show`.
 pub fn morphemes(cmd: MorphemesCommand) -> Result<()> {
     match cmd {
         MorphemesCommand::Mine {
@@ -208,6 +208,7 @@ fn scheme_of(args: &InjectArgs) -> Result<InitScheme> {
     Ok(scheme)
 }
 
+/// `wake2vec inject`: the injected model directory and what went into it.
 pub fn inject(args: InjectArgs) -> Result<()> {
     // Every input is read and checked before anything is written.
     let scheme = scheme_of(&args)?;
@@ -305,6 +306,7 @@ fn model_name(spec: &cache::ModelSpec) -> String {
     }
 }
 
+/// `wake2vec extend-tokenizer`: the extended tokenizer measured on a corpus.
 pub fn extend_tokenizer(args: ExtendTokenizerArgs) -> Result<()> {
     let lexicon = Lexicon::load(&args.lexicon)?;
     let text = args.corpus.as_deref().map(corpus::read_text).transpose()?;
@@ -358,49 +360,6 @@ pub fn extend_tokenizer(args: ExtendTokenizerArgs) -> Result<()> {
     if let Some(out) = &args.out {
         wake2vec::util::fs::write(out, ext.to_json()?.as_bytes())?;
         println!("wrote {}", out.display());
-    }
-    Ok(())
-}
-
-pub fn eval(args: EvalArgs) -> Result<()> {
-    let text = corpus::read_text(&args.corpus)?;
-    let dir = cache::resolve(&args.model.model, true)?;
-    let m = LoadedModel::load(&dir)?;
-    let mut progress = |done: usize, total: usize| {
-        if done.is_multiple_of(10) || done == total {
-            eprint!("\r{done}/{total} validation blocks");
-        }
-    };
-    let r = vocab::eval::validation_loss(
-        &m.model,
-        &m.tokenizer,
-        &text,
-        args.block,
-        args.val_fraction,
-        args.seed,
-        &mut progress,
-    )?;
-    eprintln!();
-    println!(
-        "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token, {:.4} bits/byte",
-        Path::new(&args.corpus).display(),
-        r.tokens,
-        r.blocks,
-        r.block_len,
-        r.validation_blocks,
-        r.seed,
-        r.mean_loss,
-        r.bits_per_byte
-    );
-    Ok(())
-}
-
-pub fn status(run: &Path, json: bool) -> Result<()> {
-    let st = wake2vec::run::status::status(run)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
-    } else {
-        print!("{}", wake2vec::run::status::render(&st));
     }
     Ok(())
 }

@@ -1,0 +1,58 @@
+//! The speed measurements: bench train, bench generate, bench analyze.
+
+use crate::args::BenchCommand;
+use crate::model_verbs::load_model;
+use anyhow::{bail, Result};
+use wake2vec::bench;
+use wake2vec::hub::cache;
+use wake2vec::train::{self, Phase};
+
+/// `wake2vec bench train | generate | analyze`.
+pub fn bench(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Train {
+            model,
+            phase,
+            wake_rows,
+            seq_len,
+            repeats,
+            no_baseline,
+        } => {
+            let phase = match phase {
+                1 => Phase::P1,
+                2 => Phase::P2,
+                3 => Phase::P3,
+                n => bail!("--phase must be 1, 2 or 3, got {n}"),
+            };
+            train::tune_runtime();
+            let dir = cache::resolve(&model, true)?;
+            bench::train::phase(&dir, phase, wake_rows, seq_len, repeats, !no_baseline)
+        }
+        BenchCommand::Generate {
+            model,
+            new_tokens,
+            repeats,
+        } => {
+            let loaded = load_model(&model)?;
+            bench::generation(&loaded, new_tokens, repeats)
+        }
+        BenchCommand::Analyze {
+            model,
+            base_rows,
+            dim,
+            new_rows,
+            repeats,
+            python,
+            script,
+        } => {
+            let base = match &model {
+                Some(dir) => Some(wake2vec::analysis::load::load_embeddings(dir)?),
+                None => None,
+            };
+            let e = bench::analysis_matrix(base, base_rows, dim, new_rows, 42)?;
+            let base_vocab = e.rows - new_rows;
+            let reference = python.as_deref().zip(script.as_deref());
+            bench::analysis(&e, base_vocab, repeats, reference)
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The verbs that use a model: score, generate (and its battery), import-gguf, eval.
+
+use crate::args::{EvalArgs, GenerateArgs, ImportGgufArgs, ModelArg, ScoreArgs};
+use anyhow::Result;
+use std::io::Write;
+use wake2vec::corpus;
+use wake2vec::hub::{cache, gguf};
+use wake2vec::infer::generate::{self, Limits};
+use wake2vec::infer::sampling::{Sampler, SamplingParams};
+use wake2vec::infer::text_metrics::KnownWords;
+use wake2vec::infer::{battery, score};
+use wake2vec::model::decode::DecodeWeights;
+use wake2vec::model::LoadedModel;
+
+/// The model `--model` names, resolved and loaded.
+pub fn load_model(arg: &ModelArg) -> Result<LoadedModel> {
+    let dir = cache::resolve(&arg.model, true)?;
+    LoadedModel::load(&dir)
+}
+
+/// `wake2vec score`: the table (or JSON) of a text's surprisal.
+pub fn score(args: ScoreArgs) -> Result<()> {
+    let text = match (&args.text, &args.file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => corpus::read_text(f)?,
+        (None, None) => unreachable!("clap requires --text or --file"),
+    };
+    let m = load_model(&args.model)?;
+    let s = score::score_text(
+        &m.model,
+        &m.tokenizer,
+        &text,
+        args.window.min(m.model.max_positions()),
+    )?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &s)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    const TABLE_LIMIT: usize = 400;
+    if args.words && s.per_word.len() <= TABLE_LIMIT {
+        writeln!(
+            out,
+            "{:<24} {:>7} {:>10} {:>10}",
+            "word", "tokens", "nats", "bits"
+        )?;
+        for w in &s.per_word {
+            writeln!(
+                out,
+                "{:<24} {:>7} {:>10.4} {:>10.4}{}",
+                format!("{:?}", w.word),
+                w.tokens,
+                w.surprisal_nats,
+                w.surprisal_bits,
+                if w.complete {
+                    ""
+                } else {
+                    "  (first token unscored)"
+                }
+            )?;
+        }
+    } else if !args.words && s.per_token.len() <= TABLE_LIMIT {
+        writeln!(
+            out,
+            "{:>8}  {:<20} {:>10} {:>10} {:>10}",
+            "id", "token", "logprob", "nats", "bits"
+        )?;
+        for t in &s.per_token {
+            writeln!(
+                out,
+                "{:>8}  {:<20} {:>10.4} {:>10.4} {:>10.4}",
+                t.id,
+                format!("{:?}", t.token),
+                t.logprob,
+                t.surprisal_nats,
+                t.surprisal_bits
+            )?;
+        }
+    } else {
+        writeln!(
+            out,
+            "({} scored tokens; use --json for each one)",
+            s.per_token.len()
+        )?;
+    }
+    writeln!(
+        out,
+        "tokens {}  scored {}  mean loss {:.4} nats/token  perplexity {:.2}  bits/byte {:.4}",
+        s.tokens, s.scored, s.mean_loss, s.perplexity, s.bits_per_byte
+    )?;
+    Ok(())
+}
+
+/// `wake2vec generate`: streamed samples, or the battery with --battery.
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+    };
+    if args.battery {
+        return run_battery(&args, params);
+    }
+    let mut sampler = Sampler::new(params, args.seed)?;
+    let m = load_model(&args.model)?;
+    // Checked before the prompt is echoed, so a prompt that cannot run prints nothing.
+    let prompt_tokens = generate::encode_prompt(&m.tokenizer, &args.prompt)?.len();
+    generate::check_context(prompt_tokens, args.max_new_tokens, m.model.max_positions())?;
+    let weights = DecodeWeights::new(&m.model)?;
+    let limits = Limits {
+        max_new_tokens: args.max_new_tokens,
+        stop_at_eos: true,
+    };
+    for i in 0..args.num_samples {
+        let mut out = std::io::stdout();
+        if !args.json {
+            if args.num_samples > 1 {
+                writeln!(out, "--- sample {} of {} ---", i + 1, args.num_samples)?;
+            }
+            write!(out, "{}", args.prompt)?;
+        }
+        let mut stream = |t: &str| {
+            if !args.json {
+                print!("{t}");
+                let _ = std::io::stdout().flush();
+            }
+        };
+        let s = generate::generate(
+            &weights,
+            &m.model,
+            &m.tokenizer,
+            &args.prompt,
+            limits,
+            &mut sampler,
+            &mut stream,
+        )?;
+        if args.json {
+            serde_json::to_writer(&mut out, &s)?;
+            writeln!(out)?;
+            continue;
+        }
+        writeln!(out)?;
+        eprintln!(
+            "[{} new tokens{}, {:.1} tokens/s]",
+            s.ids.len(),
+            if s.stopped_on_eos {
+                ", stopped at end of sequence"
+            } else {
+                ""
+            },
+            s.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
+    let dir = cache::resolve(&args.model.model, true)?;
+    let m = LoadedModel::load(&dir)?;
+    // The Wake rows, from wake2vec.json (none for a base model).
+    let wake = wake2vec::vocab::Manifest::load_if_present(&dir)?.map(|m| m.wake.range());
+    let base_vocab = wake.as_ref().map_or(usize::MAX, |w| w.start);
+    let known = KnownWords::load(
+        &m.tokenizer,
+        base_vocab,
+        args.corpus.as_deref(),
+        args.dictionary.as_deref(),
+    )?;
+    eprintln!(
+        "known words: {} from the corpus, {} whole-word tokens of the base vocabulary, {} from the dictionary",
+        known.corpus.len(),
+        known.base_vocab.len(),
+        known.dictionary.len()
+    );
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let settings = battery::Settings {
+        prompt: args.prompt.clone(),
+        params,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    let samples = battery::run(&m, &settings, &known, wake, &mut |s| {
+        eprintln!(
+            "[{}] {} tokens, coinage {:.3}, fused {:.3}, distinct-2 {:.3}",
+            s.label, s.tokens, s.metrics.coinage_rate, s.metrics.fused_rate, s.metrics.distinct_2
+        )
+    })?;
+    battery::write(&args.out, &samples, &name)?;
+    println!(
+        "wrote {} and {}",
+        args.out.join("samples.md").display(),
+        args.out.join("samples.jsonl").display()
+    );
+    Ok(())
+}
+
+/// `wake2vec import-gguf`.
+pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
+    let ImportGgufArgs { file, out } = args;
+    let summary = gguf::import(&file, &out)?;
+    match summary.config {
+        Some(c) => println!(
+            "imported {} tensors ({} layers, hidden {}, vocab {}) into {}",
+            summary.tensors,
+            c.num_layers,
+            c.hidden_size,
+            summary.vocab_size,
+            out.display()
+        ),
+        None => println!(
+            "imported a tokenizer ({} tokens) into {}",
+            summary.vocab_size,
+            out.display()
+        ),
+    }
+    Ok(())
+}
+
+/// `wake2vec eval`: the validation loss of a model on a corpus.
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let text = corpus::read_text(&args.corpus)?;
+    let m = load_model(&args.model)?;
+    let mut progress = |done: usize, total: usize| {
+        if done.is_multiple_of(10) || done == total {
+            eprint!("\r{done}/{total} validation blocks");
+        }
+    };
+    let r = wake2vec::infer::eval::validation_loss(
+        &m.model,
+        &m.tokenizer,
+        &text,
+        args.block,
+        args.val_fraction,
+        args.seed,
+        &mut progress,
+    )?;
+    eprintln!();
+    println!(
+        "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token, {:.4} bits/byte",
+        args.corpus.display(),
+        r.tokens,
+        r.blocks,
+        r.block_len,
+        r.validation_blocks,
+        r.seed,
+        r.mean_loss,
+        r.bits_per_byte
+    );
+    Ok(())
+}

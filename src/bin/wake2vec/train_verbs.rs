@@ -1,0 +1,144 @@
+//! The verbs of training: train, run (the whole pipeline), export, status.
+
+use crate::args::{ExportArgs, RunArgs, StatusArgs, TrainArgs};
+use anyhow::Result;
+use std::path::PathBuf;
+use wake2vec::hub::cache;
+use wake2vec::pipeline::{self, Finished, PipelineConfig};
+use wake2vec::train::{self, Outcome, TrainConfig, Trainer};
+
+/// `wake2vec train`: a new run, or a run continued with --resume.
+pub fn train(args: TrainArgs) -> Result<()> {
+    train::tune_runtime();
+    train::install_interrupt_handler();
+    let mut trainer = match &args.resume {
+        Some(dir) => {
+            let t = Trainer::resume(dir, args.checkpoint.as_deref())?;
+            eprintln!(
+                "resuming {} at step {} of {}",
+                dir.display(),
+                t.step_done(),
+                t.config.steps
+            );
+            t
+        }
+        None => {
+            let model = match &args.model {
+                Some(spec) => Some(cache::resolve(spec, true)?),
+                None => None,
+            };
+            let config = TrainConfig::resolve(
+                args.preset.as_deref(),
+                args.config.as_deref(),
+                &args.overrides(model.as_deref()),
+            )?;
+            let out = match &args.out {
+                Some(o) => o.clone(),
+                None => {
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    PathBuf::from(format!("runs/{}-{secs}", config.phase.name()))
+                }
+            };
+            let t = Trainer::start(config, &out)?;
+            eprintln!("run directory {}", out.display());
+            t
+        }
+    };
+    trainer.progress = !args.quiet;
+    eprintln!(
+        "{} blocks of {} tokens: {} train, {} validation; Wake rows {}..{}",
+        trainer.blocks.train.len() + trainer.blocks.val.len(),
+        trainer.config.seq_len,
+        trainer.blocks.train.len(),
+        trainer.blocks.val.len(),
+        trainer.manifest.wake.start,
+        trainer.manifest.wake.end()
+    );
+    let dir = trainer.run.root().to_path_buf();
+    match trainer.run()? {
+        Outcome::Finished { step } => eprintln!("finished at step {step}: {}", dir.display()),
+        Outcome::EarlyStopped { step, best_step } => eprintln!(
+            "early stop at step {step} (best validation loss at step {best_step}): {}",
+            dir.display()
+        ),
+        Outcome::Interrupted { step } => eprintln!(
+            "interrupted: checkpoint of step {step} saved; continue with `wake2vec train --resume {}`",
+            dir.display()
+        ),
+    }
+    Ok(())
+}
+
+/// `wake2vec run`: the pipeline, started or continued.
+pub fn run(args: RunArgs) -> Result<()> {
+    train::tune_runtime();
+    train::install_interrupt_handler();
+    let (config, out) = match args.resume {
+        Some(dir) => (None, dir),
+        None => {
+            let preset = match (&args.preset, &args.config) {
+                (Some(p), _) => Some(p.as_str()),
+                (None, None) => Some("demo"),
+                (None, Some(_)) => None,
+            };
+            let config = PipelineConfig::resolve(preset, args.config.as_deref(), &args.set)?;
+            let name = match (&args.config, preset) {
+                (Some(f), _) => f
+                    .file_stem()
+                    .map_or("pipeline".into(), |s| s.to_string_lossy().into_owned()),
+                (None, p) => p.unwrap_or("pipeline").to_string(),
+            };
+            let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(name));
+            (Some(config), out)
+        }
+    };
+    eprintln!("pipeline directory {}", out.display());
+    match pipeline::run(config, &out, !args.quiet)? {
+        Finished::Done => println!(
+            "done: {} (final model {}, report {})",
+            out.display(),
+            out.join("final").display(),
+            out.join("report.html").display()
+        ),
+        Finished::Interrupted { phase, step } => eprintln!(
+            "interrupted in {} at step {step}: checkpoint saved; continue with `wake2vec run --resume {}`",
+            phase.name(),
+            out.display()
+        ),
+    }
+    Ok(())
+}
+
+/// `wake2vec export`: a checkpoint of a run as an HF directory.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let ExportArgs {
+        run,
+        out,
+        checkpoint,
+        merge,
+    } = args;
+    let step = wake2vec::run::select::checkpoint_step(
+        &wake2vec::run::dir::RunDir::new(&run),
+        &checkpoint,
+    )?;
+    train::export::export(&run, step, &out, merge)?;
+    println!(
+        "wrote {} (the model of {} at step {step})",
+        out.display(),
+        run.display()
+    );
+    Ok(())
+}
+
+/// `wake2vec status`: the table (or JSON) of where a run stands.
+pub fn status(args: StatusArgs) -> Result<()> {
+    let st = wake2vec::run::status::status(&args.run)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", wake2vec::run::status::render(&st));
+    }
+    Ok(())
+}
