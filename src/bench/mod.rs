@@ -3,12 +3,14 @@
 
 pub mod train;
 
+use crate::analysis::{self, linalg, Embeddings, Geometry, Layout, Options, Vocabulary};
 use crate::infer::generate::{self, Limits, DEFAULT_PROMPT};
 use crate::infer::sampling::{Sampler, SamplingParams};
 use crate::model::{decode::DecodeWeights, KvCache, LoadedModel};
 use anyhow::Result;
 use candle_core::Tensor;
 use rayon::prelude::*;
+use std::path::Path;
 use std::time::Instant;
 
 /// Generation speed: the fast decoder against the tensor forward pass (both KV-cached, greedy,
@@ -114,7 +116,7 @@ fn lane_sum(x: &[f32]) -> f32 {
 }
 
 /// `(name, wake2vec, reference, relative difference)` for every statistic both compute:
-/// `ours` is a serialized [`crate::analysis::Geometry`], `reference` analysis_reference.py's JSON.
+/// `ours` is a serialized [`Geometry`], `reference` analysis_reference.py's JSON.
 /// p-values that underflow to 0 on both sides are skipped.
 pub fn compare_with_reference(
     ours: &serde_json::Value,
@@ -229,12 +231,12 @@ pub fn peak_rss_mib() -> f64 {
 /// rows of width `dim`) followed by `new_rows` rows drawn as the original's spherical init
 /// (uniform directions at 1.5× the mean base norm), seeded.
 pub fn analysis_matrix(
-    base: Option<crate::analysis::Embeddings>,
+    base: Option<Embeddings>,
     base_rows: usize,
     dim: usize,
     new_rows: usize,
     seed: u64,
-) -> Result<crate::analysis::Embeddings> {
+) -> Result<Embeddings> {
     let mut rng = crate::util::rng::Rng::new(seed);
     let mut normal = move || {
         let (u1, u2) = (rng.next_f64(), rng.next_f64());
@@ -263,7 +265,7 @@ pub fn analysis_matrix(
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         data.extend(v.iter().map(|x| x / n * (1.5 * mean_norm) as f32));
     }
-    crate::analysis::Embeddings::new(data, rows + new_rows, dim)
+    Embeddings::new(data, rows + new_rows, dim)
 }
 
 /// `bench analyze`: the whole suite (norms, tests, both isotropies, neighbours, PCA, pairwise
@@ -271,12 +273,48 @@ pub fn analysis_matrix(
 /// whole matrix through gemm (the suite's unit of heavy work), and optionally the numpy/scipy
 /// reference script on the same matrix.
 pub fn analysis(
-    e: &crate::analysis::Embeddings,
+    e: &Embeddings,
     base_vocab: usize,
     repeats: usize,
-    reference: Option<(&std::path::Path, &std::path::Path)>,
+    reference: Option<(&Path, &Path)>,
 ) -> Result<()> {
-    use crate::analysis::{self, Layout, Options, Vocabulary};
+    println!(
+        "matrix {} × {} (base {}, new {}), {} threads",
+        e.rows,
+        e.dim,
+        base_vocab,
+        e.rows - base_vocab,
+        rayon::current_num_threads()
+    );
+    let suite = time_suite(e, base_vocab, repeats)?;
+    let gemm = gram_seconds(e)?;
+    let flops = 2.0 * e.rows as f64 * (e.dim * e.dim) as f64;
+    println!(
+        "suite:    {:.2} s wall, {:.2} s CPU (best of {repeats})",
+        suite.wall, suite.cpu
+    );
+    println!(
+        "baseline: f64 XᵀX of the whole matrix {gemm:.3} s ({:.0} GFLOP/s) -> the suite costs {:.1} of them",
+        flops / gemm / 1e9,
+        suite.wall / gemm
+    );
+    if let Some((python, script)) = reference {
+        against_reference(e, base_vocab, python, script, &suite)?;
+    }
+    println!("peak memory: {:.0} MiB", peak_rss_mib());
+    Ok(())
+}
+
+/// The best wall and CPU times of the suite, and the geometry of its last run.
+struct SuiteTimes {
+    wall: f64,
+    cpu: f64,
+    geometry: Geometry,
+}
+
+/// Runs the suite `repeats` times (at least once) with the default options, printing each run's
+/// times by stage.
+fn time_suite(e: &Embeddings, base_vocab: usize, repeats: usize) -> Result<SuiteTimes> {
     let layout = Layout {
         base_vocab,
         wake_start: base_vocab,
@@ -287,14 +325,6 @@ pub fn analysis(
         layout: &layout,
         tokenizer: None,
     };
-    println!(
-        "matrix {} × {} (base {}, new {}), {} threads",
-        e.rows,
-        e.dim,
-        base_vocab,
-        e.rows - base_vocab,
-        rayon::current_num_threads()
-    );
     let mut best = f64::INFINITY;
     let mut best_cpu = f64::INFINITY;
     let mut last = None;
@@ -325,72 +355,79 @@ pub fn analysis(
         best_cpu = best_cpu.min(cpu);
         last = Some(a.geometry);
     }
-    // baseline: f64 XᵀX of the whole matrix, best of 3
+    Ok(SuiteTimes {
+        wall: best,
+        cpu: best_cpu,
+        geometry: last.expect("at least one run"),
+    })
+}
+
+/// The baseline: seconds of one f64 `XᵀX` of the whole matrix, best of 3.
+fn gram_seconds(e: &Embeddings) -> Result<f64> {
     let x: Vec<f64> = e.data.iter().map(|&v| v as f64).collect();
     let mut gemm = f64::INFINITY;
     for _ in 0..3 {
         let start = Instant::now();
-        std::hint::black_box(crate::analysis::linalg::gram_t(&x, e.rows, e.dim)?);
+        std::hint::black_box(linalg::gram_t(&x, e.rows, e.dim)?);
         gemm = gemm.min(start.elapsed().as_secs_f64());
     }
-    drop(x);
-    let flops = 2.0 * e.rows as f64 * (e.dim * e.dim) as f64;
-    println!("suite:    {best:.2} s wall, {best_cpu:.2} s CPU (best of {repeats})");
+    Ok(gemm)
+}
+
+/// Runs the reference `script` with `python` on the same matrix (written to a temporary
+/// safetensors file), compares its statistics with ours and prints both speeds.
+fn against_reference(
+    e: &Embeddings,
+    base_vocab: usize,
+    python: &Path,
+    script: &Path,
+    suite: &SuiteTimes,
+) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("wake2vec-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("emb.safetensors");
+    let t = candle_core::Tensor::from_slice(&e.data, (e.rows, e.dim), &candle_core::Device::Cpu)?;
+    crate::hub::weights::save_file(
+        &std::collections::BTreeMap::from([("embed_tokens".to_string(), t)]),
+        &file,
+    )?;
+    let out = dir.join("ref.json");
+    let child_cpu0 = children_cpu_seconds();
+    let status = std::process::Command::new(python)
+        .arg(script)
+        .arg("--emb")
+        .arg(&file)
+        .arg("--base-vocab")
+        .arg(base_vocab.to_string())
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", python.display()))?;
+    anyhow::ensure!(status.success(), "the reference script failed ({status})");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let t = &json["timings"];
+    let total = t["total_s"].as_f64().unwrap_or(f64::NAN) - t["load_s"].as_f64().unwrap_or(0.0);
+    let child_cpu = children_cpu_seconds() - child_cpu0;
+    let ours = serde_json::to_value(&suite.geometry)?;
+    let diffs = compare_with_reference(&ours, &json);
+    let worst = diffs
+        .iter()
+        .max_by(|a, b| a.3.total_cmp(&b.3))
+        .map(|d| format!("{:.1e} ({}: {} vs {})", d.3, d.0, d.1, d.2))
+        .unwrap_or_default();
     println!(
-        "baseline: f64 XᵀX of the whole matrix {gemm:.3} s ({:.0} GFLOP/s) -> the suite costs {:.1} of them",
-        flops / gemm / 1e9,
-        best / gemm
+        "same numbers: {} statistics compared with the reference, largest relative difference {worst}",
+        diffs.len()
     );
-    if let Some((python, script)) = reference {
-        let dir = std::env::temp_dir().join(format!("wake2vec-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let file = dir.join("emb.safetensors");
-        let t =
-            candle_core::Tensor::from_slice(&e.data, (e.rows, e.dim), &candle_core::Device::Cpu)?;
-        crate::hub::weights::save_file(
-            &std::collections::BTreeMap::from([("embed_tokens".to_string(), t)]),
-            &file,
-        )?;
-        let out = dir.join("ref.json");
-        let child_cpu0 = children_cpu_seconds();
-        let status = std::process::Command::new(python)
-            .arg(script)
-            .arg("--emb")
-            .arg(&file)
-            .arg("--base-vocab")
-            .arg(base_vocab.to_string())
-            .arg("--out")
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", python.display()))?;
-        anyhow::ensure!(status.success(), "the reference script failed ({status})");
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-        let t = &json["timings"];
-        let total = t["total_s"].as_f64().unwrap_or(f64::NAN) - t["load_s"].as_f64().unwrap_or(0.0);
-        let child_cpu = children_cpu_seconds() - child_cpu0;
-        if let Some(g) = &last {
-            let ours = serde_json::to_value(g)?;
-            let diffs = compare_with_reference(&ours, &json);
-            let worst = diffs
-                .iter()
-                .max_by(|a, b| a.3.total_cmp(&b.3))
-                .map(|d| format!("{:.1e} ({}: {} vs {})", d.3, d.0, d.1, d.2))
-                .unwrap_or_default();
-            println!(
-                "same numbers: {} statistics compared with the reference, largest relative difference {worst}",
-                diffs.len()
-            );
-        }
-        println!(
-            "reference: numpy/scipy/sklearn {total:.2} s wall without loading -> wake2vec is {:.1}x faster; \
-             {child_cpu:.1} s CPU for the whole script (start-up and loading included) -> {:.1}x",
-            total / best,
-            child_cpu / best_cpu
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    println!("peak memory: {:.0} MiB", peak_rss_mib());
+    println!(
+        "reference: numpy/scipy/sklearn {total:.2} s wall without loading -> wake2vec is {:.1}x faster; \
+         {:.1} s CPU for the whole script (start-up and loading included) -> {:.1}x",
+        total / suite.wall,
+        child_cpu,
+        child_cpu / suite.cpu
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

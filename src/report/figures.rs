@@ -6,9 +6,11 @@
 use crate::analysis::{trajectory::TrajectoryPlot, FigureData};
 use crate::run::log::LogLine;
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
+use std::ops::Range;
 use std::sync::Once;
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
@@ -18,6 +20,7 @@ const BASE: RGBColor = RGBColor(31, 119, 180);
 const WAKE: RGBColor = RGBColor(214, 39, 40);
 const CROSS: RGBColor = RGBColor(44, 160, 44);
 const GREY: RGBColor = RGBColor(110, 110, 110);
+const TEAL: RGBColor = RGBColor(0, 150, 136);
 
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -141,6 +144,103 @@ fn mean(x: &[f64]) -> f64 {
 const TITLE: u32 = 24;
 const LABEL: u32 = 16;
 
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Tick labels of an axis; `None` keeps plotters' own.
+type Ticks<'a> = Option<&'a dyn Fn(&f64) -> String>;
+
+/// One axis of a panel: its range, description and tick labels.
+struct Axis<'a> {
+    range: Range<f64>,
+    desc: &'a str,
+    ticks: Ticks<'a>,
+}
+
+impl<'a> Axis<'a> {
+    fn new(range: Range<f64>, desc: &'a str, ticks: Ticks<'a>) -> Self {
+        Self { range, desc, ticks }
+    }
+}
+
+/// A panel's frame: title, axes, and where the legend goes (none when `None`).
+struct Frame<'a> {
+    title: &'a str,
+    x: Axis<'a>,
+    y: Axis<'a>,
+    legend: Option<SeriesLabelPosition>,
+}
+
+/// Tick labels in whole numbers.
+fn whole(v: &f64) -> String {
+    format!("{v:.0}")
+}
+
+/// Tick labels in thousands (`12k`).
+fn thousands(v: &f64) -> String {
+    format!("{:.0}k", v / 1000.0)
+}
+
+/// Draws one panel: the titled frame with its axes on `area`, the data by `series`, then the
+/// legend of the labelled series. Every chart of every figure is drawn by this function.
+fn panel<'a, DB: DrawingBackend + 'a>(
+    area: &'a DrawingArea<DB, Shift>,
+    frame: Frame,
+    series: impl FnOnce(&mut Chart<'a, DB>) -> Result<()>,
+) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(frame.title, (FAMILY, TITLE))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(78)
+        .build_cartesian_2d(frame.x.range, frame.y.range)
+        .map_err(pe)?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(frame.x.desc)
+        .y_desc(frame.y.desc)
+        .label_style((FAMILY, LABEL))
+        .axis_desc_style((FAMILY, LABEL))
+        .light_line_style(WHITE.mix(0.0));
+    if let Some(f) = frame.x.ticks {
+        mesh.x_label_formatter(f);
+    }
+    if let Some(f) = frame.y.ticks {
+        mesh.y_label_formatter(f);
+    }
+    mesh.draw().map_err(pe)?;
+    series(&mut chart)?;
+    if let Some(position) = frame.legend {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(GREY)
+            .label_font((FAMILY, LABEL))
+            .position(position)
+            .draw()
+            .map_err(pe)?;
+    }
+    Ok(())
+}
+
+/// A legend entry: a filled square of `color`.
+fn swatch(color: RGBColor) -> impl Fn((i32, i32)) -> Rectangle<(i32, i32)> {
+    move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], color.filled())
+}
+
+/// A legend entry: a line of `color` and `width`.
+fn stroke(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(width))
+}
+
+/// `root` under a figure title of `size` pixels.
+fn titled<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    size: u32,
+) -> Result<DrawingArea<DB, Shift>> {
+    root.titled(title, (FAMILY, size).into_font().color(&BLACK))
+        .map_err(pe)
+}
+
 /// Overlaid density histograms with a legend; an empty set is skipped.
 fn draw_histograms<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -162,56 +262,41 @@ fn draw_histograms<DB: DrawingBackend>(
         .fold(0.0, f64::max)
         .max(1e-12)
         * 1.12;
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FAMILY, TITLE))
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(78)
-        .build_cartesian_2d(lo..hi, 0.0..ymax)
-        .map_err(pe)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc("density")
-        .x_label_formatter(&tick_for(lo, hi))
-        .y_label_formatter(&tick_for(0.0, ymax))
-        .label_style((FAMILY, LABEL))
-        .axis_desc_style((FAMILY, LABEL))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(pe)?;
-    for (s, h) in present.iter().zip(&hists) {
-        let color = s.2;
-        chart
-            .draw_series(
-                h.iter()
-                    .map(|&(l, r, d)| Rectangle::new([(l, 0.0), (r, d)], color.mix(0.28).filled())),
-            )
-            .map_err(pe)?;
-        let mut outline = Vec::with_capacity(2 * h.len() + 2);
-        outline.push((h[0].0, 0.0));
-        for &(l, r, d) in h {
-            outline.push((l, d));
-            outline.push((r, d));
+    let (x_ticks, y_ticks) = (tick_for(lo, hi), tick_for(0.0, ymax));
+    let frame = Frame {
+        title,
+        x: Axis::new(lo..hi, x_desc, Some(&x_ticks)),
+        y: Axis::new(0.0..ymax, "density", Some(&y_ticks)),
+        legend: Some(SeriesLabelPosition::UpperRight),
+    };
+    panel(area, frame, |chart| {
+        for (s, h) in present.iter().zip(&hists) {
+            let color = s.2;
+            chart
+                .draw_series(
+                    h.iter().map(|&(l, r, d)| {
+                        Rectangle::new([(l, 0.0), (r, d)], color.mix(0.28).filled())
+                    }),
+                )
+                .map_err(pe)?;
+            let mut outline = Vec::with_capacity(2 * h.len() + 2);
+            outline.push((h[0].0, 0.0));
+            for &(l, r, d) in h {
+                outline.push((l, d));
+                outline.push((r, d));
+            }
+            outline.push((h[h.len() - 1].1, 0.0));
+            chart
+                .draw_series(LineSeries::new(outline, color.stroke_width(2)))
+                .map_err(pe)?
+                .label(s.0.to_string())
+                .legend(swatch(color));
         }
-        outline.push((h[h.len() - 1].1, 0.0));
-        chart
-            .draw_series(LineSeries::new(outline, color.stroke_width(2)))
-            .map_err(pe)?
-            .label(s.0.to_string())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], color.filled()));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(GREY)
-        .label_font((FAMILY, LABEL))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(pe)?;
-    Ok(())
+        Ok(())
+    })
 }
 
+/// A panel without a chart: its title and why there is nothing to draw.
 fn draw_message<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
@@ -251,70 +336,71 @@ fn k_at(cum: &[f64], th: f64) -> usize {
         .map_or(cum.len(), |i| i + 1)
 }
 
+/// The embedding figure's six panels under its title.
 fn six_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     d: &FigureData,
     title: &str,
 ) -> Result<()> {
-    let root = root
-        .titled(title, (FAMILY, 30).into_font().color(&BLACK))
-        .map_err(pe)?;
+    let root = titled(root, title, 30)?;
     let panels = root.split_evenly((2, 3));
-    let has_wake = !d.wake_norms.is_empty();
+    norms_panel(&panels[0], d)?;
+    cosines_panel(&panels[1], d)?;
+    cumulative_pca_panel(&panels[2], d)?;
+    drift_panel(&panels[3], d)?;
+    norm_by_id_panel(&panels[4], d)?;
+    top_components_panel(&panels[5], d)
+}
 
-    // 1. norms
+/// Panel 1: row norms of base and Wake rows.
+fn norms_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &FigureData) -> Result<()> {
     let mb = format!("base (μ = {:.3})", mean(&d.base_norms));
     let mw = format!("Wake (μ = {:.3})", mean(&d.wake_norms));
     draw_histograms(
-        &panels[0],
+        area,
         "Row norms",
         "L2 norm",
         &[(&mb, &d.base_norms, BASE), (&mw, &d.wake_norms, WAKE)],
         50,
-    )?;
+    )
+}
 
-    // 2. pairwise cosines
+/// Panel 2: pairwise cosines within and across the groups.
+fn cosines_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &FigureData) -> Result<()> {
     if d.cos_base_base.is_empty() {
-        draw_message(&panels[1], "Pairwise cosine", "no Wake rows")?;
-    } else {
-        draw_histograms(
-            &panels[1],
-            "Pairwise cosine",
-            "cosine",
-            &[
-                ("base–base", &d.cos_base_base, BASE),
-                ("Wake–Wake", &d.cos_wake_wake, WAKE),
-                ("base–Wake", &d.cos_base_wake, CROSS),
-            ],
-            80,
-        )?;
+        return draw_message(area, "Pairwise cosine", "no Wake rows");
     }
+    draw_histograms(
+        area,
+        "Pairwise cosine",
+        "cosine",
+        &[
+            ("base–base", &d.cos_base_base, BASE),
+            ("Wake–Wake", &d.cos_wake_wake, WAKE),
+            ("base–Wake", &d.cos_base_wake, CROSS),
+        ],
+        80,
+    )
+}
 
-    // 3. cumulative PCA
-    {
-        let cb = cumulative(&d.pca_base_ratios);
-        let cw = cumulative(&d.pca_wake_ratios);
-        let kmax = cb.len().max(cw.len()).max(2);
-        let mut chart = ChartBuilder::on(&panels[2])
-            .caption("Cumulative explained variance (PCA)", (FAMILY, TITLE))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(78)
-            .build_cartesian_2d(1f64..kmax as f64, 0f64..1.02)
-            .map_err(pe)?;
-        chart
-            .configure_mesh()
-            .x_desc("components")
-            .y_desc("cumulative share")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .label_style((FAMILY, LABEL))
-            .axis_desc_style((FAMILY, LABEL))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(pe)?;
+/// Panel 3: cumulative explained variance, with the 90% line.
+fn cumulative_pca_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    d: &FigureData,
+) -> Result<()> {
+    let cb = cumulative(&d.pca_base_ratios);
+    let cw = cumulative(&d.pca_wake_ratios);
+    let kmax = cb.len().max(cw.len()).max(2) as f64;
+    let frame = Frame {
+        title: "Cumulative explained variance (PCA)",
+        x: Axis::new(1.0..kmax, "components", Some(&whole)),
+        y: Axis::new(0.0..1.02, "cumulative share", None),
+        legend: Some(SeriesLabelPosition::LowerRight),
+    };
+    panel(area, frame, |chart| {
         chart
             .draw_series(DashedLineSeries::new(
-                vec![(1.0, 0.9), (kmax as f64, 0.9)],
+                vec![(1.0, 0.9), (kmax, 0.9)],
                 8,
                 6,
                 GREY.stroke_width(1),
@@ -332,78 +418,56 @@ fn six_panels<DB: DrawingBackend>(
                 ))
                 .map_err(pe)?
                 .label(format!("{name}: 90% at k = {k}"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
-                });
+                .legend(stroke(color, 3));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .label_font((FAMILY, LABEL))
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(pe)?;
-    }
+        Ok(())
+    })
+}
 
-    // 4. drift
-    let all_drift = d.drift_base_cos.iter().chain(&d.drift_wake_cos);
-    let dlo = all_drift.clone().copied().fold(f64::INFINITY, f64::min);
-    let dhi = all_drift.copied().fold(f64::NEG_INFINITY, f64::max);
+/// Panel 4: cosine of each row to its reference row, or why there is none.
+fn drift_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &FigureData) -> Result<()> {
+    let title = "Drift (cosine to reference)";
+    let all = d.drift_base_cos.iter().chain(&d.drift_wake_cos);
+    let lo = all.clone().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.copied().fold(f64::NEG_INFINITY, f64::max);
     if d.drift_base_cos.is_empty() && d.drift_wake_cos.is_empty() {
-        draw_message(
-            &panels[3],
-            "Drift (cosine to reference)",
-            "unavailable: no --pre snapshot",
-        )?;
-    } else if dlo > 1.0 - 1e-6 && dhi < 1.0 + 1e-6 {
-        draw_message(
-            &panels[3],
-            "Drift (cosine to reference)",
-            "no drift: every cosine rounds to 1.000000",
-        )?;
+        draw_message(area, title, "unavailable: no --pre snapshot")
+    } else if lo > 1.0 - 1e-6 && hi < 1.0 + 1e-6 {
+        draw_message(area, title, "no drift: every cosine rounds to 1.000000")
     } else {
         draw_histograms(
-            &panels[3],
-            "Drift (cosine to reference)",
+            area,
+            title,
             "cosine(row, reference row)",
             &[
                 ("base rows", &d.drift_base_cos, BASE),
                 ("Wake rows", &d.drift_wake_cos, WAKE),
             ],
             80,
-        )?;
+        )
     }
+}
 
-    // 5. norm by token index (≤ 12,000 points, evenly strided, so the SVG stays small)
-    {
-        let n = d.all_norms.len();
-        let stride = n.div_ceil(12_000).max(1);
-        let (lo, hi) = range_of(&[&d.all_norms]);
-        let mut chart = ChartBuilder::on(&panels[4])
-            .caption(
-                if stride > 1 {
-                    format!("Norm by token id (every {stride}th row)")
-                } else {
-                    "Norm by token id".to_string()
-                },
-                (FAMILY, TITLE),
-            )
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(78)
-            .build_cartesian_2d(0f64..n.max(1) as f64, lo..hi)
-            .map_err(pe)?;
-        chart
-            .configure_mesh()
-            .x_desc("token id")
-            .y_desc("L2 norm")
-            .label_style((FAMILY, LABEL))
-            .axis_desc_style((FAMILY, LABEL))
-            .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(pe)?;
+/// Panel 5: norm by token id (≤ 12,000 points, evenly strided, so the SVG stays small).
+fn norm_by_id_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    d: &FigureData,
+) -> Result<()> {
+    let n = d.all_norms.len();
+    let stride = n.div_ceil(12_000).max(1);
+    let (lo, hi) = range_of(&[&d.all_norms]);
+    let title = if stride > 1 {
+        format!("Norm by token id (every {stride}th row)")
+    } else {
+        "Norm by token id".to_string()
+    };
+    let frame = Frame {
+        title: &title,
+        x: Axis::new(0.0..n.max(1) as f64, "token id", Some(&thousands)),
+        y: Axis::new(lo..hi, "L2 norm", None),
+        legend: None,
+    };
+    panel(area, frame, |chart| {
         let wr = d.wake_range.clone();
         chart
             .draw_series(
@@ -417,47 +481,42 @@ fn six_panels<DB: DrawingBackend>(
                     }),
             )
             .map_err(pe)?;
-    }
+        Ok(())
+    })
+}
 
-    // 6. top-20 explained-variance bars, side by side
-    {
-        let top = 20usize;
-        let ymax = d
-            .pca_base_ratios
-            .iter()
-            .chain(&d.pca_wake_ratios)
-            .take(top)
-            .chain(d.pca_wake_ratios.iter().take(top))
-            .copied()
-            .fold(0.0, f64::max)
-            .max(1e-6)
-            * 1.12;
-        let mut chart = ChartBuilder::on(&panels[5])
-            .caption("Top-20 components: explained variance", (FAMILY, TITLE))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(78)
-            .build_cartesian_2d(0.5f64..top as f64 + 0.5, 0f64..ymax)
-            .map_err(pe)?;
-        chart
-            .configure_mesh()
-            .x_desc("component")
-            .y_desc("share of variance")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .label_style((FAMILY, LABEL))
-            .axis_desc_style((FAMILY, LABEL))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(pe)?;
-        let sets: Vec<(&str, &Vec<f64>, RGBColor, f64)> = if has_wake {
-            vec![
-                ("base", &d.pca_base_ratios, BASE, -0.2),
-                ("Wake", &d.pca_wake_ratios, WAKE, 0.2),
-            ]
-        } else {
-            vec![("base", &d.pca_base_ratios, BASE, 0.0)]
-        };
-        let half = if has_wake { 0.19 } else { 0.35 };
+/// Panel 6: explained variance of the top 20 components, base and Wake side by side.
+fn top_components_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    d: &FigureData,
+) -> Result<()> {
+    let top = 20usize;
+    let ymax = d
+        .pca_base_ratios
+        .iter()
+        .take(top)
+        .chain(d.pca_wake_ratios.iter().take(top))
+        .copied()
+        .fold(0.0, f64::max)
+        .max(1e-6)
+        * 1.12;
+    let frame = Frame {
+        title: "Top-20 components: explained variance",
+        x: Axis::new(0.5..top as f64 + 0.5, "component", Some(&whole)),
+        y: Axis::new(0.0..ymax, "share of variance", None),
+        legend: Some(SeriesLabelPosition::UpperRight),
+    };
+    let has_wake = !d.wake_norms.is_empty();
+    let sets: Vec<(&str, &Vec<f64>, RGBColor, f64)> = if has_wake {
+        vec![
+            ("base", &d.pca_base_ratios, BASE, -0.2),
+            ("Wake", &d.pca_wake_ratios, WAKE, 0.2),
+        ]
+    } else {
+        vec![("base", &d.pca_base_ratios, BASE, 0.0)]
+    };
+    let half = if has_wake { 0.19 } else { 0.35 };
+    panel(area, frame, |chart| {
         for (name, r, color, off) in sets {
             chart
                 .draw_series(r.iter().take(top).enumerate().map(|(i, &v)| {
@@ -466,136 +525,114 @@ fn six_panels<DB: DrawingBackend>(
                 }))
                 .map_err(pe)?
                 .label(name.to_string())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 18, y + 6)], color.filled())
-                });
+                .legend(swatch(color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .label_font((FAMILY, LABEL))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(pe)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The six-panel embedding figure (1800 × 1000).
 pub fn embedding_figure(d: &FigureData, title: &str) -> Result<Figure> {
-    let title = title.to_string();
-    let title2 = title.clone();
     render_dual(
         (1800, 1000),
         DualDraw {
-            svg: Box::new(move |root| six_panels(root, d, &title)),
-            bmp: Box::new(move |root| six_panels(root, d, &title2)),
+            svg: Box::new(|root| six_panels(root, d, title)),
+            bmp: Box::new(|root| six_panels(root, d, title)),
         },
     )
 }
 
+/// `(step, value)` of the log lines of `kind` (any kind for `None`) that have a value.
+fn points(
+    log: &[LogLine],
+    kind: Option<&str>,
+    value: fn(&LogLine) -> Option<f64>,
+) -> Vec<(f64, f64)> {
+    log.iter()
+        .filter(|l| kind.is_none_or(|k| l.kind == k))
+        .filter_map(|l| value(l).map(|v| (l.step as f64, v)))
+        .collect()
+}
+
+/// The loss panel, and beside it the bits-per-byte panel when the log has any.
 fn loss_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     log: &[LogLine],
     title: &str,
 ) -> Result<()> {
-    let root = root
-        .titled(title, (FAMILY, 28).into_font().color(&BLACK))
-        .map_err(pe)?;
-    let has_bpb = log.iter().any(|l| l.val_bpb.is_some());
-    let panels = if has_bpb {
-        root.split_evenly((1, 2))
-    } else {
-        vec![root.clone()]
-    };
-    let train: Vec<(f64, f64)> = log
-        .iter()
-        .filter(|l| l.kind == "step")
-        .filter_map(|l| l.loss.map(|v| (l.step as f64, v)))
-        .collect();
-    let val: Vec<(f64, f64)> = log
-        .iter()
-        .filter(|l| l.kind == "eval")
-        .filter_map(|l| l.val_loss.map(|v| (l.step as f64, v)))
-        .collect();
+    let root = titled(root, title, 28)?;
+    let train = points(log, Some("step"), |l| l.loss);
+    let val = points(log, Some("eval"), |l| l.val_loss);
+    let bpb = points(log, None, |l| l.val_bpb);
     let xmax = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
-    let ys: Vec<f64> = train.iter().chain(&val).map(|p| p.1).collect();
+    if bpb.is_empty() {
+        return loss_panel(&root, &train, &val, xmax);
+    }
+    let panels = root.split_evenly((1, 2));
+    loss_panel(&panels[0], &train, &val, xmax)?;
+    bpb_panel(&panels[1], &bpb, xmax)
+}
+
+/// Training loss per step (dots up to 400 steps) and validation loss (squares).
+fn loss_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    train: &[(f64, f64)],
+    val: &[(f64, f64)],
+    xmax: f64,
+) -> Result<()> {
+    let ys: Vec<f64> = train.iter().chain(val).map(|p| p.1).collect();
     let (ylo, yhi) = range_of(&[&ys]);
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("Loss (nats/token)", (FAMILY, TITLE))
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(78)
-        .build_cartesian_2d(0f64..xmax, ylo..yhi)
-        .map_err(pe)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("loss")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .label_style((FAMILY, LABEL))
-        .axis_desc_style((FAMILY, LABEL))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(pe)?;
-    if !train.is_empty() {
-        chart
-            .draw_series(LineSeries::new(train.clone(), BASE.stroke_width(2)))
-            .map_err(pe)?
-            .label("train")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BASE.stroke_width(2)));
-        if train.len() <= 400 {
+    let frame = Frame {
+        title: "Loss (nats/token)",
+        x: Axis::new(0.0..xmax, "optimizer step", Some(&whole)),
+        y: Axis::new(ylo..yhi, "loss", None),
+        legend: Some(SeriesLabelPosition::UpperRight),
+    };
+    panel(area, frame, |chart| {
+        if !train.is_empty() {
             chart
-                .draw_series(train.iter().map(|&p| Circle::new(p, 3, BASE.filled())))
+                .draw_series(LineSeries::new(train.to_vec(), BASE.stroke_width(2)))
+                .map_err(pe)?
+                .label("train")
+                .legend(stroke(BASE, 2));
+            if train.len() <= 400 {
+                chart
+                    .draw_series(train.iter().map(|&p| Circle::new(p, 3, BASE.filled())))
+                    .map_err(pe)?;
+            }
+        }
+        if !val.is_empty() {
+            chart
+                .draw_series(LineSeries::new(val.to_vec(), WAKE.stroke_width(2)))
+                .map_err(pe)?
+                .label("validation")
+                .legend(|(x, y)| Rectangle::new([(x + 4, y - 5), (x + 14, y + 5)], WAKE.filled()));
+            chart
+                .draw_series(val.iter().map(|&p| {
+                    EmptyElement::at(p) + Rectangle::new([(-5, -5), (5, 5)], WAKE.filled())
+                }))
                 .map_err(pe)?;
         }
-    }
-    if !val.is_empty() {
+        Ok(())
+    })
+}
+
+/// Validation bits per byte.
+fn bpb_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    bpb: &[(f64, f64)],
+    xmax: f64,
+) -> Result<()> {
+    let (lo, hi) = range_of(&[&bpb.iter().map(|p| p.1).collect::<Vec<_>>()]);
+    let frame = Frame {
+        title: "Validation bits per byte",
+        x: Axis::new(0.0..xmax, "optimizer step", Some(&whole)),
+        y: Axis::new(lo..hi, "bits / byte", None),
+        legend: None,
+    };
+    panel(area, frame, |chart| {
         chart
-            .draw_series(LineSeries::new(val.clone(), WAKE.stroke_width(2)))
-            .map_err(pe)?
-            .label("validation")
-            .legend(|(x, y)| Rectangle::new([(x + 4, y - 5), (x + 14, y + 5)], WAKE.filled()));
-        chart
-            .draw_series(val.iter().map(|&(x, y)| {
-                EmptyElement::at((x, y)) + Rectangle::new([(-5, -5), (5, 5)], WAKE.filled())
-            }))
-            .map_err(pe)?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(GREY)
-        .label_font((FAMILY, LABEL))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(pe)?;
-    if has_bpb {
-        let bpb: Vec<(f64, f64)> = log
-            .iter()
-            .filter_map(|l| l.val_bpb.map(|v| (l.step as f64, v)))
-            .collect();
-        let (lo, hi) = range_of(&[&bpb.iter().map(|p| p.1).collect::<Vec<_>>()]);
-        let mut chart = ChartBuilder::on(&panels[1])
-            .caption("Validation bits per byte", (FAMILY, TITLE))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(78)
-            .build_cartesian_2d(0f64..xmax, lo..hi)
-            .map_err(pe)?;
-        chart
-            .configure_mesh()
-            .x_desc("optimizer step")
-            .y_desc("bits / byte")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .label_style((FAMILY, LABEL))
-            .axis_desc_style((FAMILY, LABEL))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(pe)?;
-        chart
-            .draw_series(LineSeries::new(bpb.clone(), CROSS.stroke_width(2)))
+            .draw_series(LineSeries::new(bpb.to_vec(), CROSS.stroke_width(2)))
             .map_err(pe)?;
         chart
             .draw_series(
@@ -604,137 +641,123 @@ fn loss_panels<DB: DrawingBackend>(
                 }),
             )
             .map_err(pe)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Loss curves from `log.jsonl` (1600 × 700): train and validation loss, validation bits/byte.
 pub fn loss_figure(log: &[LogLine], title: &str) -> Result<Figure> {
-    let (t1, t2) = (title.to_string(), title.to_string());
     render_dual(
         (1600, 700),
         DualDraw {
-            svg: Box::new(move |root| loss_panels(root, log, &t1)),
-            bmp: Box::new(move |root| loss_panels(root, log, &t2)),
+            svg: Box::new(|root| loss_panels(root, log, title)),
+            bmp: Box::new(|root| loss_panels(root, log, title)),
         },
     )
 }
 
+/// The token paths, and beside them the mean displacement by step.
 fn trajectory_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     t: &TrajectoryPlot,
     by_step: &[(u64, f64)],
     title: &str,
 ) -> Result<()> {
-    let root = root
-        .titled(title, (FAMILY, 28).into_font().color(&BLACK))
-        .map_err(pe)?;
+    let root = titled(root, title, 28)?;
     let (left, right) = root.split_horizontally(1000);
+    paths_panel(&left, t)?;
+    displacement_panel(&right, by_step)
+}
+
+/// Each token's path in the plane of the last snapshot's first two components, its first and
+/// last positions, and the words of the 12 tokens that moved furthest in that plane.
+fn paths_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    t: &TrajectoryPlot,
+) -> Result<()> {
     let xs: Vec<f64> = t.coords.iter().flatten().map(|p| p.0).collect();
     let ys: Vec<f64> = t.coords.iter().flatten().map(|p| p.1).collect();
     let (x0, x1) = range_of(&[&xs]);
     let (y0, y1) = range_of(&[&ys]);
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            format!(
-                "{} Wake tokens over {} snapshots (PCA of the last)",
-                t.words.len(),
-                t.steps.len()
-            ),
-            (FAMILY, TITLE),
-        )
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(78)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(pe)?;
-    chart
-        .configure_mesh()
-        .x_desc("PC 1")
-        .y_desc("PC 2")
-        .x_label_formatter(&tick_for(x0, x1))
-        .y_label_formatter(&tick_for(y0, y1))
-        .label_style((FAMILY, LABEL))
-        .axis_desc_style((FAMILY, LABEL))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(pe)?;
-    let teal = RGBColor(0, 150, 136);
-    let n_tok = t.words.len();
-    for k in 0..n_tok {
-        let path: Vec<(f64, f64)> = t.coords.iter().map(|f| f[k]).collect();
+    let (x_ticks, y_ticks) = (tick_for(x0, x1), tick_for(y0, y1));
+    let title = format!(
+        "{} Wake tokens over {} snapshots (PCA of the last)",
+        t.words.len(),
+        t.steps.len()
+    );
+    let frame = Frame {
+        title: &title,
+        x: Axis::new(x0..x1, "PC 1", Some(&x_ticks)),
+        y: Axis::new(y0..y1, "PC 2", Some(&y_ticks)),
+        legend: Some(SeriesLabelPosition::UpperRight),
+    };
+    panel(area, frame, |chart| {
+        let n_tok = t.words.len();
+        for k in 0..n_tok {
+            let path: Vec<(f64, f64)> = t.coords.iter().map(|f| f[k]).collect();
+            chart
+                .draw_series(LineSeries::new(path, TEAL.mix(0.35).stroke_width(1)))
+                .map_err(pe)?;
+        }
+        let first = &t.coords[0];
+        let last = &t.coords[t.coords.len() - 1];
         chart
-            .draw_series(LineSeries::new(path, teal.mix(0.35).stroke_width(1)))
-            .map_err(pe)?;
-    }
-    let first = &t.coords[0];
-    let last = &t.coords[t.coords.len() - 1];
-    chart
-        .draw_series(
-            first
-                .iter()
-                .map(|&p| Circle::new(p, 3, GREY.mix(0.7).stroke_width(1))),
-        )
-        .map_err(pe)?
-        .label(format!("step {}", t.steps[0]))
-        .legend(|(x, y)| Circle::new((x + 9, y), 4, GREY.stroke_width(1)));
-    chart
-        .draw_series(last.iter().map(|&p| Circle::new(p, 3, teal.filled())))
-        .map_err(pe)?
-        .label(format!("step {}", t.steps[t.steps.len() - 1]))
-        .legend(move |(x, y)| Circle::new((x + 9, y), 4, teal.filled()));
-    // label the 12 tokens that moved furthest in the plane
-    let mut order: Vec<usize> = (0..n_tok).collect();
-    let dist =
-        |k: usize| ((first[k].0 - last[k].0).powi(2) + (first[k].1 - last[k].1).powi(2)).sqrt();
-    order.sort_by(|&a, &b| dist(b).total_cmp(&dist(a)));
-    for &k in order.iter().take(12) {
+            .draw_series(
+                first
+                    .iter()
+                    .map(|&p| Circle::new(p, 3, GREY.mix(0.7).stroke_width(1))),
+            )
+            .map_err(pe)?
+            .label(format!("step {}", t.steps[0]))
+            .legend(|(x, y)| Circle::new((x + 9, y), 4, GREY.stroke_width(1)));
         chart
-            .draw_series(std::iter::once(
-                EmptyElement::at(last[k])
-                    + Text::new(
-                        t.words[k].trim().to_string(),
-                        (7, -16),
-                        (FAMILY, 14).into_font().color(&BLACK),
-                    ),
-            ))
-            .map_err(pe)?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(GREY)
-        .label_font((FAMILY, LABEL))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(pe)?;
+            .draw_series(last.iter().map(|&p| Circle::new(p, 3, TEAL.filled())))
+            .map_err(pe)?
+            .label(format!("step {}", t.steps[t.steps.len() - 1]))
+            .legend(|(x, y)| Circle::new((x + 9, y), 4, TEAL.filled()));
+        let mut order: Vec<usize> = (0..n_tok).collect();
+        let dist =
+            |k: usize| ((first[k].0 - last[k].0).powi(2) + (first[k].1 - last[k].1).powi(2)).sqrt();
+        order.sort_by(|&a, &b| dist(b).total_cmp(&dist(a)));
+        for &k in order.iter().take(12) {
+            chart
+                .draw_series(std::iter::once(
+                    EmptyElement::at(last[k])
+                        + Text::new(
+                            t.words[k].trim().to_string(),
+                            (7, -16),
+                            (FAMILY, 14).into_font().color(&BLACK),
+                        ),
+                ))
+                .map_err(pe)?;
+        }
+        Ok(())
+    })
+}
+
+/// Mean full-space distance of the sampled tokens from the first snapshot, by step.
+fn displacement_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    by_step: &[(u64, f64)],
+) -> Result<()> {
     let xmax = by_step.iter().map(|p| p.0 as f64).fold(1.0, f64::max);
     let ymax = by_step.iter().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("Mean distance from first snapshot", (FAMILY, TITLE))
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(78)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
-        .map_err(pe)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("L2 (full space)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .label_style((FAMILY, LABEL))
-        .axis_desc_style((FAMILY, LABEL))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(pe)?;
+    let frame = Frame {
+        title: "Mean distance from first snapshot",
+        x: Axis::new(0.0..xmax, "step", Some(&whole)),
+        y: Axis::new(0.0..ymax, "L2 (full space)", None),
+        legend: None,
+    };
     let pts: Vec<(f64, f64)> = by_step.iter().map(|&(s, v)| (s as f64, v)).collect();
-    chart
-        .draw_series(LineSeries::new(pts.clone(), teal.stroke_width(2)))
-        .map_err(pe)?;
-    chart
-        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, teal.filled())))
-        .map_err(pe)?;
-    Ok(())
+    panel(area, frame, |chart| {
+        chart
+            .draw_series(LineSeries::new(pts.clone(), TEAL.stroke_width(2)))
+            .map_err(pe)?;
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, TEAL.filled())))
+            .map_err(pe)?;
+        Ok(())
+    })
 }
 
 /// Trajectories of sampled Wake tokens (1600 × 800).
@@ -743,12 +766,11 @@ pub fn trajectory_figure(
     by_step: &[(u64, f64)],
     title: &str,
 ) -> Result<Figure> {
-    let (t1, t2) = (title.to_string(), title.to_string());
     render_dual(
         (1600, 800),
         DualDraw {
-            svg: Box::new(move |root| trajectory_panels(root, t, by_step, &t1)),
-            bmp: Box::new(move |root| trajectory_panels(root, t, by_step, &t2)),
+            svg: Box::new(|root| trajectory_panels(root, t, by_step, title)),
+            bmp: Box::new(|root| trajectory_panels(root, t, by_step, title)),
         },
     )
 }

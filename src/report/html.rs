@@ -3,8 +3,19 @@
 //! tables and the generated samples with their metrics.
 
 use super::Summary;
+use crate::analysis::{
+    drift::Drift,
+    isotropy::IsotropyGroups,
+    morph::{DeviceReport, MorphemeReport},
+    neighbours::NeighbourQuery,
+    norms::Norms,
+    pairwise::Pairwise,
+    pca::PcaGroups,
+    trajectory::Trajectory,
+};
 use crate::infer::battery;
 use crate::infer::text_metrics::BatterySample;
+use crate::run::log::LossSummary;
 use anyhow::{Context, Result};
 use std::fmt::Write;
 use std::path::Path;
@@ -81,41 +92,80 @@ pub fn build(
     samples: &[BatterySample],
 ) -> Result<String> {
     let g = &summary.geometry;
-    let mut h = String::new();
-    // the run, or the analyzed model, named by its directory
-    let model_name = summary
-        .source
+    let sections = [
+        head(summary)?,
+        configuration(summary, run_toml)?,
+        training(summary.loss.as_ref(), analysis_dir)?,
+        geometry_figure(analysis_dir)?,
+        norms(&g.norms)?,
+        isotropy(&g.isotropy)?,
+        pca(&g.pca)?,
+        pairwise(g.pairwise_cosine.as_ref())?,
+        drift(g.drift.as_ref())?,
+        neighbours(&g.neighbours)?,
+        trajectories(summary.trajectory.as_ref(), analysis_dir)?,
+        morphemes(g.morphemes.as_ref())?,
+        devices(g.devices.as_ref())?,
+        samples_section(samples)?,
+        "</body></html>\n".to_string(),
+    ];
+    Ok(sections.concat())
+}
+
+/// Right-aligned table cells, one per value.
+fn num_cells<const N: usize>(values: [String; N]) -> String {
+    values
+        .iter()
+        .map(|v| format!("<td class=\"n\">{v}</td>"))
+        .collect()
+}
+
+/// A figure with its caption, when the SVG file exists.
+fn figure(path: &Path, caption: &str) -> Result<String> {
+    Ok(match inline_svg(path)? {
+        Some(svg) => format!("<figure>{svg}<figcaption>{caption}</figcaption></figure>\n"),
+        None => String::new(),
+    })
+}
+
+/// The document head, the title (the run or the analyzed model, named by its directory) and
+/// the source line.
+fn head(summary: &Summary) -> Result<String> {
+    let source = &summary.source;
+    let model_name = source
         .run_dir
         .as_deref()
-        .unwrap_or(&summary.source.model_dir)
+        .unwrap_or(&source.model_dir)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| summary.source.input.display().to_string());
-    let title = format!("Wake2Vec report — {model_name}");
+        .unwrap_or_else(|| source.input.display().to_string());
+    let title = escape(&format!("Wake2Vec report — {model_name}"));
+    let mut h = String::new();
     write!(
         h,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{}</title><style>{STYLE}</style></head><body>\n<h1>{}</h1>\n",
-        escape(&title),
-        escape(&title)
+         <title>{title}</title><style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
     )?;
     writeln!(
         h,
         "<p class=\"muted\">Source <code>{}</code>{} · model <code>{}</code> · wake2vec {}</p>",
-        escape(&summary.source.input.display().to_string()),
-        summary
-            .source
+        escape(&source.input.display().to_string()),
+        source
             .checkpoint
             .as_ref()
             .map(|c| format!(" ({})", escape(c)))
             .unwrap_or_default(),
-        escape(&summary.source.model_dir.display().to_string()),
+        escape(&source.model_dir.display().to_string()),
         summary.wake2vec_version
     )?;
+    Ok(h)
+}
 
-    // configuration
-    h.push_str("<h2>Configuration</h2>\n<table>");
+/// The matrix, its row layout and seed, and `run.toml` folded.
+fn configuration(summary: &Summary, run_toml: Option<&str>) -> Result<String> {
+    let g = &summary.geometry;
+    let mut h = String::from("<h2>Configuration</h2>\n<table>");
     for (k, v) in [
         ("matrix", format!("{} × {}", g.shape[0], g.shape[1])),
         ("base rows", g.base_vocab.to_string()),
@@ -141,62 +191,69 @@ pub fn build(
             escape(t)
         )?;
     }
+    Ok(h)
+}
 
-    // loss
-    if let Some(l) = &summary.loss {
-        h.push_str("<h2>Training</h2>\n");
-        if let Some(svg) = inline_svg(&analysis_dir.join("loss.svg"))? {
-            writeln!(
-                h,
-                "<figure>{svg}<figcaption>Training loss per optimizer step and validation loss \
-                 (nats/token); validation bits per byte compare across tokenizers.</figcaption></figure>"
-            )?;
-        }
-        h.push_str("<table><tr><th>final train</th><th>loss at init</th><th>final val</th><th>best val</th><th>best val step</th><th>final val bits/byte</th><th>best val bits/byte</th></tr><tr>");
-        for v in [
-            opt(l.final_train),
-            opt(l.init_val),
-            opt(l.final_val),
-            opt(l.best_val),
-            l.best_val_step.map_or("–".into(), |s| s.to_string()),
-            opt(l.final_val_bpb),
-            opt(l.best_val_bpb),
-        ] {
-            write!(h, "<td class=\"n\">{v}</td>")?;
-        }
-        h.push_str("</tr></table>\n");
-    }
+/// The loss figure and the loss numbers, when there is a training log.
+fn training(loss: Option<&LossSummary>, dir: &Path) -> Result<String> {
+    let Some(l) = loss else {
+        return Ok(String::new());
+    };
+    let mut h = String::from("<h2>Training</h2>\n");
+    h += &figure(
+        &dir.join("loss.svg"),
+        "Training loss per optimizer step and validation loss \
+         (nats/token); validation bits per byte compare across tokenizers.",
+    )?;
+    h.push_str("<table><tr><th>final train</th><th>loss at init</th><th>final val</th><th>best val</th><th>best val step</th><th>final val bits/byte</th><th>best val bits/byte</th></tr><tr>");
+    h += &num_cells([
+        opt(l.final_train),
+        opt(l.init_val),
+        opt(l.final_val),
+        opt(l.best_val),
+        l.best_val_step.map_or("–".into(), |s| s.to_string()),
+        opt(l.final_val_bpb),
+        opt(l.best_val_bpb),
+    ]);
+    h.push_str("</tr></table>\n");
+    Ok(h)
+}
 
-    // geometry
-    h.push_str("<h2>Embedding geometry</h2>\n");
-    if let Some(svg) = inline_svg(&analysis_dir.join("embedding_analysis.svg"))? {
-        writeln!(
-            h,
-            "<figure>{svg}<figcaption>Row norms; pairwise cosines of 2,000 sampled rows per group; \
+/// The geometry heading and the six-panel figure.
+fn geometry_figure(dir: &Path) -> Result<String> {
+    Ok("<h2>Embedding geometry</h2>\n".to_string()
+        + &figure(
+            &dir.join("embedding_analysis.svg"),
+            "Row norms; pairwise cosines of 2,000 sampled rows per group; \
              cumulative PCA on the full spectrum; drift against the reference; norm by token id; \
-             top-20 component shares.</figcaption></figure>"
-        )?;
-    }
-    h.push_str("<h3>Norms</h3><table><tr><th>rows</th><th>n</th><th>mean</th><th>sd (pop.)</th><th>min</th><th>max</th></tr>");
+             top-20 component shares.",
+        )?)
+}
+
+/// Row norms by group, and the tests of Wake norms against base norms.
+fn norms(n: &Norms) -> Result<String> {
+    let mut h = String::from("<h3>Norms</h3><table><tr><th>rows</th><th>n</th><th>mean</th><th>sd (pop.)</th><th>min</th><th>max</th></tr>");
     for (name, d) in [
-        ("all", Some(&g.norms.all)),
-        ("base", Some(&g.norms.base)),
-        ("Wake", g.norms.wake.as_ref()),
+        ("all", Some(&n.all)),
+        ("base", Some(&n.base)),
+        ("Wake", n.wake.as_ref()),
     ] {
         if let Some(d) = d {
             writeln!(
                 h,
-                "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                d.n,
-                num(d.mean),
-                num(d.sd_population),
-                num(d.min),
-                num(d.max)
+                "<tr><td>{name}</td>{}</tr>",
+                num_cells([
+                    d.n.to_string(),
+                    num(d.mean),
+                    num(d.sd_population),
+                    num(d.min),
+                    num(d.max)
+                ])
             )?;
         }
     }
     h.push_str("</table>\n");
-    if let Some(t) = &g.norms.tests {
+    if let Some(t) = &n.tests {
         writeln!(
             h,
             "<table><tr><th colspan=\"2\">Wake norms against base norms (positive: Wake larger)</th></tr>\
@@ -216,208 +273,269 @@ pub fn build(
             num(t.wake_cv)
         )?;
     }
-    h.push_str("<h3>Isotropy</h3><table><tr><th>rows</th><th>n</th><th>Mu et al. 2018 (±c)</th><th>original partition ratio</th><th>mean cosine</th><th>mean cosine, centred</th></tr>");
+    Ok(h)
+}
+
+/// Isotropy of each group under both definitions.
+fn isotropy(iso: &IsotropyGroups) -> Result<String> {
+    let mut h = String::from("<h3>Isotropy</h3><table><tr><th>rows</th><th>n</th><th>Mu et al. 2018 (±c)</th><th>original partition ratio</th><th>mean cosine</th><th>mean cosine, centred</th></tr>");
     for (name, i) in [
-        ("all", Some(&g.isotropy.all)),
-        ("base", Some(&g.isotropy.base)),
-        ("Wake", g.isotropy.wake.as_ref()),
+        ("all", Some(&iso.all)),
+        ("base", Some(&iso.base)),
+        ("Wake", iso.wake.as_ref()),
     ] {
         if let Some(i) = i {
             writeln!(
                 h,
-                "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                i.n,
-                num(i.mu2018),
-                num(i.partition_ratio),
-                num(i.mean_cos),
-                num(i.mean_cos_centred)
-            )?;
-        }
-    }
-    h.push_str("</table>\n<h3>PCA (full spectrum)</h3><table><tr><th>rows</th><th>n</th><th>components for 90%</th><th>for 95%</th><th>top-1 share</th></tr>");
-    for (name, p) in [("base", Some(&g.pca.base)), ("Wake", g.pca.wake.as_ref())] {
-        if let Some(p) = p {
-            writeln!(
-                h,
-                "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                p.n_rows,
-                p.k90,
-                p.k95,
-                num(p.top1_share)
+                "<tr><td>{name}</td>{}</tr>",
+                num_cells([
+                    i.n.to_string(),
+                    num(i.mu2018),
+                    num(i.partition_ratio),
+                    num(i.mean_cos),
+                    num(i.mean_cos_centred)
+                ])
             )?;
         }
     }
     h.push_str("</table>\n");
-    if let Some(p) = &g.pairwise_cosine {
-        writeln!(
+    Ok(h)
+}
+
+/// Components needed for 90% and 95% of the variance, by group.
+fn pca(p: &PcaGroups) -> Result<String> {
+    let mut h = String::from("<h3>PCA (full spectrum)</h3><table><tr><th>rows</th><th>n</th><th>components for 90%</th><th>for 95%</th><th>top-1 share</th></tr>");
+    for (name, p) in [("base", Some(&p.base)), ("Wake", p.wake.as_ref())] {
+        if let Some(p) = p {
+            writeln!(
+                h,
+                "<tr><td>{name}</td>{}</tr>",
+                num_cells([
+                    p.n_rows.to_string(),
+                    p.k90.to_string(),
+                    p.k95.to_string(),
+                    num(p.top1_share)
+                ])
+            )?;
+        }
+    }
+    h.push_str("</table>\n");
+    Ok(h)
+}
+
+/// Pairwise cosine statistics and the KS test, when there are Wake rows.
+fn pairwise(p: Option<&Pairwise>) -> Result<String> {
+    let Some(p) = p else {
+        return Ok(String::new());
+    };
+    let mut h = String::from(
+        "<h3>Pairwise cosines</h3><table><tr><th>pairs</th><th>n</th><th>mean</th><th>sd</th></tr>",
+    );
+    for (name, s) in [
+        ("base–base", &p.base_base),
+        ("Wake–Wake", &p.wake_wake),
+        ("base–Wake", &p.base_wake),
+    ] {
+        write!(
             h,
-            "<h3>Pairwise cosines</h3><table><tr><th>pairs</th><th>n</th><th>mean</th><th>sd</th></tr>\
-             <tr><td>base–base</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\
-             <tr><td>Wake–Wake</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\
-             <tr><td>base–Wake</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr></table>\
-             <p>Kolmogorov-Smirnov, base–base against Wake–Wake ({}): D = {}, p = {}</p>",
-            p.base_base.n_pairs,
-            num(p.base_base.mean),
-            num(p.base_base.sd_sample),
-            p.wake_wake.n_pairs,
-            num(p.wake_wake.mean),
-            num(p.wake_wake.sd_sample),
-            p.base_wake.n_pairs,
-            num(p.base_wake.mean),
-            num(p.base_wake.sd_sample),
-            p.ks_base_base_vs_wake_wake.method,
-            num(p.ks_base_base_vs_wake_wake.d),
-            pval(p.ks_base_base_vs_wake_wake.p)
+            "<tr><td>{name}</td>{}</tr>",
+            num_cells([s.n_pairs.to_string(), num(s.mean), num(s.sd_sample)])
         )?;
     }
-    if let Some(d) = &g.drift {
-        writeln!(
-            h,
-            "<h3>Drift</h3><p class=\"muted\">against {}</p><table><tr><th>rows</th><th>n</th><th>cosine mean</th><th>cosine sd</th><th>cosine min</th><th>L2 mean</th><th>L2 max</th></tr>",
-            escape(&d.reference)
-        )?;
-        for (name, s) in [("base", d.base.as_ref()), ("Wake", d.wake.as_ref())] {
-            if let Some(s) = s {
-                writeln!(
-                    h,
-                    "<tr><td>{name}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                    s.n,
+    let ks = &p.ks_base_base_vs_wake_wake;
+    writeln!(
+        h,
+        "</table><p>Kolmogorov-Smirnov, base–base against Wake–Wake ({}): D = {}, p = {}</p>",
+        ks.method,
+        num(ks.d),
+        pval(ks.p)
+    )?;
+    Ok(h)
+}
+
+/// Drift against the reference by group, and the most moved Wake tokens.
+fn drift(d: Option<&Drift>) -> Result<String> {
+    let Some(d) = d else {
+        return Ok(String::new());
+    };
+    let mut h = String::new();
+    writeln!(
+        h,
+        "<h3>Drift</h3><p class=\"muted\">against {}</p><table><tr><th>rows</th><th>n</th><th>cosine mean</th><th>cosine sd</th><th>cosine min</th><th>L2 mean</th><th>L2 max</th></tr>",
+        escape(&d.reference)
+    )?;
+    for (name, s) in [("base", d.base.as_ref()), ("Wake", d.wake.as_ref())] {
+        if let Some(s) = s {
+            writeln!(
+                h,
+                "<tr><td>{name}</td>{}</tr>",
+                num_cells([
+                    s.n.to_string(),
                     num(s.cos.mean),
                     num(s.cos.sd_population),
                     num(s.cos.min),
                     num(s.l2.mean),
                     num(s.l2.max)
-                )?;
-            }
-        }
-        h.push_str("</table>\n");
-        if !d.most_moved_wake.is_empty() {
-            h.push_str("<table><tr><th colspan=\"4\">Most moved Wake tokens</th></tr><tr><th>id</th><th>word</th><th>cosine</th><th>L2</th></tr>");
-            for m in &d.most_moved_wake {
-                writeln!(
-                    h,
-                    "<tr><td class=\"n\">{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                    m.id,
-                    escape(m.word.trim()),
-                    num(m.cos),
-                    num(m.l2)
-                )?;
-            }
-            h.push_str("</table>\n");
+                ])
+            )?;
         }
     }
-
-    // neighbours
-    if !g.neighbours.is_empty() {
-        h.push_str("<h2>Nearest base neighbours</h2>\n<table><tr><th>id</th><th>token</th><th>query</th><th>top 5 base tokens by cosine</th></tr>");
-        for q in &g.neighbours {
-            let nb: Vec<String> = q
-                .neighbours
-                .iter()
-                .map(|n| {
-                    format!(
-                        "{} <span class=\"muted\">{:.3}</span>",
-                        escape(n.word.trim()),
-                        n.cos
-                    )
-                })
-                .collect();
+    h.push_str("</table>\n");
+    if !d.most_moved_wake.is_empty() {
+        h.push_str("<table><tr><th colspan=\"4\">Most moved Wake tokens</th></tr><tr><th>id</th><th>word</th><th>cosine</th><th>L2</th></tr>");
+        for m in &d.most_moved_wake {
             writeln!(
                 h,
-                "<tr><td class=\"n\">{}</td><td><b>{}</b></td><td>{}</td><td>{}</td></tr>",
-                q.id,
-                escape(q.word.trim()),
-                q.source,
-                nb.join(" · ")
+                "<tr><td class=\"n\">{}</td><td>{}</td>{}</tr>",
+                m.id,
+                escape(m.word.trim()),
+                num_cells([num(m.cos), num(m.l2)])
             )?;
         }
         h.push_str("</table>\n");
     }
+    Ok(h)
+}
 
-    // trajectory
-    if let Some(t) = &summary.trajectory {
-        h.push_str("<h2>Trajectories</h2>\n");
-        if let Some(svg) = inline_svg(&analysis_dir.join("trajectory.svg"))? {
-            writeln!(
-                h,
-                "<figure>{svg}<figcaption>{} sampled Wake tokens across {} snapshots, projected on \
-                 the first two principal components of the last snapshot ({:.1}% + {:.1}% of its \
-                 variance).</figcaption></figure>",
-                t.n_tokens,
-                t.steps.len(),
-                100.0 * t.pca_variance_explained[0],
-                100.0 * t.pca_variance_explained[1]
-            )?;
-        }
-        let mobile: Vec<String> = t
-            .most_mobile
+/// The nearest base neighbours of each query token.
+fn neighbours(queries: &[NeighbourQuery]) -> Result<String> {
+    if queries.is_empty() {
+        return Ok(String::new());
+    }
+    let mut h = String::from("<h2>Nearest base neighbours</h2>\n<table><tr><th>id</th><th>token</th><th>query</th><th>top 5 base tokens by cosine</th></tr>");
+    for q in queries {
+        let nb: Vec<String> = q
+            .neighbours
             .iter()
-            .map(|(w, d)| format!("{} ({:.3})", escape(w.trim()), d))
+            .map(|n| {
+                format!(
+                    "{} <span class=\"muted\">{:.3}</span>",
+                    escape(n.word.trim()),
+                    n.cos
+                )
+            })
             .collect();
-        writeln!(h, "<p>Most mobile: {}</p>", mobile.join(", "))?;
-    }
-
-    // morphemes, devices
-    if let Some(m) = &g.morphemes {
         writeln!(
             h,
-            "<h2>Morpheme directions</h2><p>{} of {} groups used ({} pairs).</p>\
-             <table><tr><th>morpheme</th><th>pairs</th><th>consistency</th><th>sd</th><th>magnitude</th></tr>",
-            m.groups_used, m.groups_in_file, m.pairs_used
+            "<tr><td class=\"n\">{}</td><td><b>{}</b></td><td>{}</td><td>{}</td></tr>",
+            q.id,
+            escape(q.word.trim()),
+            q.source,
+            nb.join(" · ")
         )?;
-        let n = m.groups.len();
-        for (i, s) in m.groups.iter().enumerate() {
-            if i < 15 || i + 10 >= n {
-                writeln!(
-                    h,
-                    "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                    escape(&s.morpheme),
-                    s.n_pairs,
+    }
+    h.push_str("</table>\n");
+    Ok(h)
+}
+
+/// The trajectory figure and the most mobile tokens, when the run has snapshots.
+fn trajectories(t: Option<&Trajectory>, dir: &Path) -> Result<String> {
+    let Some(t) = t else {
+        return Ok(String::new());
+    };
+    let mut h = String::from("<h2>Trajectories</h2>\n");
+    h += &figure(
+        &dir.join("trajectory.svg"),
+        &format!(
+            "{} sampled Wake tokens across {} snapshots, projected on \
+             the first two principal components of the last snapshot ({:.1}% + {:.1}% of its \
+             variance).",
+            t.n_tokens,
+            t.steps.len(),
+            100.0 * t.pca_variance_explained[0],
+            100.0 * t.pca_variance_explained[1]
+        ),
+    )?;
+    let mobile: Vec<String> = t
+        .most_mobile
+        .iter()
+        .map(|(w, d)| format!("{} ({:.3})", escape(w.trim()), d))
+        .collect();
+    writeln!(h, "<p>Most mobile: {}</p>", mobile.join(", "))?;
+    Ok(h)
+}
+
+/// Morpheme direction consistency: the first 15 and the last 10 groups.
+fn morphemes(m: Option<&MorphemeReport>) -> Result<String> {
+    let Some(m) = m else {
+        return Ok(String::new());
+    };
+    let mut h = String::new();
+    writeln!(
+        h,
+        "<h2>Morpheme directions</h2><p>{} of {} groups used ({} pairs).</p>\
+         <table><tr><th>morpheme</th><th>pairs</th><th>consistency</th><th>sd</th><th>magnitude</th></tr>",
+        m.groups_used, m.groups_in_file, m.pairs_used
+    )?;
+    let n = m.groups.len();
+    for (i, s) in m.groups.iter().enumerate() {
+        if i < 15 || i + 10 >= n {
+            writeln!(
+                h,
+                "<tr><td>{}</td>{}</tr>",
+                escape(&s.morpheme),
+                num_cells([
+                    s.n_pairs.to_string(),
                     num(s.consistency_mean),
                     num(s.consistency_sd),
                     num(s.magnitude_mean)
-                )?;
-            } else if i == 15 {
-                h.push_str("<tr><td colspan=\"5\" class=\"muted\">…</td></tr>");
-            }
-        }
-        h.push_str("</table>\n");
-    }
-    if let Some(d) = &g.devices {
-        h.push_str("<h2>Device cohesion</h2><table><tr><th>device</th><th>words</th><th>found</th><th>mean intra-group cosine</th></tr>");
-        for s in &d.groups {
-            writeln!(
-                h,
-                "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                escape(&s.device),
-                s.n_words,
-                s.n_found,
-                num(s.intra_mean_cos)
+                ])
             )?;
+        } else if i == 15 {
+            h.push_str("<tr><td colspan=\"5\" class=\"muted\">…</td></tr>");
         }
-        h.push_str("</table>\n");
     }
+    h.push_str("</table>\n");
+    Ok(h)
+}
 
-    // samples
-    if !samples.is_empty() {
-        h.push_str("<h2>Samples</h2>\n<p class=\"muted\">Raw output, no cherry-picking.</p>\n");
-        for s in samples {
-            let m = &s.metrics;
-            writeln!(
-                h,
-                "<div class=\"sample\"><h3>{}</h3><p class=\"muted\">temperature {} · top-p {} · top-k {} · \
-                 repetition penalty {} · seed {} · {} tokens</p><blockquote><b>{}</b>{}</blockquote>\
-                 <table><tr><th>Wake-token share</th><th>coinage rate</th><th>fused-word rate</th><th>distinct-1</th><th>distinct-2</th><th>distinct-3</th><th>repetition rate</th></tr>\
-                 <tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr></table></div>",
-                escape(&s.label),
-                s.temperature,
-                s.top_p,
-                s.top_k,
-                s.repetition_penalty,
-                s.seed,
-                s.tokens,
-                escape(&s.prompt),
-                escape(&s.text),
+/// Mean intra-group cosine of each device group.
+fn devices(d: Option<&DeviceReport>) -> Result<String> {
+    let Some(d) = d else {
+        return Ok(String::new());
+    };
+    let mut h = String::from("<h2>Device cohesion</h2><table><tr><th>device</th><th>words</th><th>found</th><th>mean intra-group cosine</th></tr>");
+    for s in &d.groups {
+        writeln!(
+            h,
+            "<tr><td>{}</td>{}</tr>",
+            escape(&s.device),
+            num_cells([
+                s.n_words.to_string(),
+                s.n_found.to_string(),
+                num(s.intra_mean_cos)
+            ])
+        )?;
+    }
+    h.push_str("</table>\n");
+    Ok(h)
+}
+
+/// Every generated sample with its settings and text metrics.
+fn samples_section(samples: &[BatterySample]) -> Result<String> {
+    if samples.is_empty() {
+        return Ok(String::new());
+    }
+    let mut h =
+        String::from("<h2>Samples</h2>\n<p class=\"muted\">Raw output, no cherry-picking.</p>\n");
+    for s in samples {
+        let m = &s.metrics;
+        writeln!(
+            h,
+            "<div class=\"sample\"><h3>{}</h3><p class=\"muted\">temperature {} · top-p {} · top-k {} · \
+             repetition penalty {} · seed {} · {} tokens</p><blockquote><b>{}</b>{}</blockquote>\
+             <table><tr><th>Wake-token share</th><th>coinage rate</th><th>fused-word rate</th><th>distinct-1</th><th>distinct-2</th><th>distinct-3</th><th>repetition rate</th></tr>\
+             <tr>{}</tr></table></div>",
+            escape(&s.label),
+            s.temperature,
+            s.top_p,
+            s.top_k,
+            s.repetition_penalty,
+            s.seed,
+            s.tokens,
+            escape(&s.prompt),
+            escape(&s.text),
+            num_cells([
                 opt(m.wake_token_share),
                 num(m.coinage_rate),
                 num(m.fused_rate),
@@ -425,10 +543,9 @@ pub fn build(
                 num(m.distinct_2),
                 num(m.distinct_3),
                 num(m.repetition_rate)
-            )?;
-        }
+            ])
+        )?;
     }
-    h.push_str("</body></html>\n");
     Ok(h)
 }
 

@@ -9,14 +9,23 @@ pub mod html;
 
 use crate::analysis::{
     self,
+    drift::Drift,
+    isotropy::IsotropyGroups,
     load::{self, Source},
-    morph, trajectory, DriftReference, Geometry, Options, Vocabulary,
+    morph,
+    neighbours::NeighbourQuery,
+    norms::Norms,
+    pairwise::Pairwise,
+    pca::PcaGroups,
+    trajectory, DriftReference, Embeddings, Geometry, Layout, Options, Vocabulary,
 };
 use crate::run::dir::RunDir;
-use crate::run::log::{self, LossSummary};
+use crate::run::log::{self, LogLine, LossSummary};
 use crate::util::fs;
+use crate::vocab::Manifest;
 use anyhow::{Context, Result};
 use serde::Serialize;
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 /// Inputs of `wake2vec analyze`.
@@ -81,26 +90,8 @@ fn write_figure(
 /// Runs `wake2vec analyze`.
 pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let source = load::resolve(&req.path)?;
-    let mut emb = load::load_embeddings(&source.model_dir)?;
-    let (layout, wake_json) = load::load_layout(&source, emb.rows, req.base_vocab)?;
-    if let Some(p) = &source.params {
-        if !load::apply_params(&mut emb, &layout, p)? {
-            eprintln!(
-                "note: {} holds no wake_embed; the model's own Wake rows are analyzed",
-                p.display()
-            );
-        }
-    }
-    let tok_path = source.model_dir.join("tokenizer.json");
-    let tokenizer = if tok_path.is_file() {
-        Some(
-            tokenizers::Tokenizer::from_file(&tok_path)
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("cannot load the tokenizer {}", tok_path.display()))?,
-        )
-    } else {
-        None
-    };
+    let (emb, layout, wake_json) = load_matrix(&source, req.base_vocab)?;
+    let tokenizer = load_tokenizer(&source.model_dir)?;
     let vocab = Vocabulary {
         layout: &layout,
         tokenizer: tokenizer.as_ref(),
@@ -109,27 +100,8 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         Some(r) => RunDir::new(r).list_snapshots()?,
         None => Vec::new(),
     };
-    // drift: --pre, else the run's first snapshot
-    let reference: Option<(String, DriftReference)> = match (&req.pre, snapshots.first()) {
-        (Some(p), _) => Some((p.display().to_string(), load::load_reference(p)?)),
-        (None, Some((step, p))) if layout.wake_count > 0 => Some((
-            format!("snapshot step {step} ({})", p.display()),
-            DriftReference::WakeOnly(load::load_snapshot(p)?),
-        )),
-        _ => None,
-    };
-    let groups = morph::Groups {
-        morphemes: req
-            .morphemes
-            .as_deref()
-            .map(morph::load_morphemes)
-            .transpose()?,
-        devices: req
-            .devices
-            .as_deref()
-            .map(morph::load_devices)
-            .transpose()?,
-    };
+    let reference = drift_reference(req.pre.as_deref(), snapshots.first(), &layout)?;
+    let groups = load_groups(req)?;
     let result = analysis::analyze(
         &emb,
         &layout,
@@ -143,75 +115,20 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let out = req.out.clone().unwrap_or_else(|| req.path.join("analysis"));
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
-    let name = wake_json
-        .as_ref()
-        .and_then(|w| w.base_model.clone())
-        .map(|m| {
-            // a path names the model by its directory
-            Path::new(&m)
-                .file_name()
-                .map_or(m.clone(), |n| n.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| {
-            source
-                .model_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
-    let label = match &source.checkpoint {
-        Some(c) => format!("{name} {c}"),
-        None => name.clone(),
-    };
-    let mut names = Vec::new();
-
-    // loss curves
-    let log_path = source.run_dir.as_ref().map(|r| r.join("log.jsonl"));
-    let log = match &log_path {
-        _ if !req.logs.is_empty() => Some(log::chain_logs(&req.logs)?),
-        Some(p) if p.is_file() => Some(log::load_log(p)?),
-        _ => None,
-    };
-    // trajectories
-    let traj = if snapshots.len() >= 2 && layout.wake_count >= 3 {
-        let frames = snapshots
-            .iter()
-            .map(|(s, p)| Ok((*s, load::load_snapshot(p)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Some(trajectory::trajectory(
-            &frames,
-            layout.wake_start,
-            &vocab,
-            req.trajectory_tokens,
-            req.options.seed,
-        )?)
+    let base_model = wake_json.and_then(|w| w.base_model);
+    let label = figure_label(&source, base_model.as_deref());
+    let log = training_log(req, source.run_dir.as_deref())?;
+    let traj = trajectories(&snapshots, &vocab, req)?;
+    let names = if req.no_figures {
+        Vec::new()
     } else {
-        None
+        write_figures(&out, &label, &result.figures, log.as_deref(), traj.as_ref())?
     };
-    if !req.no_figures {
-        let f = figures::embedding_figure(
-            &result.figures,
-            &format!("Wake2Vec {label} — Embedding Analysis"),
-        )?;
-        write_figure(&out, "embedding_analysis", &f, &mut names)?;
-        if let Some(log) = log.as_ref().filter(|l| !l.is_empty()) {
-            let f = figures::loss_figure(log, &format!("Wake2Vec {label} — Training"))?;
-            write_figure(&out, "loss", &f, &mut names)?;
-        }
-        if let Some((t, plot)) = &traj {
-            let f = figures::trajectory_figure(
-                plot,
-                &t.mean_displacement_by_step,
-                &format!("Wake2Vec {label} — Wake-token trajectories"),
-            )?;
-            write_figure(&out, "trajectory", &f, &mut names)?;
-        }
-    }
     let summary = Summary {
         format: 1,
         wake2vec_version: env!("CARGO_PKG_VERSION"),
         source,
-        base_model: wake_json.and_then(|w| w.base_model),
+        base_model,
         layout_from: if req.base_vocab.is_some() {
             "--base-vocab"
         } else {
@@ -227,20 +144,171 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     Ok(AnalyzeOutput { dir: out, summary })
 }
 
+/// The embedding matrix with the checkpoint's trained Wake rows in place, its row layout
+/// (`base_vocab` overrides `wake2vec.json`), and `wake2vec.json` when it was read.
+fn load_matrix(
+    source: &Source,
+    base_vocab: Option<usize>,
+) -> Result<(Embeddings, Layout, Option<Manifest>)> {
+    let mut emb = load::load_embeddings(&source.model_dir)?;
+    let (layout, wake_json) = load::load_layout(source, emb.rows, base_vocab)?;
+    if let Some(p) = &source.params {
+        if !load::apply_params(&mut emb, &layout, p)? {
+            eprintln!(
+                "note: {} holds no wake_embed; the model's own Wake rows are analyzed",
+                p.display()
+            );
+        }
+    }
+    Ok((emb, layout, wake_json))
+}
+
+/// The model directory's `tokenizer.json`, when it has one (token ids are named `#ID` without).
+fn load_tokenizer(model_dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
+    let path = model_dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let t = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot load the tokenizer {}", path.display()))?;
+    Ok(Some(t))
+}
+
+/// What drift is measured against, with its name: `--pre`, else the run's first snapshot
+/// (when there are Wake rows), else nothing.
+fn drift_reference(
+    pre: Option<&Path>,
+    first_snapshot: Option<&(u64, PathBuf)>,
+    layout: &Layout,
+) -> Result<Option<(String, DriftReference)>> {
+    Ok(match (pre, first_snapshot) {
+        (Some(p), _) => Some((p.display().to_string(), load::load_reference(p)?)),
+        (None, Some((step, p))) if layout.wake_count > 0 => Some((
+            format!("snapshot step {step} ({})", p.display()),
+            DriftReference::WakeOnly(load::load_snapshot(p)?),
+        )),
+        _ => None,
+    })
+}
+
+/// The morpheme and device groups of `--morphemes` and `--devices`.
+fn load_groups(req: &AnalyzeRequest) -> Result<morph::Groups> {
+    Ok(morph::Groups {
+        morphemes: req
+            .morphemes
+            .as_deref()
+            .map(morph::load_morphemes)
+            .transpose()?,
+        devices: req
+            .devices
+            .as_deref()
+            .map(morph::load_devices)
+            .transpose()?,
+    })
+}
+
+/// The model's name in figure titles: the base model (a path named by its directory), else
+/// the model directory's name; followed by the checkpoint when there is one.
+fn figure_label(source: &Source, base_model: Option<&str>) -> String {
+    let name = match base_model {
+        Some(m) => Path::new(m)
+            .file_name()
+            .map_or(m.to_string(), |n| n.to_string_lossy().into_owned()),
+        None => source
+            .model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    match &source.checkpoint {
+        Some(c) => format!("{name} {c}"),
+        None => name,
+    }
+}
+
+/// The training log: the `--log` files chained, else the run's `log.jsonl` when it exists.
+fn training_log(req: &AnalyzeRequest, run_dir: Option<&Path>) -> Result<Option<Vec<LogLine>>> {
+    let log_path = run_dir.map(|r| r.join("log.jsonl"));
+    Ok(match &log_path {
+        _ if !req.logs.is_empty() => Some(log::chain_logs(&req.logs)?),
+        Some(p) if p.is_file() => Some(log::load_log(p)?),
+        _ => None,
+    })
+}
+
+/// Trajectories of sampled Wake tokens, when the run has two snapshots or more and there are
+/// at least three Wake rows.
+fn trajectories(
+    snapshots: &[(u64, PathBuf)],
+    vocab: &Vocabulary,
+    req: &AnalyzeRequest,
+) -> Result<Option<(trajectory::Trajectory, trajectory::TrajectoryPlot)>> {
+    if snapshots.len() < 2 || vocab.layout.wake_count < 3 {
+        return Ok(None);
+    }
+    let frames = snapshots
+        .iter()
+        .map(|(s, p)| Ok((*s, load::load_snapshot(p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(trajectory::trajectory(
+        &frames,
+        vocab.layout.wake_start,
+        vocab,
+        req.trajectory_tokens,
+        req.options.seed,
+    )?))
+}
+
+/// Writes the embedding figure, the loss figure (when the log has lines) and the trajectory
+/// figure (when there is one); returns the names of the files written.
+fn write_figures(
+    out: &Path,
+    label: &str,
+    data: &analysis::FigureData,
+    log: Option<&[LogLine]>,
+    traj: Option<&(trajectory::Trajectory, trajectory::TrajectoryPlot)>,
+) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let f = figures::embedding_figure(data, &format!("Wake2Vec {label} — Embedding Analysis"))?;
+    write_figure(out, "embedding_analysis", &f, &mut names)?;
+    if let Some(log) = log.filter(|l| !l.is_empty()) {
+        let f = figures::loss_figure(log, &format!("Wake2Vec {label} — Training"))?;
+        write_figure(out, "loss", &f, &mut names)?;
+    }
+    if let Some((t, plot)) = traj {
+        let f = figures::trajectory_figure(
+            plot,
+            &t.mean_displacement_by_step,
+            &format!("Wake2Vec {label} — Wake-token trajectories"),
+        )?;
+        write_figure(out, "trajectory", &f, &mut names)?;
+    }
+    Ok(names)
+}
+
 /// A short text summary for the terminal.
 pub fn print_summary(s: &Summary) -> String {
     let g = &s.geometry;
-    let mut o = String::new();
-    use std::fmt::Write;
-    let _ = writeln!(
-        o,
-        "matrix {} × {}: base rows {}, Wake rows {} (from {})",
-        g.shape[0], g.shape[1], g.base_vocab, g.wake_count, s.layout_from
-    );
-    let n = &g.norms;
-    let _ = writeln!(
-        o,
-        "norms: base {:.4} ± {:.4}{}",
+    [
+        format!(
+            "matrix {} × {}: base rows {}, Wake rows {} (from {})\n",
+            g.shape[0], g.shape[1], g.base_vocab, g.wake_count, s.layout_from
+        ),
+        norm_lines(&g.norms),
+        isotropy_lines(&g.isotropy),
+        pca_line(&g.pca),
+        pairwise_line(g.pairwise_cosine.as_ref()),
+        drift_lines(g.drift.as_ref()),
+        neighbour_lines(&g.neighbours),
+        loss_line(s.loss.as_ref()),
+    ]
+    .concat()
+}
+
+fn norm_lines(n: &Norms) -> String {
+    let mut o = format!(
+        "norms: base {:.4} ± {:.4}{}\n",
         n.base.mean,
         n.base.sd_population,
         n.wake
@@ -261,10 +329,15 @@ pub fn print_summary(s: &Summary) -> String {
             t.cohens_d.pooled
         );
     }
+    o
+}
+
+fn isotropy_lines(iso: &IsotropyGroups) -> String {
+    let mut o = String::new();
     for (name, i) in [
-        ("all", Some(&g.isotropy.all)),
-        ("base", Some(&g.isotropy.base)),
-        ("Wake", g.isotropy.wake.as_ref()),
+        ("all", Some(&iso.all)),
+        ("base", Some(&iso.base)),
+        ("Wake", iso.wake.as_ref()),
     ] {
         if let Some(i) = i {
             let _ = writeln!(
@@ -274,49 +347,65 @@ pub fn print_summary(s: &Summary) -> String {
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "PCA base: 90% at {}, 95% at {}, top-1 {:.4}{}",
-        g.pca.base.k90,
-        g.pca.base.k95,
-        g.pca.base.top1_share,
-        g.pca
-            .wake
+    o
+}
+
+fn pca_line(p: &PcaGroups) -> String {
+    format!(
+        "PCA base: 90% at {}, 95% at {}, top-1 {:.4}{}\n",
+        p.base.k90,
+        p.base.k95,
+        p.base.top1_share,
+        p.wake
             .as_ref()
-            .map(|p| format!(
+            .map(|w| format!(
                 "; Wake: 90% at {}, 95% at {}, top-1 {:.4}",
-                p.k90, p.k95, p.top1_share
+                w.k90, w.k95, w.top1_share
             ))
             .unwrap_or_default()
-    );
-    if let Some(p) = &g.pairwise_cosine {
-        let _ = writeln!(
-            o,
-            "pairwise cosine: base–base {:.4}, Wake–Wake {:.4}, base–Wake {:.4}; KS D = {:.4} (p = {:.3e})",
+    )
+}
+
+fn pairwise_line(p: Option<&Pairwise>) -> String {
+    p.map(|p| {
+        format!(
+            "pairwise cosine: base–base {:.4}, Wake–Wake {:.4}, base–Wake {:.4}; KS D = {:.4} (p = {:.3e})\n",
             p.base_base.mean,
             p.wake_wake.mean,
             p.base_wake.mean,
             p.ks_base_base_vs_wake_wake.d,
             p.ks_base_base_vs_wake_wake.p
+        )
+    })
+    .unwrap_or_default()
+}
+
+fn drift_lines(d: Option<&Drift>) -> String {
+    let mut o = String::new();
+    let Some(d) = d else {
+        return o;
+    };
+    if let Some(w) = &d.wake {
+        let _ = writeln!(
+            o,
+            "drift (Wake rows) vs {}: cos {:.5} ± {:.5}, L2 {:.4}",
+            d.reference, w.cos.mean, w.cos.sd_population, w.l2.mean
         );
     }
-    if let Some(d) = &g.drift {
-        if let Some(w) = &d.wake {
-            let _ = writeln!(
-                o,
-                "drift (Wake rows) vs {}: cos {:.5} ± {:.5}, L2 {:.4}",
-                d.reference, w.cos.mean, w.cos.sd_population, w.l2.mean
-            );
-        }
-        if let Some(b) = &d.base {
-            let _ = writeln!(
-                o,
-                "drift (base rows): cos {:.6} ± {:.6}, L2 {:.5}",
-                b.cos.mean, b.cos.sd_population, b.l2.mean
-            );
-        }
+    if let Some(b) = &d.base {
+        let _ = writeln!(
+            o,
+            "drift (base rows): cos {:.6} ± {:.6}, L2 {:.5}",
+            b.cos.mean, b.cos.sd_population, b.l2.mean
+        );
     }
-    for q in g.neighbours.iter().take(6) {
+    o
+}
+
+/// The neighbours of the first six queries.
+fn neighbour_lines(queries: &[NeighbourQuery]) -> String {
+    let mut o = String::new();
+    for q in queries.iter().take(6) {
         let nb: Vec<String> = q
             .neighbours
             .iter()
@@ -324,16 +413,19 @@ pub fn print_summary(s: &Summary) -> String {
             .collect();
         let _ = writeln!(o, "  {:?} → {}", q.word, nb.join(", "));
     }
-    if let Some(l) = &s.loss {
-        let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
-        let _ = writeln!(
-            o,
-            "loss: final train {}, final val {}, best val {} (val bits/byte {})",
-            f(l.final_train),
-            f(l.final_val),
-            f(l.best_val),
-            f(l.final_val_bpb)
-        );
-    }
     o
+}
+
+fn loss_line(l: Option<&LossSummary>) -> String {
+    let Some(l) = l else {
+        return String::new();
+    };
+    let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
+    format!(
+        "loss: final train {}, final val {}, best val {} (val bits/byte {})\n",
+        f(l.final_train),
+        f(l.final_val),
+        f(l.best_val),
+        f(l.final_val_bpb)
+    )
 }
