@@ -20,6 +20,7 @@ use anyhow::Result;
 use candle_core::{Tensor, D};
 use std::path::Path;
 use std::time::Instant;
+use tokenizers::Tokenizer;
 
 /// Text for the benchmark block (the Wake's opening, public domain).
 const TEXT: &str =
@@ -142,173 +143,35 @@ pub fn phase(
     repeats: usize,
     baseline: bool,
 ) -> Result<()> {
-    let LoadedModel {
-        mut model,
-        tokenizer,
-    } = LoadedModel::load(dir)?;
-    let manifest = match Manifest::load(dir) {
-        Ok(m) => m,
-        Err(_) => append_synthetic_rows(&mut model, wake_rows, 42)?,
-    };
-    let wake = manifest.wake;
-    // One block: the text's tokens, every 8th replaced by a Wake id so that both the embedding
-    // lookup and the head exercise the Wake rows.
-    let enc = tokenizer
-        .encode(TEXT.repeat(1 + seq_len / 100), false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize the benchmark text: {e}"))?;
-    anyhow::ensure!(enc.get_ids().len() >= seq_len, "benchmark text too short");
-    let block: Vec<u32> = enc.get_ids()[..seq_len]
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            if i % 8 == 3 {
-                (wake.start + (i * 7919) % wake.count) as u32
-            } else {
-                id
-            }
-        })
-        .collect();
-    let rows = model.embed.dim(0)?;
+    let bench = Bench::set_up(dir, wake_rows, seq_len)?;
+    let (model, wake) = (&bench.model, bench.manifest.wake);
     println!(
-        "phase {} step: {} layers, hidden {}, vocab {rows} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
+        "phase {} step: {} layers, hidden {}, vocab {} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
         phase.name(),
         model.config.num_layers,
         model.config.hidden_size,
+        model.embed.dim(0)?,
         wake.count,
         rayon::current_num_threads()
     );
     let load_peak = peak_rss_mib();
     let reset = reset_peak_rss();
 
-    // wake2vec: frozen-weight projections; the phase's trainable parameters; fused updates.
-    let mut params = if phase.trains_wake_rows() {
-        wake_params(&model, wake)?
-    } else {
-        vec![]
-    };
-    let n_wake = params.len();
-    let lora = if phase.has_lora() {
-        let lora = Lora::new(&model, LoraConfig::default(), 42)?;
-        for (name, var) in lora.params() {
-            params.push(Param::new(name, var)?);
-        }
-        Some(lora)
-    } else {
-        None
-    };
-    let aux = if phase == Phase::P3 {
-        let config = AuxConfig {
-            morph: MorphVariant::Off,
-            ..AuxConfig::default()
-        };
-        let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
-        let layout = crate::analysis::Layout {
-            base_vocab: manifest.base_vocab,
-            wake_start: wake.start,
-            wake_count: wake.count,
-            words: vec![],
-        };
-        let vocab = crate::analysis::Vocabulary {
-            layout: &layout,
-            tokenizer: Some(&tokenizer),
-        };
-        Some(AuxLosses::build(
-            &config,
-            &vocab,
-            &embed,
-            model.config.hidden_size,
-        )?)
-    } else {
-        None
-    };
-    let adamw = || {
-        Optimizer::new(OptimizerConfig::Adamw(AdamWConfig {
-            weight_decay: 0.01,
-            ..AdamWConfig::default()
-        }))
-    };
-    let (mut optimizer, update) = match phase {
-        Phase::P1 => (
-            Optimizer::new(OptimizerConfig::default())?,
-            "clip+Adafactor",
-        ),
-        Phase::P2 => (adamw()?, "clip+AdamW"),
-        Phase::P3 => (adamw()?, "aux+clip+AdamW"),
-    };
-    let mut rng = Rng::new(42);
-    let frozen = frozen_wake_rows(&model, wake)?;
-    let (mut fb, mut opt, mut total, mut cpu) = (vec![], vec![], vec![], vec![]);
-    for r in 0..=repeats.max(1) {
-        let wake_rows = if n_wake > 0 {
-            wake_rows_of(wake.start, &params[..n_wake])
-        } else {
-            frozen.clone()
-        };
-        let pass = lora.as_ref().map(|lora| LoraPass {
-            lora,
-            dropout_seed: Some(r as u64),
-        });
-        zero_grads(&params);
-        let (t0, c0) = (Instant::now(), cpu_seconds());
-        accumulate(
-            &model,
-            &[&block],
-            Some(&wake_rows),
-            pass.as_ref(),
-            &params[n_wake..],
-            1.0,
-        )?;
-        let t1 = Instant::now();
-        if let Some(aux) = &aux {
-            add_aux(aux, &params[0], &mut rng)?;
-        }
-        apply_update(&mut params, &mut optimizer, 3e-4, 1.0)?;
-        let t2 = Instant::now();
-        if r > 0 {
-            fb.push((t1 - t0).as_secs_f64());
-            opt.push((t2 - t1).as_secs_f64());
-            total.push((t2 - t0).as_secs_f64());
-            cpu.push(cpu_seconds() - c0);
-        }
-    }
+    let mut step = Step::new(&bench, phase)?;
+    let timings = step.measure(&bench, repeats)?;
     let ours_peak = peak_rss_mib();
-    let step = median(total.clone());
-    let ours_fb = median(fb);
-    println!(
-        "wake2vec step:      {step:.3} s (median of {repeats}; forward+backward {ours_fb:.3}, {update} {:.3}) = {:.0} tokens/s",
-        median(opt),
-        seq_len as f64 / step
-    );
-    println!(
-        "peak memory:        {ours_peak:.0} MiB{}",
-        if reset {
-            format!(" (process peak; {load_peak:.0} MiB while loading the model)")
-        } else {
-            " (process peak, including loading)".into()
-        }
-    );
-    let rate = gemm_rate(seq_len, model.config.hidden_size);
-    let flops = step_flops(&model, phase, wake.count, seq_len);
-    println!(
-        "CPU time:           {:.3} s per step ({} threads); load average now {}",
-        median(cpu),
-        rayon::current_num_threads(),
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().next().unwrap_or("?").to_string())
-            .unwrap_or_else(|_| "?".into())
-    );
-    println!(
-        "products:           {:.0} GFLOP per step; a {seq_len}x{}x49152 product runs at {:.0} GFLOP/s now, so the step cannot beat {:.3} s here -> the step is {:.2}x that floor",
-        flops / 1e9,
-        model.config.hidden_size,
-        rate / 1e9,
-        flops / rate,
-        step / (flops / rate)
+    let ours_fb = timings.report(
+        &bench,
+        phase,
+        step.update,
+        repeats,
+        ours_peak,
+        reset.then_some(load_peak),
     );
     if baseline && phase == Phase::P1 {
-        drop(params);
+        drop(step.params);
         reset_peak_rss();
-        let (base_fb, base_peak) = plain_candle(&model, wake, &block, repeats)?;
+        let (base_fb, base_peak) = plain_candle(model, wake, &bench.block, repeats)?;
         println!(
             "plain candle:       forward+backward {base_fb:.3} s, peak {base_peak:.0} MiB -> wake2vec forward+backward {ours_fb:.3} s is {:.2}x faster",
             base_fb / ours_fb
@@ -320,6 +183,239 @@ pub fn phase(
         );
     }
     Ok(())
+}
+
+/// The model (with Wake rows: its manifest's, or synthetic ones), its tokenizer and the block
+/// every step trains on.
+struct Bench {
+    model: Llama,
+    tokenizer: Tokenizer,
+    manifest: Manifest,
+    block: Vec<u32>,
+}
+
+impl Bench {
+    /// Loads the model in `dir` (adding `wake_rows` synthetic Wake rows when it has no
+    /// manifest) and makes a block of `seq_len` tokens.
+    fn set_up(dir: &Path, wake_rows: usize, seq_len: usize) -> Result<Self> {
+        let LoadedModel {
+            mut model,
+            tokenizer,
+        } = LoadedModel::load(dir)?;
+        let manifest = match Manifest::load(dir) {
+            Ok(m) => m,
+            Err(_) => append_synthetic_rows(&mut model, wake_rows, 42)?,
+        };
+        let wake = manifest.wake;
+        // One block: the text's tokens, every 8th replaced by a Wake id so that both the
+        // embedding lookup and the head exercise the Wake rows.
+        let enc = tokenizer
+            .encode(TEXT.repeat(1 + seq_len / 100), false)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize the benchmark text: {e}"))?;
+        anyhow::ensure!(enc.get_ids().len() >= seq_len, "benchmark text too short");
+        let block: Vec<u32> = enc.get_ids()[..seq_len]
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                if i % 8 == 3 {
+                    (wake.start + (i * 7919) % wake.count) as u32
+                } else {
+                    id
+                }
+            })
+            .collect();
+        Ok(Self {
+            model,
+            tokenizer,
+            manifest,
+            block,
+        })
+    }
+}
+
+/// wake2vec's step for a phase: frozen-weight projections; the phase's trainable parameters
+/// (the Wake rows first, then the adapters); fused updates.
+struct Step {
+    params: Vec<Param>,
+    /// How many of `params` are Wake rows.
+    n_wake: usize,
+    lora: Option<Lora>,
+    aux: Option<AuxLosses>,
+    optimizer: Optimizer,
+    /// The update's name in the report.
+    update: &'static str,
+}
+
+impl Step {
+    fn new(bench: &Bench, phase: Phase) -> Result<Self> {
+        let (model, wake) = (&bench.model, bench.manifest.wake);
+        let mut params = if phase.trains_wake_rows() {
+            wake_params(model, wake)?
+        } else {
+            vec![]
+        };
+        let n_wake = params.len();
+        let lora = if phase.has_lora() {
+            let lora = Lora::new(model, LoraConfig::default(), 42)?;
+            for (name, var) in lora.params() {
+                params.push(Param::new(name, var)?);
+            }
+            Some(lora)
+        } else {
+            None
+        };
+        let aux = if phase == Phase::P3 {
+            Some(aux_losses(bench)?)
+        } else {
+            None
+        };
+        let adamw = || {
+            Optimizer::new(OptimizerConfig::Adamw(AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            }))
+        };
+        let (optimizer, update) = match phase {
+            Phase::P1 => (
+                Optimizer::new(OptimizerConfig::default())?,
+                "clip+Adafactor",
+            ),
+            Phase::P2 => (adamw()?, "clip+AdamW"),
+            Phase::P3 => (adamw()?, "aux+clip+AdamW"),
+        };
+        Ok(Self {
+            params,
+            n_wake,
+            lora,
+            aux,
+            optimizer,
+            update,
+        })
+    }
+
+    /// Runs one warm-up step and `repeats` timed ones (at least one of each).
+    fn measure(&mut self, bench: &Bench, repeats: usize) -> Result<Timings> {
+        let (model, wake) = (&bench.model, bench.manifest.wake);
+        let n_wake = self.n_wake;
+        let mut rng = Rng::new(42);
+        let frozen = frozen_wake_rows(model, wake)?;
+        let mut timings = Timings::default();
+        for r in 0..=repeats.max(1) {
+            let wake_rows = if n_wake > 0 {
+                wake_rows_of(wake.start, &self.params[..n_wake])
+            } else {
+                frozen.clone()
+            };
+            let pass = self.lora.as_ref().map(|lora| LoraPass {
+                lora,
+                dropout_seed: Some(r as u64),
+            });
+            zero_grads(&self.params);
+            let (t0, c0) = (Instant::now(), cpu_seconds());
+            accumulate(
+                model,
+                &[&bench.block],
+                Some(&wake_rows),
+                pass.as_ref(),
+                &self.params[n_wake..],
+                1.0,
+            )?;
+            let t1 = Instant::now();
+            if let Some(aux) = &self.aux {
+                add_aux(aux, &self.params[0], &mut rng)?;
+            }
+            apply_update(&mut self.params, &mut self.optimizer, 3e-4, 1.0)?;
+            let t2 = Instant::now();
+            if r > 0 {
+                timings.fb.push((t1 - t0).as_secs_f64());
+                timings.opt.push((t2 - t1).as_secs_f64());
+                timings.total.push((t2 - t0).as_secs_f64());
+                timings.cpu.push(cpu_seconds() - c0);
+            }
+        }
+        Ok(timings)
+    }
+}
+
+/// Phase 3's norm and repulsion losses (no morpheme term) over the model's rows.
+fn aux_losses(bench: &Bench) -> Result<AuxLosses> {
+    let (model, manifest) = (&bench.model, &bench.manifest);
+    let config = AuxConfig {
+        morph: MorphVariant::Off,
+        ..AuxConfig::default()
+    };
+    let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
+    let layout = crate::analysis::Layout {
+        base_vocab: manifest.base_vocab,
+        wake_start: manifest.wake.start,
+        wake_count: manifest.wake.count,
+        words: vec![],
+    };
+    let vocab = crate::analysis::Vocabulary {
+        layout: &layout,
+        tokenizer: Some(&bench.tokenizer),
+    };
+    AuxLosses::build(&config, &vocab, &embed, model.config.hidden_size)
+}
+
+/// Seconds of each timed step: forward+backward, update, the whole step, and CPU time.
+#[derive(Default)]
+struct Timings {
+    fb: Vec<f64>,
+    opt: Vec<f64>,
+    total: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Timings {
+    /// Prints the step's time, peak memory (`load_peak`: while loading, when the peak could be
+    /// reset after it), CPU time and its distance from the product-bound floor; returns the
+    /// median forward+backward seconds.
+    fn report(
+        self,
+        bench: &Bench,
+        phase: Phase,
+        update: &str,
+        repeats: usize,
+        ours_peak: f64,
+        load_peak: Option<f64>,
+    ) -> f64 {
+        let (model, seq_len) = (&bench.model, bench.block.len());
+        let step = median(self.total);
+        let ours_fb = median(self.fb);
+        println!(
+            "wake2vec step:      {step:.3} s (median of {repeats}; forward+backward {ours_fb:.3}, {update} {:.3}) = {:.0} tokens/s",
+            median(self.opt),
+            seq_len as f64 / step
+        );
+        println!(
+            "peak memory:        {ours_peak:.0} MiB{}",
+            match load_peak {
+                Some(load_peak) =>
+                    format!(" (process peak; {load_peak:.0} MiB while loading the model)"),
+                None => " (process peak, including loading)".into(),
+            }
+        );
+        let rate = gemm_rate(seq_len, model.config.hidden_size);
+        let flops = step_flops(model, phase, bench.manifest.wake.count, seq_len);
+        println!(
+            "CPU time:           {:.3} s per step ({} threads); load average now {}",
+            median(self.cpu),
+            rayon::current_num_threads(),
+            std::fs::read_to_string("/proc/loadavg")
+                .map(|l| l.split_whitespace().next().unwrap_or("?").to_string())
+                .unwrap_or_else(|_| "?".into())
+        );
+        println!(
+            "products:           {:.0} GFLOP per step; a {seq_len}x{}x49152 product runs at {:.0} GFLOP/s now, so the step cannot beat {:.3} s here -> the step is {:.2}x that floor",
+            flops / 1e9,
+            model.config.hidden_size,
+            rate / 1e9,
+            flops / rate,
+            step / (flops / rate)
+        );
+        ours_fb
+    }
 }
 
 /// The baseline: the inference forward (candle matmuls) on an embedding that joins the frozen

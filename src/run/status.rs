@@ -186,29 +186,46 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
 /// The status of one run directory; `name` is its pipeline subdirectory name. A pipeline phase
 /// without run.toml (created, not yet set up) is reported as not started.
 fn phase_status(dir: &Path, name: Option<&str>) -> Result<PhaseStatus> {
-    let mut st = PhaseStatus {
-        name: name.unwrap_or("run").to_string(),
-        dir: dir.to_path_buf(),
-        phase: None,
-        configured_steps: None,
-        eval_every: None,
-        steps_done: 0,
-        state: PhaseState::NotStarted,
-        last_train_loss: None,
-        last_eval: None,
-        best_val: None,
-        min_gap: None,
-        newest_checkpoint: None,
-        elapsed_s: None,
-        s_per_step: None,
-        eta_s: None,
-        current: false,
-    };
+    let mut st = PhaseStatus::not_started(dir, name);
     let toml_path = dir.join("run.toml");
     if !toml_path.is_file() {
         return Ok(st);
     }
-    let text = std::fs::read_to_string(&toml_path)
+    read_run_toml(&mut st, &toml_path, name)?;
+    read_log(&mut st, dir)?;
+    let finished = read_newest_checkpoint(&mut st, dir)?;
+    settle_state(&mut st, finished);
+    Ok(st)
+}
+
+impl PhaseStatus {
+    /// A phase with nothing read yet: not started, no steps, nothing known.
+    fn not_started(dir: &Path, name: Option<&str>) -> Self {
+        PhaseStatus {
+            name: name.unwrap_or("run").to_string(),
+            dir: dir.to_path_buf(),
+            phase: None,
+            configured_steps: None,
+            eval_every: None,
+            steps_done: 0,
+            state: PhaseState::NotStarted,
+            last_train_loss: None,
+            last_eval: None,
+            best_val: None,
+            min_gap: None,
+            newest_checkpoint: None,
+            elapsed_s: None,
+            s_per_step: None,
+            eta_s: None,
+            current: false,
+        }
+    }
+}
+
+/// Fills `st` from run.toml: `steps`, `eval_every`, `phase`, and the name from `phase` when
+/// the phase has no pipeline `name`.
+fn read_run_toml(st: &mut PhaseStatus, toml_path: &Path, name: Option<&str>) -> Result<()> {
+    let text = std::fs::read_to_string(toml_path)
         .with_context(|| format!("cannot read {}", toml_path.display()))?;
     let table: toml::Table = text
         .parse()
@@ -239,7 +256,12 @@ fn phase_status(dir: &Path, name: Option<&str>) -> Result<PhaseStatus> {
             st.name = p.clone();
         }
     }
+    Ok(())
+}
 
+/// Fills `st` from log.jsonl: the last step line, the pace, the last evaluation and what the
+/// selection rules pick now.
+fn read_log(st: &mut PhaseStatus, dir: &Path) -> Result<()> {
     // The engine writes run.toml, then an empty log.jsonl: no log yet is no step yet.
     let log_path = dir.join("log.jsonl");
     let log = if log_path.exists() {
@@ -272,24 +294,33 @@ fn phase_status(dir: &Path, name: Option<&str>) -> Result<PhaseStatus> {
     };
     st.best_val = point(best);
     st.min_gap = point(gap);
+    Ok(())
+}
 
-    let mut finished = false;
-    if let Some((step, path)) = RunDir::new(dir).list_checkpoints().pop() {
-        st.newest_checkpoint = Some(step_name(step));
-        let state_path = path.join("state.json");
-        let state: serde_json::Value = std::fs::read(&state_path)
-            .with_context(|| format!("cannot read {}", state_path.display()))
-            .and_then(|b| {
-                serde_json::from_slice(&b)
-                    .with_context(|| format!("{} is not valid JSON", state_path.display()))
-            })?;
-        finished = state["finished"].as_bool().unwrap_or(false);
-        if st.elapsed_s.is_none() {
-            st.elapsed_s = state["elapsed_s"].as_f64();
-        }
-        // A log cut short by a crash after the checkpoint still shows what the checkpoint has.
-        st.steps_done = st.steps_done.max(state["step"].as_u64().unwrap_or(0));
+/// Fills `st` from the newest checkpoint's state.json (its name, and the elapsed time and step
+/// where the log lacks them); returns whether it marks the run finished.
+fn read_newest_checkpoint(st: &mut PhaseStatus, dir: &Path) -> Result<bool> {
+    let Some((step, path)) = RunDir::new(dir).list_checkpoints().pop() else {
+        return Ok(false);
+    };
+    st.newest_checkpoint = Some(step_name(step));
+    let state_path = path.join("state.json");
+    let state: serde_json::Value = std::fs::read(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))
+        .and_then(|b| {
+            serde_json::from_slice(&b)
+                .with_context(|| format!("{} is not valid JSON", state_path.display()))
+        })?;
+    if st.elapsed_s.is_none() {
+        st.elapsed_s = state["elapsed_s"].as_f64();
     }
+    // A log cut short by a crash after the checkpoint still shows what the checkpoint has.
+    st.steps_done = st.steps_done.max(state["step"].as_u64().unwrap_or(0));
+    Ok(state["finished"].as_bool().unwrap_or(false))
+}
+
+/// Sets the phase's state from what was read, and the time left at the measured pace.
+fn settle_state(st: &mut PhaseStatus, finished: bool) {
     st.state = if finished {
         match st.configured_steps {
             Some(n) if st.steps_done < n => PhaseState::EarlyStopped,
@@ -307,7 +338,6 @@ fn phase_status(dir: &Path, name: Option<&str>) -> Result<PhaseStatus> {
             .zip(st.s_per_step)
             .map(|(n, r)| n.saturating_sub(st.steps_done) as f64 * r)
     };
-    Ok(st)
 }
 
 /// Mean seconds per step over the last ≤ 50 step lines: the growth of `elapsed_s` across them,

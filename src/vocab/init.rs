@@ -187,15 +187,179 @@ pub fn init_rows(
     rng: &mut Rng,
 ) -> Result<(Vec<f32>, Option<CompositionCounts>)> {
     scheme.validate()?;
-    let d = m.dim;
     let stats = base_stats(m, stat_rows)?;
+    let means = PieceMeans { m, pieces };
+    match scheme {
+        InitScheme::MeanNoise { noise } => Ok((mean_noise_rows(&stats, words, noise, rng), None)),
+        InitScheme::Spherical { radius_factor } => Ok((
+            spherical_rows(&stats, m.dim, words, radius_factor, rng),
+            None,
+        )),
+        InitScheme::SubwordMean { noise } => {
+            Ok((subword_mean_rows(&stats, &means, words, noise, rng)?, None))
+        }
+        InitScheme::Compositional { alpha, noise } => {
+            let Some(data) = morphemes else {
+                bail!("the compositional init needs morpheme data");
+            };
+            let (rows, counts) =
+                compositional_rows(&stats, &means, data, words, (alpha, noise), rng)?;
+            Ok((rows, Some(counts)))
+        }
+    }
+}
+
+/// `mean-noise`: `μ + noise·σ ⊙ z` per word.
+fn mean_noise_rows(stats: &BaseStats, words: &[String], noise: f64, rng: &mut Rng) -> Vec<f32> {
+    let mut out = Vec::with_capacity(words.len() * stats.mean.len());
+    let mut z = vec![0.0f64; stats.mean.len()];
+    for _ in words {
+        rng.fill_normal(&mut z);
+        out.extend(
+            stats
+                .mean
+                .iter()
+                .zip(&stats.dim_std)
+                .zip(&z)
+                .map(|((mu, sd), z)| (mu + noise * sd * z) as f32),
+        );
+    }
+    out
+}
+
+/// `spherical`: `r·z/‖z‖` per word, `r = radius_factor·s·√D`.
+fn spherical_rows(
+    stats: &BaseStats,
+    d: usize,
+    words: &[String],
+    radius_factor: f64,
+    rng: &mut Rng,
+) -> Vec<f32> {
+    let radius = radius_factor * stats.std * (d as f64).sqrt();
     let mut out = Vec::with_capacity(words.len() * d);
     let mut z = vec![0.0f64; d];
-    let mean_of = |ids: &[u32], text: &str| -> Result<Vec<f64>> {
+    for _ in words {
+        rng.fill_normal(&mut z);
+        let norm = z.iter().map(|x| x * x).sum::<f64>().sqrt();
+        out.extend(z.iter().map(|x| (radius * x / norm) as f32));
+    }
+    out
+}
+
+/// `subword-mean`: the mean of the word's base pieces `+ noise·s·z` per word.
+fn subword_mean_rows(
+    stats: &BaseStats,
+    means: &PieceMeans,
+    words: &[String],
+    noise: f64,
+    rng: &mut Rng,
+) -> Result<Vec<f32>> {
+    let d = means.m.dim;
+    let mut out = Vec::with_capacity(words.len() * d);
+    let mut z = vec![0.0f64; d];
+    for w in words {
+        let mean = means.subword_mean(w, true)?;
+        rng.fill_normal(&mut z);
+        out.extend(
+            mean.iter()
+                .zip(&z)
+                .map(|(mu, z)| (mu + noise * stats.std * z) as f32),
+        );
+    }
+    Ok(out)
+}
+
+/// `compositional`: `wp·E(prefix) + wr·E(root) + ws·E(suffix) + noise·s·z` per word, the
+/// weights from [`composition_weights`]; `(alpha, noise)` are the scheme's.
+fn compositional_rows(
+    stats: &BaseStats,
+    means: &PieceMeans,
+    data: &MorphemeData,
+    words: &[String],
+    (alpha, noise): (f64, f64),
+    rng: &mut Rng,
+) -> Result<(Vec<f32>, CompositionCounts)> {
+    let d = means.m.dim;
+    let decomposer = Decomposer::new(data);
+    let mut affixes = AffixMeans {
+        means,
+        data,
+        cache: HashMap::new(),
+    };
+    let mut out = Vec::with_capacity(words.len() * d);
+    let mut z = vec![0.0f64; d];
+    let mut counts = CompositionCounts::default();
+    for w in words {
+        let parts = decomposer.decompose(w);
+        let (has_p, has_s) = (!parts.prefix.is_empty(), !parts.suffix.is_empty());
+        let (wp, wr, ws) = composition_weights(alpha, has_p, has_s, &mut counts);
+        let mut row: Vec<f64> = means
+            .subword_mean(&parts.root, !has_p)?
+            .into_iter()
+            .map(|x| wr * x)
+            .collect();
+        if has_p {
+            for (r, x) in row.iter_mut().zip(affixes.get(&parts.prefix, true)?) {
+                *r += wp * x;
+            }
+        }
+        if has_s {
+            for (r, x) in row.iter_mut().zip(affixes.get(&parts.suffix, false)?) {
+                *r += ws * x;
+            }
+        }
+        rng.fill_normal(&mut z);
+        out.extend(
+            row.iter()
+                .zip(&z)
+                .map(|(r, z)| (r + noise * stats.std * z) as f32),
+        );
+    }
+    Ok((out, counts))
+}
+
+/// The weights `(prefix, root, suffix)` of a word with or without a prefix and a suffix (a
+/// missing affix gives its weight to the root), counted into `counts`.
+fn composition_weights(
+    alpha: f64,
+    has_p: bool,
+    has_s: bool,
+    counts: &mut CompositionCounts,
+) -> (f64, f64, f64) {
+    match (has_p, has_s) {
+        (true, true) => {
+            counts.prefix_and_suffix += 1;
+            (alpha, 1.0 - 2.0 * alpha, alpha)
+        }
+        (true, false) => {
+            counts.prefix_only += 1;
+            (alpha, 1.0 - alpha, 0.0)
+        }
+        (false, true) => {
+            counts.suffix_only += 1;
+            (0.0, 1.0 - alpha, alpha)
+        }
+        (false, false) => {
+            counts.root_only += 1;
+            (0.0, 1.0, 0.0)
+        }
+    }
+}
+
+/// Means of rows of `m` picked by the base tokenizer's pieces.
+struct PieceMeans<'a> {
+    m: Matrix<'a>,
+    pieces: Pieces<'a>,
+}
+
+impl PieceMeans<'_> {
+    /// The mean of rows `ids` of the matrix (the pieces of `text`, named in errors), in f64.
+    fn mean_of(&self, ids: &[u32], text: &str) -> Result<Vec<f64>> {
+        let m = self.m;
         if ids.is_empty() {
             bail!("the base tokenizer gives no pieces for {text:?}");
         }
-        let mut acc = vec![0.0f64; d];
+        let mut acc = vec![0.0f64; m.dim];
         for &id in ids {
             if id as usize >= m.rows() {
                 bail!(
@@ -209,125 +373,53 @@ pub fn init_rows(
         }
         acc.iter_mut().for_each(|a| *a /= ids.len() as f64);
         Ok(acc)
-    };
-    let subword_mean = |text: &str, word_start: bool| mean_of(&pieces(text, word_start)?, text);
-    match scheme {
-        InitScheme::MeanNoise { noise } => {
-            for _ in words {
-                rng.fill_normal(&mut z);
-                out.extend(
-                    stats
-                        .mean
-                        .iter()
-                        .zip(&stats.dim_std)
-                        .zip(&z)
-                        .map(|((mu, sd), z)| (mu + noise * sd * z) as f32),
-                );
-            }
-            Ok((out, None))
+    }
+
+    /// The mean of the rows of `text`'s base pieces (with the word-start marker or not).
+    fn subword_mean(&self, text: &str, word_start: bool) -> Result<Vec<f64>> {
+        self.mean_of(&(self.pieces)(text, word_start)?, text)
+    }
+}
+
+/// `E(affix)` of the compositional scheme, each affix computed once.
+struct AffixMeans<'a> {
+    means: &'a PieceMeans<'a>,
+    data: &'a MorphemeData,
+    cache: HashMap<(bool, String), Vec<f64>>,
+}
+
+impl AffixMeans<'_> {
+    /// The mean over the affix's example words of each one's subword mean, or the affix's own
+    /// subword mean when it has no examples.
+    fn get(&mut self, affix: &str, is_prefix: bool) -> Result<Vec<f64>> {
+        let key = (is_prefix, affix.to_string());
+        if let Some(v) = self.cache.get(&key) {
+            return Ok(v.clone());
         }
-        InitScheme::Spherical { radius_factor } => {
-            let radius = radius_factor * stats.std * (d as f64).sqrt();
-            for _ in words {
-                rng.fill_normal(&mut z);
-                let norm = z.iter().map(|x| x * x).sum::<f64>().sqrt();
-                out.extend(z.iter().map(|x| (radius * x / norm) as f32));
-            }
-            Ok((out, None))
-        }
-        InitScheme::SubwordMean { noise } => {
-            for w in words {
-                let mean = subword_mean(w, true)?;
-                rng.fill_normal(&mut z);
-                out.extend(
-                    mean.iter()
-                        .zip(&z)
-                        .map(|(mu, z)| (mu + noise * stats.std * z) as f32),
-                );
-            }
-            Ok((out, None))
-        }
-        InitScheme::Compositional { alpha, noise } => {
-            let Some(data) = morphemes else {
-                bail!("the compositional init needs morpheme data");
-            };
-            let decomposer = Decomposer::new(data);
-            let mut affix_cache: HashMap<(bool, String), Vec<f64>> = HashMap::new();
-            let mut affix_vec = |affix: &str, is_prefix: bool| -> Result<Vec<f64>> {
-                let key = (is_prefix, affix.to_string());
-                if let Some(v) = affix_cache.get(&key) {
-                    return Ok(v.clone());
+        let map = if is_prefix {
+            &self.data.prefixes
+        } else {
+            &self.data.suffixes
+        };
+        let examples: Vec<&String> = map
+            .iter()
+            .find(|(a, _)| a.to_lowercase() == affix)
+            .map(|(_, ex)| ex.iter().filter(|e| !e.trim().is_empty()).collect())
+            .unwrap_or_default();
+        let v = if examples.is_empty() {
+            self.means.subword_mean(affix, is_prefix)?
+        } else {
+            let mut acc = vec![0.0f64; self.means.m.dim];
+            for e in &examples {
+                for (a, x) in acc.iter_mut().zip(self.means.subword_mean(e.trim(), true)?) {
+                    *a += x;
                 }
-                let map = if is_prefix {
-                    &data.prefixes
-                } else {
-                    &data.suffixes
-                };
-                let examples: Vec<&String> = map
-                    .iter()
-                    .find(|(a, _)| a.to_lowercase() == affix)
-                    .map(|(_, ex)| ex.iter().filter(|e| !e.trim().is_empty()).collect())
-                    .unwrap_or_default();
-                let v = if examples.is_empty() {
-                    subword_mean(affix, is_prefix)?
-                } else {
-                    let mut acc = vec![0.0f64; d];
-                    for e in &examples {
-                        for (a, x) in acc.iter_mut().zip(subword_mean(e.trim(), true)?) {
-                            *a += x;
-                        }
-                    }
-                    acc.iter_mut().for_each(|a| *a /= examples.len() as f64);
-                    acc
-                };
-                affix_cache.insert(key, v.clone());
-                Ok(v)
-            };
-            let mut counts = CompositionCounts::default();
-            for w in words {
-                let parts = decomposer.decompose(w);
-                let (has_p, has_s) = (!parts.prefix.is_empty(), !parts.suffix.is_empty());
-                let (wp, wr, ws) = match (has_p, has_s) {
-                    (true, true) => {
-                        counts.prefix_and_suffix += 1;
-                        (alpha, 1.0 - 2.0 * alpha, alpha)
-                    }
-                    (true, false) => {
-                        counts.prefix_only += 1;
-                        (alpha, 1.0 - alpha, 0.0)
-                    }
-                    (false, true) => {
-                        counts.suffix_only += 1;
-                        (0.0, 1.0 - alpha, alpha)
-                    }
-                    (false, false) => {
-                        counts.root_only += 1;
-                        (0.0, 1.0, 0.0)
-                    }
-                };
-                let mut row: Vec<f64> = subword_mean(&parts.root, !has_p)?
-                    .into_iter()
-                    .map(|x| wr * x)
-                    .collect();
-                if has_p {
-                    for (r, x) in row.iter_mut().zip(affix_vec(&parts.prefix, true)?) {
-                        *r += wp * x;
-                    }
-                }
-                if has_s {
-                    for (r, x) in row.iter_mut().zip(affix_vec(&parts.suffix, false)?) {
-                        *r += ws * x;
-                    }
-                }
-                rng.fill_normal(&mut z);
-                out.extend(
-                    row.iter()
-                        .zip(&z)
-                        .map(|(r, z)| (r + noise * stats.std * z) as f32),
-                );
             }
-            Ok((out, Some(counts)))
-        }
+            acc.iter_mut().for_each(|a| *a /= examples.len() as f64);
+            acc
+        };
+        self.cache.insert(key, v.clone());
+        Ok(v)
     }
 }
 
