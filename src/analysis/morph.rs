@@ -1,11 +1,12 @@
-//! Morpheme direction consistency and device cohesion (original-system.md §5.11), on the
-//! files of §1.7: `wake_embedding_groups.jsonl` (`morpheme`, `examples`, parallel `bases`) and
-//! `device_groups.jsonl` (`device`, `examples`). A word's vector is its Wake row when it is a
+//! Morpheme direction consistency and device cohesion (docs/origin/original-system.md §5.11),
+//! on the files of its §1.7: `wake_embedding_groups.jsonl` (`morpheme`, `examples`, parallel
+//! `bases`) and `device_groups.jsonl` (`device`, `examples`). A word's vector is its Wake row when it is a
 //! Wake word, else the mean of the rows of its tokens (word-start form, no special tokens).
 
 use super::{Embeddings, Vocabulary};
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use crate::lexicon::morphemes::{load_device_groups_in_order, load_groups};
+use anyhow::{bail, Result};
+use serde::Serialize;
 use std::path::Path;
 
 #[derive(Debug, Clone)]
@@ -28,71 +29,35 @@ pub struct Groups {
     pub devices: Option<Vec<DeviceGroup>>,
 }
 
-#[derive(Deserialize)]
-struct MorphemeLine {
-    morpheme: String,
-    examples: Vec<String>,
-    bases: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct DeviceLine {
-    device: String,
-    examples: Vec<String>,
-}
-
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the {what} file {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push(serde_json::from_str(line).with_context(|| {
-            format!(
-                "{} line {}: not a {what} record (see original-system.md §1.7 for the fields)",
-                path.display(),
-                i + 1
-            )
-        })?);
-    }
-    Ok(out)
-}
-
-/// Reads `wake_embedding_groups.jsonl`.
+/// Reads `wake_embedding_groups.jsonl` (one reader of the format: [`load_groups`]); every
+/// group needs a base for each example.
 pub fn load_morphemes(path: &Path) -> Result<Vec<MorphemeGroup>> {
-    let lines: Vec<MorphemeLine> = read_jsonl(path, "morpheme group")?;
-    lines
+    load_groups(path)?
         .into_iter()
         .enumerate()
-        .map(|(i, l)| {
-            if l.examples.len() != l.bases.len() {
+        .map(|(i, g)| {
+            if g.examples.len() != g.bases.len() {
                 bail!(
                     "{} record {}: {} examples but {} bases (they must be parallel lists)",
                     path.display(),
                     i + 1,
-                    l.examples.len(),
-                    l.bases.len()
+                    g.examples.len(),
+                    g.bases.len()
                 );
             }
             Ok(MorphemeGroup {
-                morpheme: l.morpheme,
-                pairs: l.examples.into_iter().zip(l.bases).collect(),
+                morpheme: g.morpheme,
+                pairs: g.examples.into_iter().zip(g.bases).collect(),
             })
         })
         .collect()
 }
 
-/// Reads `device_groups.jsonl`.
+/// Reads `device_groups.jsonl` (or `device_classification.jsonl`), groups in file order.
 pub fn load_devices(path: &Path) -> Result<Vec<DeviceGroup>> {
-    let lines: Vec<DeviceLine> = read_jsonl(path, "device group")?;
-    Ok(lines
+    Ok(load_device_groups_in_order(path)?
         .into_iter()
-        .map(|l| DeviceGroup {
-            device: l.device,
-            words: l.examples,
-        })
+        .map(|(device, words)| DeviceGroup { device, words })
         .collect())
 }
 

@@ -1,4 +1,4 @@
-//! Trajectories of sampled Wake tokens across a run's snapshots (original-system.md §6.10,
+//! Trajectories of sampled Wake tokens across a run's snapshots (docs/origin/original-system.md §6.10,
 //! with its mapping bugs gone: snapshot row i is Wake row `wake_start + i`, so the word is
 //! `words[i]`). A 2-D PCA is fitted on the last snapshot's Wake rows and every frame is
 //! projected with it.

@@ -124,20 +124,28 @@ pub fn load_groups(path: &Path) -> Result<Vec<MorphemeGroup>> {
 /// Reads device groups, `label → words`, from `device_groups.jsonl`
 /// (`{"device", "examples"}` per line) or `device_classification.jsonl` (`{"text", "label"}`).
 pub fn load_device_groups(path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+    Ok(load_device_groups_in_order(path)?.into_iter().collect())
+}
+
+/// The device groups of [`load_device_groups`] in the order their labels first appear in the
+/// file (lines with the same label are one group).
+pub fn load_device_groups_in_order(path: &Path) -> Result<Vec<(String, Vec<String>)>> {
     let text = crate::corpus::read_text(path)?;
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    if first.contains("\"label\"") {
+    let lines: Vec<(String, Vec<String>)> = if first.contains("\"label\"") {
         let lines: Vec<DeviceLabelLine> =
             parse_jsonl(&text, path, "{\"text\": word, \"label\": device}")?;
-        for l in lines {
-            groups.entry(l.label).or_default().push(l.text);
-        }
+        lines.into_iter().map(|l| (l.label, vec![l.text])).collect()
     } else {
         let lines: Vec<DeviceGroupLine> =
             parse_jsonl(&text, path, "{\"device\": label, \"examples\": [words]}")?;
-        for l in lines {
-            groups.entry(l.device).or_default().extend(l.examples);
+        lines.into_iter().map(|l| (l.device, l.examples)).collect()
+    };
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for (label, words) in lines {
+        match groups.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, w)) => w.extend(words),
+            None => groups.push((label, words)),
         }
     }
     if groups.is_empty() {
