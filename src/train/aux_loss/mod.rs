@@ -216,6 +216,27 @@ pub struct Stats {
     pub rep_pairs: usize,
 }
 
+impl Stats {
+    /// The counts before the morpheme and device files are read: the norm band
+    /// `(target, margin, base rows)` and the pairs drawn per step.
+    fn before_setup(morph: MorphVariant, norm: (f64, f64, usize), rep_pairs: usize) -> Self {
+        Stats {
+            morph,
+            morph_groups_in_file: 0,
+            morph_groups: 0,
+            morph_pairs: 0,
+            morph_rows: 0,
+            device_groups: 0,
+            device_words: 0,
+            device_rows: 0,
+            norm_target: norm.0,
+            norm_margin: norm.1,
+            norm_base_rows: norm.2,
+            rep_pairs,
+        }
+    }
+}
+
 /// The auxiliary losses of a phase, set up once at its start.
 #[derive(Debug, Clone)]
 pub struct AuxLosses {
@@ -279,20 +300,11 @@ impl AuxLosses {
         let index = WordIndex::new(vocab);
         let ids_of = |w: &str| word_ids(rows, vocab, &index, w);
         let norm = NormBand::measure(vocab, embed, hidden)?;
-        let mut stats = Stats {
-            morph: config.morph,
-            morph_groups_in_file: 0,
-            morph_groups: 0,
-            morph_pairs: 0,
-            morph_rows: 0,
-            device_groups: 0,
-            device_words: 0,
-            device_rows: 0,
-            norm_target: norm.target,
-            norm_margin: norm.margin,
-            norm_base_rows: norm.base_rows,
-            rep_pairs: (count * (count - 1) / 2).min(config.rep_pairs),
-        };
+        let mut stats = Stats::before_setup(
+            config.morph,
+            (norm.target, norm.margin, norm.base_rows),
+            (count * (count - 1) / 2).min(config.rep_pairs),
+        );
         let morph = Morph::build(config, vocab, &ids_of, start, embed, hidden, &mut stats)?;
         let devices = if config.devices.as_os_str().is_empty() {
             None

@@ -55,20 +55,7 @@ pub(super) fn parts(
     morph: Morph,
     devices: Option<Devices>,
 ) -> AuxLosses {
-    let stats = Stats {
-        morph: config.morph,
-        morph_groups_in_file: 0,
-        morph_groups: 0,
-        morph_pairs: 0,
-        morph_rows: 0,
-        device_groups: 0,
-        device_words: 0,
-        device_rows: 0,
-        norm_target: band.0,
-        norm_margin: band.1,
-        norm_base_rows: 0,
-        rep_pairs: config.rep_pairs,
-    };
+    let stats = Stats::before_setup(config.morph, (band.0, band.1, 0), config.rep_pairs);
     AuxLosses {
         config,
         dim,
