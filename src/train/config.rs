@@ -54,7 +54,7 @@ impl Phase {
 pub struct Source {
     /// The earlier run directory (Phase 1 for Phase 2, Phase 2 for Phase 3).
     pub run: PathBuf,
-    /// `best-val`, `min-gap`, `final` or `step-N` (train::select).
+    /// `best-val`, `min-gap`, `final` or `step-N` (run::select).
     pub select: Rule,
     /// The step the rule chose; filled in when the run starts and recorded in run.toml.
     pub step: Option<u64>,
