@@ -26,7 +26,7 @@ use crate::lexicon::{Case, Lexicon};
 use crate::run::dir::RunDir;
 use crate::run::select::Rule;
 use crate::train::{self, Outcome, Phase, TrainConfig, Trainer};
-use crate::util::fs;
+use crate::util::fs::{self, absolute};
 use crate::{report, vocab};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -301,7 +301,7 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
     }
     for phase in [Phase::P1, Phase::P2, Phase::P3] {
         let dir = out.join(phase.name());
-        let mut trainer = if dir.join("run.toml").is_file() {
+        let mut trainer = if RunDir::new(&dir).config().is_file() {
             Trainer::resume(&dir, None)?
         } else {
             say(format!("{}: starting {}", phase.name(), dir.display()));
@@ -453,12 +453,8 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
 fn phase_logs(out: &Path) -> Vec<PathBuf> {
     ["p1", "p2", "p3"]
         .iter()
-        .map(|p| out.join(p).join("log.jsonl"))
+        .map(|p| RunDir::new(out.join(p)).log())
         .collect()
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::{DriftReference, Embeddings, Layout};
 use crate::hub::weights;
+use crate::run::dir::{step_name, RunDir};
 use crate::vocab::Manifest;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -24,17 +25,13 @@ pub struct Source {
     pub params: Option<PathBuf>,
 }
 
-fn step_of(name: &str) -> Option<u64> {
-    name.strip_prefix("step-")?.parse().ok()
-}
-
 fn has_weights(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
 }
 
 /// The `model = "..."` of a run's run.toml (relative paths are relative to the run directory).
 fn run_model(run: &Path) -> Result<PathBuf> {
-    let path = run.join("run.toml");
+    let path = RunDir::new(run).config();
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "cannot read {}: a checkpoint without model.safetensors needs the run's model",
@@ -70,23 +67,14 @@ pub fn resolve(path: &Path) -> Result<Source> {
             params: None,
         });
     }
-    let ckpts = path.join("checkpoints");
-    if ckpts.is_dir() {
-        let mut best: Option<(u64, PathBuf)> = None;
-        for entry in
-            std::fs::read_dir(&ckpts).with_context(|| format!("cannot list {}", ckpts.display()))?
-        {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(n) = step_of(&name) {
-                let dir = entry.path();
-                let usable = has_weights(&dir) || dir.join("params.safetensors").is_file();
-                if usable && best.as_ref().is_none_or(|(b, _)| n > *b) {
-                    best = Some((n, dir));
-                }
-            }
-        }
-        if let Some((n, dir)) = best {
+    let run = RunDir::new(path);
+    if run.checkpoints().is_dir() {
+        let newest_usable = run
+            .list_checkpoints()
+            .into_iter()
+            .rev()
+            .find(|(_, dir)| has_weights(dir) || dir.join("params.safetensors").is_file());
+        if let Some((n, dir)) = newest_usable {
             let (model_dir, params) = if has_weights(&dir) {
                 (dir, None)
             } else {
@@ -96,7 +84,7 @@ pub fn resolve(path: &Path) -> Result<Source> {
                 input: path.to_path_buf(),
                 model_dir,
                 run_dir: Some(path.to_path_buf()),
-                checkpoint: Some(format!("step-{n}")),
+                checkpoint: Some(step_name(n)),
                 params,
             });
         }

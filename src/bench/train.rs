@@ -345,12 +345,7 @@ fn aux_losses(bench: &Bench) -> Result<AuxLosses> {
         ..AuxConfig::default()
     };
     let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
-    let layout = crate::analysis::Layout {
-        base_vocab: manifest.base_vocab,
-        wake_start: manifest.wake.start,
-        wake_count: manifest.wake.count,
-        words: vec![],
-    };
+    let layout = crate::analysis::Layout::of(manifest);
     let vocab = crate::analysis::Vocabulary {
         layout: &layout,
         tokenizer: Some(&bench.tokenizer),

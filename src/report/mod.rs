@@ -229,7 +229,7 @@ fn figure_label(source: &Source, base_model: Option<&str>) -> String {
 
 /// The training log: the `--log` files chained, else the run's `log.jsonl` when it exists.
 fn training_log(req: &AnalyzeRequest, run_dir: Option<&Path>) -> Result<Option<Vec<LogLine>>> {
-    let log_path = run_dir.map(|r| r.join("log.jsonl"));
+    let log_path = run_dir.map(|r| RunDir::new(r).log());
     Ok(match &log_path {
         _ if !req.logs.is_empty() => Some(log::chain_logs(&req.logs)?),
         Some(p) if p.is_file() => Some(log::load_log(p)?),

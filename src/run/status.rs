@@ -132,7 +132,7 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
             dir.display()
         );
     }
-    let (kind, mut phases) = if dir.join("run.toml").is_file() {
+    let (kind, mut phases) = if RunDir::new(dir).config().is_file() {
         ("run", vec![phase_status(dir, None)?])
     } else {
         // With pipeline.toml every phase is listed (those not set up yet as not started).
@@ -141,7 +141,10 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
             .into_iter()
             .filter(|p| has_config || dir.join(p).is_dir())
             .collect();
-        let is_pipeline = has_config || subs.iter().any(|p| dir.join(p).join("run.toml").is_file());
+        let is_pipeline = has_config
+            || subs
+                .iter()
+                .any(|p| RunDir::new(dir.join(p)).config().is_file());
         if !is_pipeline {
             bail!(
                 "{} is not a run directory: expected run.toml and log.jsonl (a training run) or phase runs in p1/, p2/, p3/ (a pipeline directory, with pipeline.toml)",
@@ -187,7 +190,7 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
 /// without run.toml (created, not yet set up) is reported as not started.
 fn phase_status(dir: &Path, name: Option<&str>) -> Result<PhaseStatus> {
     let mut st = PhaseStatus::not_started(dir, name);
-    let toml_path = dir.join("run.toml");
+    let toml_path = RunDir::new(dir).config();
     if !toml_path.is_file() {
         return Ok(st);
     }
@@ -263,7 +266,7 @@ fn read_run_toml(st: &mut PhaseStatus, toml_path: &Path, name: Option<&str>) -> 
 /// selection rules pick now.
 fn read_log(st: &mut PhaseStatus, dir: &Path) -> Result<()> {
     // The engine writes run.toml, then an empty log.jsonl: no log yet is no step yet.
-    let log_path = dir.join("log.jsonl");
+    let log_path = RunDir::new(dir).log();
     let log = if log_path.exists() {
         load_log(&log_path).context("unreadable training log")?
     } else {

@@ -1,8 +1,9 @@
 //! `wake2vec export`: a run's model at one of its checkpoints as an HF directory, the adapters
 //! merged or in PEFT's format beside it.
 
-use super::phase::{absolute, lora_tensors, phase_state, replace_rows, tensors_of};
+use super::phase::{lora_tensors, phase_state, replace_rows, tensors_of};
 use crate::model::{Llama, Lora};
+use crate::util::fs::absolute;
 use crate::vocab::Manifest;
 use anyhow::{Context, Result};
 use candle_core::Tensor;

@@ -8,11 +8,12 @@ use super::Buffers;
 use crate::model::{Llama, Lora};
 use crate::run::dir::RunDir;
 use crate::run::select::checkpoint_step;
+use crate::util::fs::absolute;
 use crate::vocab::{Manifest, WakeRange};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// A trainable parameter: its variable and the gradient accumulated over the micro-batches.
@@ -297,9 +298,4 @@ pub(crate) fn lora_tensors(state: &Buffers) -> Result<HashMap<String, Tensor>> {
     let mut t = tensors_of(state)?;
     t.retain(|name, _| !name.starts_with("wake_"));
     Ok(t)
-}
-
-/// `p` as an absolute path (run.toml records absolute paths).
-pub(crate) fn absolute(p: &Path) -> Result<PathBuf> {
-    std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
 }

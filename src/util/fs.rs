@@ -33,3 +33,8 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     commit(&tmp, path)
 }
+
+/// `p` as an absolute path (run.toml and pipeline.toml record absolute paths).
+pub fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
+}

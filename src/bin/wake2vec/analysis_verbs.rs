@@ -26,7 +26,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
     let page = report::html::write_page(
         &out.summary,
         &out.dir,
-        &analyze.path.join("run.toml"),
+        &wake2vec::run::dir::RunDir::new(&analyze.path).config(),
         samples.as_deref(),
         &dest,
     )?;
