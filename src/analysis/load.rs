@@ -68,7 +68,10 @@ pub fn resolve(path: &Path) -> Result<Source> {
         });
     }
     let run = RunDir::new(path);
-    if run.checkpoints().is_dir() {
+    let ckpts = run.checkpoints();
+    if ckpts.is_dir() {
+        // An unreadable checkpoints/ is an error, not a run without checkpoints.
+        std::fs::read_dir(&ckpts).with_context(|| format!("cannot list {}", ckpts.display()))?;
         let newest_usable = run
             .list_checkpoints()
             .into_iter()
