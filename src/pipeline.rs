@@ -290,6 +290,8 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
             c
         }
     };
+    // One pipeline writes the directory at a time (each phase's trainer also locks its own).
+    let _lock = RunDir::new(out).lock()?;
     let say = |s: String| {
         if progress {
             eprintln!("{s}");
@@ -301,6 +303,7 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
     }
     for phase in [Phase::P1, Phase::P2, Phase::P3] {
         let dir = out.join(phase.name());
+        fs::ensure_dir(&dir)?;
         let mut trainer = if RunDir::new(&dir).config().is_file() {
             Trainer::resume(&dir, None)?
         } else {
@@ -326,8 +329,7 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
 
 /// The pipeline settings stored in a pipeline directory.
 pub fn read_config(path: &Path) -> Result<PipelineConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = fs::read_to_string(path)?;
     toml::from_str(&text)
         .with_context(|| format!("{} is not a valid pipeline.toml", path.display()))
 }
@@ -402,6 +404,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         ));
     }
     let analysis_dir = out.join("analysis");
+    fs::ensure_dir(&analysis_dir)?;
     let summary_path = analysis_dir.join("summary.json");
     let report_path = out.join("report.html");
     let report_due = f.report && !report_path.is_file();

@@ -79,6 +79,16 @@ pub fn drift(
                     r.dim
                 );
             }
+            // The base model (its rows, or up to where the Wake rows start) or the injected
+            // model: any other row count is another vocabulary, whose rows mean other tokens.
+            if ![layout.base_vocab, wake.start, e.rows].contains(&r.rows) {
+                bail!(
+                    "{name}: {} embedding rows, but the model's base vocabulary has {} and the model {}: --pre must be the base model or the injected model before training",
+                    r.rows,
+                    layout.base_vocab,
+                    e.rows
+                );
+            }
             let base = (r.rows >= layout.base_vocab).then(|| r.slice(0..layout.base_vocab));
             let wk = (r.rows >= wake.end && !wake.is_empty()).then(|| r.slice(wake.clone()));
             (base, wk)

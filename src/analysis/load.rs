@@ -32,7 +32,7 @@ fn has_weights(dir: &Path) -> bool {
 /// The `model = "..."` of a run's run.toml (relative paths are relative to the run directory).
 fn run_model(run: &Path) -> Result<PathBuf> {
     let path = RunDir::new(run).config();
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let text = crate::util::fs::read_to_string(&path).with_context(|| {
         format!(
             "cannot read {}: a checkpoint without model.safetensors needs the run's model",
             path.display()

@@ -168,7 +168,7 @@ pub fn existing(dir: &Path) -> Option<PathBuf> {
 
 /// Reads `samples.jsonl`.
 pub fn read(path: &Path) -> Result<Vec<BatterySample>> {
-    let text = std::fs::read_to_string(path)?;
+    let text = crate::util::fs::read_to_string(path)?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()

@@ -277,7 +277,7 @@ impl Lora {
     /// Reads adapters saved by [`Lora::save_peft`] or by PEFT (`save_pretrained`) for `model`.
     pub fn load_peft(dir: &Path, model: &Llama) -> Result<Self> {
         let cfg_path = dir.join(ADAPTER_CONFIG);
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        let text = crate::util::fs::read_to_string(&cfg_path).with_context(|| {
             format!(
                 "cannot read {}: is {} a PEFT adapter directory?",
                 cfg_path.display(),

@@ -16,7 +16,7 @@ use crate::analysis::{
 use crate::infer::battery;
 use crate::infer::text_metrics::BatterySample;
 use crate::run::log::LossSummary;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::fmt::Write;
 use std::path::Path;
 
@@ -41,8 +41,7 @@ fn inline_svg(path: &Path) -> Result<Option<String>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::util::fs::read_to_string(path)?;
     let start = text.find("<svg").unwrap_or(0);
     Ok(Some(text[start..].to_string()))
 }
@@ -572,7 +571,7 @@ pub fn write_page(
         Some(p) => battery::read(p)?,
         None => Vec::new(),
     };
-    let settings = std::fs::read_to_string(settings).ok();
+    let settings = crate::util::fs::read_to_string(settings).ok();
     let page = build(summary, analysis_dir, settings.as_deref(), &samples)?;
     crate::util::fs::write(dest, page.as_bytes())?;
     Ok(Page {

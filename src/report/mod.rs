@@ -112,9 +112,19 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     )?;
     drop(emb);
 
-    let out = req.out.clone().unwrap_or_else(|| req.path.join("analysis"));
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    let out = match &req.out {
+        Some(out) => {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+            out.clone()
+        }
+        // Inside the analyzed directory: never written through a link.
+        None => {
+            let out = req.path.join("analysis");
+            crate::util::fs::ensure_dir(&out)?;
+            out
+        }
+    };
     let base_model = wake_json.and_then(|w| w.base_model);
     let label = figure_label(&source, base_model.as_deref());
     let log = training_log(req, source.run_dir.as_deref())?;

@@ -1,7 +1,7 @@
 //! `log.jsonl`, the training log (docs/formats.md): one JSON object per line, a `step` line per
 //! optimizer step and an `eval` line per evaluation. The writer's line types and the reader.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -74,8 +74,7 @@ pub fn chain_logs(paths: &[PathBuf]) -> Result<Vec<LogLine>> {
 /// Reads `log.jsonl`; a torn last line (a run killed mid-write) is skipped, any other bad line
 /// is an error.
 pub fn load_log(path: &Path) -> Result<Vec<LogLine>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::util::fs::read_to_string(path)?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut out = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {

@@ -228,8 +228,7 @@ impl PhaseStatus {
 /// Fills `st` from run.toml: `steps`, `eval_every`, `phase`, and the name from `phase` when
 /// the phase has no pipeline `name`.
 fn read_run_toml(st: &mut PhaseStatus, toml_path: &Path, name: Option<&str>) -> Result<()> {
-    let text = std::fs::read_to_string(toml_path)
-        .with_context(|| format!("cannot read {}", toml_path.display()))?;
+    let text = crate::util::fs::read_to_string(toml_path)?;
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("{} is not valid TOML", toml_path.display()))?;
@@ -308,12 +307,10 @@ fn read_newest_checkpoint(st: &mut PhaseStatus, dir: &Path) -> Result<bool> {
     };
     st.newest_checkpoint = Some(step_name(step));
     let state_path = path.join("state.json");
-    let state: serde_json::Value = std::fs::read(&state_path)
-        .with_context(|| format!("cannot read {}", state_path.display()))
-        .and_then(|b| {
-            serde_json::from_slice(&b)
-                .with_context(|| format!("{} is not valid JSON", state_path.display()))
-        })?;
+    let state: serde_json::Value = crate::util::fs::read(&state_path).and_then(|b| {
+        serde_json::from_slice(&b)
+            .with_context(|| format!("{} is not valid JSON", state_path.display()))
+    })?;
     if st.elapsed_s.is_none() {
         st.elapsed_s = state["elapsed_s"].as_f64();
     }

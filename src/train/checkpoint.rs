@@ -131,15 +131,29 @@ struct FileSum {
     crc32: String,
 }
 
-/// Writes `ckpt` as `DIR/step-N` atomically and returns its path. If `step-N` already exists
-/// (a run resumed from it saves again at the same step) it is left as it is.
+/// Writes `ckpt` as `DIR/step-N` atomically and returns its path. If a loadable `step-N` already
+/// exists (a run resumed from it saves again at the same step) it is left as it is; a damaged
+/// one, or anything else under that name, is replaced.
 pub fn save(run: &RunDir, ckpt: &Checkpoint) -> Result<PathBuf> {
     let dir = &run.checkpoints();
+    crate::util::fs::ensure_dir(dir)?;
     let final_dir = run.checkpoint(ckpt.state.step);
-    if final_dir.is_dir() {
-        return Ok(final_dir);
+    if let Ok(meta) = std::fs::symlink_metadata(&final_dir) {
+        if meta.is_dir() && load(&final_dir).is_ok() {
+            return Ok(final_dir);
+        }
+        let removed = if meta.is_dir() {
+            std::fs::remove_dir_all(&final_dir)
+        } else {
+            std::fs::remove_file(&final_dir)
+        };
+        removed.with_context(|| {
+            format!(
+                "cannot replace the damaged checkpoint {}",
+                final_dir.display()
+            )
+        })?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         step_name(ckpt.state.step),
@@ -206,7 +220,7 @@ fn write_files(tmp: &Path, ckpt: &Checkpoint) -> Result<()> {
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let sums_path = path.join("checksums.json");
     let mut sums: BTreeMap<String, FileSum> =
-        serde_json::from_slice(&std::fs::read(&sums_path).with_context(|| {
+        serde_json::from_slice(&crate::util::fs::read(&sums_path).with_context(|| {
             format!(
                 "checkpoint {} is incomplete: cannot read {}",
                 path.display(),
@@ -216,7 +230,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         .with_context(|| format!("{} is corrupt", sums_path.display()))?;
     let mut read = |file: &str| -> Result<Vec<u8>> {
         let p = path.join(file);
-        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let bytes = crate::util::fs::read(&p)?;
         let want = sums
             .remove(file)
             .with_context(|| format!("{} lists no checksum for {file}", sums_path.display()))?;
@@ -320,7 +334,7 @@ mod tests {
         assert_eq!(steps, vec![1, 3, 4]);
         // Flip one byte of the parameters: the load names the file and says it is corrupt.
         let p = dir.join("step-4/params.safetensors");
-        let mut bytes = std::fs::read(&p).unwrap();
+        let mut bytes = crate::util::fs::read(&p).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         std::fs::write(&p, bytes).unwrap();

@@ -239,8 +239,7 @@ impl TrainConfig {
 
     /// Reads a resolved `run.toml`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::util::fs::read_to_string(path)?;
         toml::from_str(&text).with_context(|| format!("{} is not a valid run.toml", path.display()))
     }
 
@@ -342,7 +341,7 @@ impl Layers<'_> {
             None => toml::Table::new(),
         };
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).with_context(|| {
+            let text = crate::util::fs::read_to_string(path).with_context(|| {
                 format!("cannot read the {} {}", self.file_kind, path.display())
             })?;
             let user: toml::Table = text

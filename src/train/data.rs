@@ -4,7 +4,7 @@
 //! in the stream (`epoch`, `cursor`) is all a checkpoint needs to resume the same order.
 
 use crate::util::rng::Rng;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// The blocks of a corpus and their split.
@@ -176,7 +176,7 @@ pub fn read_training_text(
     lexicon: Option<&std::path::Path>,
 ) -> Result<String> {
     let read = |p: &std::path::Path| -> Result<String> {
-        let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let bytes = crate::util::fs::read(p)?;
         String::from_utf8(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not UTF-8 text (invalid byte at offset {})",

@@ -14,7 +14,7 @@ use super::step::{accumulate, add_aux, apply_update, batch_loss, zero_grads};
 use super::wake_rows::WakeRows;
 use crate::model::lora::{Lora, LoraPass};
 use crate::model::{Llama, LoadedModel};
-use crate::run::dir::{step_names, RunDir};
+use crate::run::dir::{step_names, RunDir, RunLock};
 use crate::run::log::{EvalLine, StepLine};
 use crate::run::select;
 use crate::util::fs::absolute;
@@ -23,7 +23,6 @@ use crate::vocab::Manifest;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,6 +83,8 @@ pub struct Trainer {
     stream: Stream,
     state: TrainState,
     log: std::fs::File,
+    /// The run's write lock, held while the trainer lives.
+    _lock: RunLock,
     /// Print progress (bar and evaluation lines) to stderr.
     pub progress: bool,
 }
@@ -113,8 +114,33 @@ impl Trainer {
                 out.display()
             );
         }
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create the run directory {}", out.display()))?;
+        let created_dir = std::fs::symlink_metadata(out).is_err();
+        let lock = run.lock()?;
+        let written = [run.start_state(), run.config(), run.log()];
+        let fresh: Vec<bool> = written.iter().map(|p| !p.exists()).collect();
+        let result = Self::create(config, source, run.clone(), lock);
+        if result.is_err() {
+            // A run that failed to start leaves nothing behind: a retry with the same --out works.
+            if created_dir {
+                let _ = std::fs::remove_dir_all(out);
+            } else {
+                for (path, fresh) in written.iter().zip(fresh) {
+                    if fresh {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Writes the new run's files and prepares step 0.
+    fn create(
+        mut config: TrainConfig,
+        source: Option<super::Buffers>,
+        run: RunDir,
+        lock: RunLock,
+    ) -> Result<Self> {
         config.model = absolute(&config.model)?;
         config.corpus = absolute(&config.corpus)?;
         if !config.append_lexicon.as_os_str().is_empty() {
@@ -128,9 +154,8 @@ impl Trainer {
         }
         // run.toml last: it marks the directory as a run.
         crate::util::fs::write(&run.config(), config.to_toml()?.as_bytes())?;
-        std::fs::write(run.log(), b"")
-            .with_context(|| format!("cannot create {}", run.log().display()))?;
-        Self::open(run, config, None)
+        crate::util::fs::write(&run.log(), b"")?;
+        Self::open(run, lock, config, None)
     }
 
     /// Reopens the run in `dir` at its newest checkpoint (or `checkpoint`, e.g. `step-200`),
@@ -138,6 +163,14 @@ impl Trainer {
     /// starts again from step 0.
     pub fn resume(dir: &Path, checkpoint: Option<&str>) -> Result<Self> {
         let run = RunDir::new(dir);
+        if !run.is_run() {
+            bail!(
+                "{} is not a run directory (no run.toml): start one with `wake2vec train --out {}`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let lock = run.lock()?;
         let config = TrainConfig::load(&run.config()).with_context(|| {
             format!(
                 "{} is not a run directory (no readable run.toml)",
@@ -145,20 +178,11 @@ impl Trainer {
             )
         })?;
         config.validate()?;
-        let ckpt_dir = run.checkpoints();
-        checkpoint::remove_partial(&ckpt_dir);
+        checkpoint::remove_partial(&run.checkpoints());
+        run.remove_temporaries();
         let available = run.list_checkpoints();
         let chosen = match checkpoint {
-            Some(name) => {
-                let p = ckpt_dir.join(name);
-                ensure!(
-                    p.is_dir(),
-                    "no checkpoint {} (available: {})",
-                    p.display(),
-                    step_names(&available)
-                );
-                Some(p)
-            }
+            Some(which) => Some(run.find_checkpoint(which)?),
             None => available.last().map(|(_, p)| p.clone()),
         };
         let ckpt = match &chosen {
@@ -172,10 +196,15 @@ impl Trainer {
             })?),
             None => None,
         };
-        Self::open(run, config, ckpt)
+        Self::open(run, lock, config, ckpt)
     }
 
-    fn open(run: RunDir, config: TrainConfig, ckpt: Option<Checkpoint>) -> Result<Self> {
+    fn open(
+        run: RunDir,
+        lock: RunLock,
+        config: TrainConfig,
+        ckpt: Option<Checkpoint>,
+    ) -> Result<Self> {
         let LoadedModel {
             mut model,
             tokenizer,
@@ -230,7 +259,7 @@ impl Trainer {
             }
             None => fresh_state(&config, blocks.fingerprint),
         };
-        let log = open_log(&run.log(), state.log_bytes)?;
+        let log = open_log(&run, state.log_bytes)?;
         let stream = Stream::new(&blocks, config.seed, state.cursor)?;
         Ok(Self {
             run,
@@ -248,6 +277,7 @@ impl Trainer {
             stream,
             state,
             log,
+            _lock: lock,
             progress: true,
         })
     }
@@ -594,9 +624,7 @@ impl Trainer {
 
     /// Writes the Wake rows to `snapshots/step-N.safetensors`.
     fn snapshot(&self) -> Result<()> {
-        let dir = self.run.snapshots();
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::util::fs::ensure_dir(&self.run.snapshots())?;
         let mut tensors = BTreeMap::new();
         let wake = &self.params[..self.wake_params];
         for (p, name) in wake.iter().zip(["wake_rows", "wake_head_rows"]) {
@@ -688,15 +716,36 @@ fn restore(ckpt: Checkpoint, params: &[Param], optimizer: &mut Optimizer) -> Res
     Ok(ckpt.state)
 }
 
-/// Opens the training log for appending, cut to the `bytes` the run's state has seen.
-fn open_log(path: &Path, bytes: u64) -> Result<std::fs::File> {
-    let log = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+/// Opens the training log for appending, cut to the `bytes` the run's state has seen. The log is
+/// only ever cut at a line end it already has: a log shorter than that, or one that no longer
+/// ends a line there, was changed since the checkpoint and is refused rather than padded.
+fn open_log(run: &RunDir, bytes: u64) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = run.log();
+    let mut log = crate::util::fs::open_in_place(&path)?;
+    let len = log
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let changed = |what: &str| {
+        anyhow::anyhow!(
+            "{} {what} than the {bytes} bytes the checkpoint recorded: the log was changed since; restore it, or resume from an older checkpoint with `wake2vec train --resume {} --checkpoint step-N`",
+            path.display(),
+            run.root().display()
+        )
+    };
+    if len < bytes {
+        return Err(changed(&format!("is {len} bytes, shorter")));
+    }
+    if bytes > 0 {
+        let mut last = [0u8];
+        log.seek(SeekFrom::Start(bytes - 1))
+            .and_then(|_| log.read_exact(&mut last))
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if last[0] != b'\n' {
+            return Err(changed("does not end a line at the end of the first"));
+        }
+    }
     log.set_len(bytes)
         .with_context(|| format!("cannot truncate {}", path.display()))?;
     Ok(log)

@@ -277,7 +277,7 @@ pub(crate) fn resolve_source(config: &mut TrainConfig) -> Result<Buffers> {
 }
 
 pub(crate) fn read_buffers(path: &Path) -> Result<Buffers> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::util::fs::read(path)?;
     checkpoint::read_safetensors(&bytes, path)
 }
 

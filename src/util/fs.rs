@@ -1,7 +1,9 @@
 //! Crash-safe file writes: write to a temporary name beside the target, sync, then rename.
-//! A reader never sees a half-written file under the final name.
+//! A reader never sees a half-written file under the final name. Also the checks that keep
+//! wake2vec's writes inside the directories it was given: no symbolic link is written through,
+//! and only regular files are read.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The temporary name used while `path` is being written (same directory, so rename is atomic).
@@ -27,7 +29,15 @@ pub fn commit(tmp: &Path, path: &Path) -> Result<()> {
 /// Writes `bytes` to `path` atomically.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    if let Err(e) = std::fs::write(&tmp, bytes) {
+    // A fresh file: a leftover of an earlier process with this pid (or a link planted under the
+    // temporary name) is removed, never written through.
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
@@ -37,4 +47,87 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `p` as an absolute path (run.toml and pipeline.toml record absolute paths).
 pub fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("cannot resolve the path {}", p.display()))
+}
+
+/// The advice given when a path inside a directory wake2vec writes is a link or of the wrong kind.
+const NO_LINKS: &str = "wake2vec does not follow links inside the directories it writes";
+
+/// Makes sure `dir` is a real directory, creating it (and its parents) when missing. A symbolic
+/// link or a file there is refused: writing through a link would change files elsewhere.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => bail!(
+            "{} is a symbolic link; {NO_LINKS}: replace it with a real directory",
+            dir.display()
+        ),
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!(
+            "{} exists but is not a directory: move it away and run this again",
+            dir.display()
+        ),
+        Err(_) => std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the directory {}", dir.display())),
+    }
+}
+
+/// Refuses `path` when it is anything but a regular file or absent: a symbolic link (writing or
+/// truncating it would change its target), a directory, a FIFO or a device.
+pub fn check_file(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => bail!(
+            "{} is a symbolic link; {NO_LINKS}: replace it with the file itself",
+            path.display()
+        ),
+        Ok(m) if !m.is_file() => bail!(
+            "{} is not a regular file (a directory, FIFO or device): move it away",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Reads a regular file (following links, as reading changes nothing). A FIFO or device is
+/// refused instead of blocking or reading for ever.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    regular(path)?;
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// [`read`] as UTF-8 text.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    regular(path)?;
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn regular(path: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ensure!(
+        meta.is_file(),
+        "cannot read {}: it is not a regular file (a directory, FIFO or device)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Opens the regular file `path` for reading and writing in place (created when missing),
+/// never through a symbolic link.
+pub fn open_in_place(path: &Path) -> Result<std::fs::File> {
+    check_file(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let file = options
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    ensure!(
+        file.metadata()?.is_file(),
+        "{} is not a regular file: move it away",
+        path.display()
+    );
+    Ok(file)
 }

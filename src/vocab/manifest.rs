@@ -136,8 +136,7 @@ impl Manifest {
 
     /// Reads a manifest file and checks that its words match its row count.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::util::fs::read_to_string(path)?;
         let m: Manifest = serde_json::from_str(&text).with_context(|| {
             format!(
                 "{} is not a wake2vec.json (see docs/formats.md)",
