@@ -10,12 +10,7 @@ use std::process::{Command, Output, Stdio};
 use wake2vec::train::{TrainConfig, Trainer};
 
 mod common;
-use common::{log_values, step_lines, wait_for};
-
-const WAKE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/finnegans_wake.txt"
-);
+use common::{log_values, setup, step_lines, wait_for};
 
 /// A temporary directory removed on drop.
 struct Temp(PathBuf);
@@ -33,40 +28,6 @@ impl Drop for Temp {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Copies a fixture model into `dir/model` with rows `start .. start + count` as Wake rows, and
-/// the first `chars` bytes of the Wake into `dir/corpus.txt`. `None` when the corpus is absent.
-fn setup(dir: &Path, fixture: &str, start: usize, count: usize, chars: usize) -> Option<()> {
-    let text = match std::fs::read_to_string(WAKE) {
-        Ok(t) => t,
-        Err(_) => {
-            eprintln!("skipping: {WAKE} is absent");
-            return None;
-        }
-    };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(fixture);
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
-    }
-    std::fs::write(
-        model.join("wake2vec.json"),
-        format!(
-            r#"{{"format":1,"base_vocab":{start},"base_tokenizer_size":{start},"wake_start":{start},"wake_count":{count}}}"#
-        ),
-    )
-    .unwrap();
-    let end = text
-        .char_indices()
-        .nth(chars)
-        .map_or(text.len(), |(i, _)| i);
-    std::fs::write(dir.join("corpus.txt"), &text[..end]).unwrap();
-    Some(())
 }
 
 fn bin() -> Command {

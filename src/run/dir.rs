@@ -13,7 +13,7 @@
 //! ([`crate::util::fs::ensure_dir`]), links among the checkpoints are not checkpoints, and the
 //! log is opened without following links.
 
-use crate::util::fs::{ensure_dir, open_in_place};
+use crate::util::fs::{check_file, ensure_dir, open_in_place};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -159,6 +159,25 @@ impl RunDir {
         Ok(out)
     }
 
+    /// Refuses a run whose files or subdirectories are symbolic links or of the wrong kind:
+    /// continuing it would write, truncate or delete outside the run. Call before writing.
+    pub fn check_layout(&self) -> Result<()> {
+        for file in [
+            self.config(),
+            self.log(),
+            self.start_state(),
+            self.lock_file(),
+        ] {
+            check_file(&file)?;
+        }
+        for dir in [self.checkpoints(), self.snapshots()] {
+            if std::fs::symlink_metadata(&dir).is_ok() {
+                ensure_dir(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `lock`, the file the writer of the run holds locked.
     fn lock_file(&self) -> PathBuf {
         self.root.join("lock")
@@ -274,6 +293,22 @@ mod tests {
         assert_eq!(step_of("step-12"), Some(12));
         assert_eq!(step_of("step-x"), None);
         assert!(!run.is_run());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn one_writer_at_a_time_and_its_pid_named() {
+        let root = std::env::temp_dir().join(format!("w2v-rundir-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let run = RunDir::new(&root);
+        let held = run.lock().unwrap();
+        let err = run.lock().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        run.lock().unwrap();
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -171,6 +171,7 @@ impl Trainer {
             );
         }
         let lock = run.lock()?;
+        run.check_layout()?;
         let config = TrainConfig::load(&run.config()).with_context(|| {
             format!(
                 "{} is not a run directory (no readable run.toml)",

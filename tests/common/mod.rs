@@ -99,3 +99,44 @@ pub fn wait_for(child: &mut std::process::Child, what: &str, cond: impl Fn() -> 
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// The Wake text in `../shared` (tests that need it skip when it is absent).
+pub const WAKE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/data/finnegans_wake.txt"
+);
+
+/// Copies a fixture model into `dir/model` with rows `start .. start + count` as Wake rows, and
+/// the first `chars` characters of the Wake into `dir/corpus.txt`. `None` when the corpus is
+/// absent.
+pub fn setup(dir: &Path, fixture: &str, start: usize, count: usize, chars: usize) -> Option<()> {
+    let text = match std::fs::read_to_string(WAKE) {
+        Ok(t) => t,
+        Err(_) => {
+            eprintln!("skipping: {WAKE} is absent");
+            return None;
+        }
+    };
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        model.join("wake2vec.json"),
+        format!(
+            r#"{{"format":1,"base_vocab":{start},"base_tokenizer_size":{start},"wake_start":{start},"wake_count":{count}}}"#
+        ),
+    )
+    .unwrap();
+    let end = text
+        .char_indices()
+        .nth(chars)
+        .map_or(text.len(), |(i, _)| i);
+    std::fs::write(dir.join("corpus.txt"), &text[..end]).unwrap();
+    Some(())
+}
