@@ -98,6 +98,20 @@ fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// `train --resume RUN --checkpoint NAME` fails with `expect` and changes nothing in `outside`.
+fn refused_resume(run: &Path, checkpoint: &str, outside: &Path, expect: &str) {
+    let before = tree(outside);
+    let err = fails(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--checkpoint",
+        checkpoint,
+    ]);
+    assert!(err.contains(expect), "{err}");
+    assert_eq!(tree(outside), before, "{expect}");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -127,16 +141,7 @@ fn links_inside_a_run_are_refused_and_their_targets_untouched() {
     std::fs::write(&precious, &log).unwrap();
     std::fs::remove_file(run.join("log.jsonl")).unwrap();
     std::os::unix::fs::symlink(&precious, run.join("log.jsonl")).unwrap();
-    let before = tree(&outside);
-    let err = fails(&[
-        "train",
-        "--resume",
-        run.to_str().unwrap(),
-        "--checkpoint",
-        "step-20",
-    ]);
-    assert!(err.contains("log.jsonl is a symbolic link"), "{err}");
-    assert_eq!(tree(&outside), before);
+    refused_resume(&run, "step-20", &outside, "log.jsonl is a symbolic link");
     std::fs::remove_file(run.join("log.jsonl")).unwrap();
     std::fs::write(run.join("log.jsonl"), &log).unwrap();
 
@@ -146,16 +151,12 @@ fn links_inside_a_run_are_refused_and_their_targets_untouched() {
         let moved = outside.join(sub);
         std::fs::rename(run.join(sub), &moved).unwrap();
         std::os::unix::fs::symlink(&moved, run.join(sub)).unwrap();
-        let before = tree(&outside);
-        let err = fails(&[
-            "train",
-            "--resume",
-            run.to_str().unwrap(),
-            "--checkpoint",
+        refused_resume(
+            &run,
             "step-20",
-        ]);
-        assert!(err.contains(&format!("{sub} is a symbolic link")), "{err}");
-        assert_eq!(tree(&outside), before, "{sub}");
+            &outside,
+            &format!("{sub} is a symbolic link"),
+        );
         std::fs::remove_file(run.join(sub)).unwrap();
         std::fs::rename(&moved, run.join(sub)).unwrap();
     }
@@ -164,16 +165,7 @@ fn links_inside_a_run_are_refused_and_their_targets_untouched() {
     copy_dir(&run.join("checkpoints/step-40"), &outside.join("step-40"));
     std::fs::remove_dir_all(run.join("checkpoints/step-40")).unwrap();
     std::os::unix::fs::symlink(outside.join("step-40"), run.join("checkpoints/step-40")).unwrap();
-    let before = tree(&outside);
-    let err = fails(&[
-        "train",
-        "--resume",
-        run.to_str().unwrap(),
-        "--checkpoint",
-        "step-40",
-    ]);
-    assert!(err.contains("no checkpoint step-40"), "{err}");
-    assert_eq!(tree(&outside), before);
+    refused_resume(&run, "step-40", &outside, "no checkpoint step-40");
     std::fs::remove_file(run.join("checkpoints/step-40")).unwrap();
 
     // analysis/ linked outside: analyze refuses instead of overwriting summary.json there.
