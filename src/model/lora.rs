@@ -153,6 +153,13 @@ impl Lora {
             let mut slots: [Option<Adapter>; 7] = Default::default();
             for &t in &targets {
                 let (out, inp) = base_dims(model, layer, t)?;
+                ensure!(
+                    config.r <= out.min(inp),
+                    "lora.r = {} exceeds the {} projection's {out}×{inp}: a rank above min(out, in) = {} adds nothing; lower lora.r",
+                    config.r,
+                    t.name(),
+                    out.min(inp)
+                );
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a: Vec<f32> = (0..config.r * inp)
                     .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)

@@ -281,6 +281,11 @@ impl TrainConfig {
             "max_grad_norm must be >= 0 (0 disables clipping)"
         );
         ensure!(
+            self.min_delta.is_finite() && self.min_delta >= 0.0,
+            "min_delta must be a finite number >= 0, got {}",
+            self.min_delta
+        );
+        ensure!(
             (0.0..=1.0).contains(&self.warmup_ratio),
             "warmup_ratio must be in [0, 1], got {}",
             self.warmup_ratio
