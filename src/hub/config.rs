@@ -1,6 +1,6 @@
 //! Model configuration, read from an HF `config.json` (Llama family and Qwen2).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -104,16 +104,12 @@ impl ModelConfig {
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {}: a model directory needs config.json, *.safetensors and tokenizer.json",
-                path.display()
-            )
-        })?;
+        let text = crate::util::fs::read_to_string(&path)
+            .context("a model directory needs config.json, *.safetensors and tokenizer.json")?;
         Self::from_json(&text).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Parses the text of an HF `config.json`.
+    /// Parses and validates the text of an HF `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
         let arch: HfArchitecture =
             serde_json::from_str(text).context("config.json is not a valid model config")?;
@@ -126,23 +122,12 @@ impl ModelConfig {
             }
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if hf.num_attention_heads == 0
-            || num_kv_heads == 0
-            || !hf.num_attention_heads.is_multiple_of(num_kv_heads)
-        {
-            bail!(
-                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({num_kv_heads})",
-                hf.num_attention_heads
-            );
-        }
-        let head_dim = hf
-            .head_dim
-            .unwrap_or(hf.hidden_size / hf.num_attention_heads);
-        if !head_dim.is_multiple_of(2) {
-            bail!("head_dim {head_dim} must be even for rotary embeddings");
-        }
+        let head_dim = match hf.head_dim {
+            Some(d) => d,
+            None => implied_head_dim(hf.hidden_size, hf.num_attention_heads)?,
+        };
         let (rope_theta, rope_scaling) = rope_of(&hf)?;
-        Ok(Self {
+        let config = Self {
             architecture,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -159,9 +144,194 @@ impl ModelConfig {
             qkv_bias: architecture == Architecture::Qwen2 || hf.attention_bias,
             o_bias: architecture == Architecture::Llama && hf.attention_bias,
             mlp_bias: hf.mlp_bias,
-            bos_token_id: hf.bos_token_id.as_ref().and_then(first_id),
-            eos_token_ids: hf.eos_token_id.as_ref().map(all_ids).unwrap_or_default(),
-        })
+            bos_token_id: hf
+                .bos_token_id
+                .as_ref()
+                .map(ids_of)
+                .transpose()?
+                .and_then(|v| v.first().copied()),
+            eos_token_ids: hf
+                .eos_token_id
+                .as_ref()
+                .map(ids_of)
+                .transpose()?
+                .unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the configuration describes a model wake2vec can build and hold: every size
+    /// positive, heads that divide, finite positive norm and RoPE parameters, special ids inside
+    /// the vocabulary, and f32 weights that fit in this machine's memory. HF and GGUF loading
+    /// both pass through here, so neither writes or reads a model the other would refuse.
+    pub fn validate(&self) -> Result<()> {
+        for (key, n) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            ensure!(n > 0, "{key} is 0: a model needs at least one");
+        }
+        ensure!(
+            self.num_heads.is_multiple_of(self.num_kv_heads),
+            "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+            self.num_heads,
+            self.num_kv_heads
+        );
+        ensure!(
+            self.head_dim.is_multiple_of(2),
+            "head_dim {} must be even for rotary embeddings",
+            self.head_dim
+        );
+        ensure!(
+            self.vocab_size <= 1 << 32,
+            "vocab_size {} exceeds the 2^32 ids a token id can take",
+            self.vocab_size
+        );
+        let positive = |key: &str, x: f64| {
+            ensure!(
+                x.is_finite() && x > 0.0,
+                "{key} = {x} must be a finite positive number"
+            );
+            Ok(())
+        };
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive("rope scaling factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("rope scaling factor", factor)?;
+                positive("rope scaling low_freq_factor", low_freq_factor)?;
+                ensure!(
+                    high_freq_factor.is_finite() && high_freq_factor > low_freq_factor,
+                    "rope scaling high_freq_factor = {high_freq_factor} must exceed \
+                     low_freq_factor = {low_freq_factor} (llama3 scaling divides by their difference)"
+                );
+                ensure!(
+                    original_max_position_embeddings > 0,
+                    "rope scaling original_max_position_embeddings is 0: a model needs at least one"
+                );
+            }
+        }
+        for (key, id) in self
+            .bos_token_id
+            .iter()
+            .map(|id| ("bos_token_id", id))
+            .chain(self.eos_token_ids.iter().map(|id| ("eos_token_id", id)))
+        {
+            ensure!(
+                (*id as usize) < self.vocab_size,
+                "{key} {id} is outside the vocabulary of {} tokens",
+                self.vocab_size
+            );
+        }
+        crate::util::mem::check_fits(
+            self.f32_bytes(),
+            &format!(
+                "the model ({} layers, hidden {}, vocabulary {}, context {}) in f32",
+                self.num_layers, self.hidden_size, self.vocab_size, self.max_position_embeddings
+            ),
+            "check these sizes, or use a machine with more memory",
+        )
+    }
+
+    /// Bytes of the f32 weights and RoPE tables this configuration describes (saturating).
+    fn f32_bytes(&self) -> u128 {
+        let n = |x: usize| x as u128;
+        let (h, q, kv) = (
+            n(self.hidden_size),
+            n(self.num_heads).saturating_mul(n(self.head_dim)),
+            n(self.num_kv_heads).saturating_mul(n(self.head_dim)),
+        );
+        let attention = h.saturating_mul(q.saturating_mul(2).saturating_add(kv.saturating_mul(2)));
+        let mlp = h
+            .saturating_mul(n(self.intermediate_size))
+            .saturating_mul(3);
+        let layer = attention
+            .saturating_add(mlp)
+            .saturating_add(q + 2 * kv + 2 * h + 2 * n(self.intermediate_size));
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        let embeddings = n(self.vocab_size).saturating_mul(h).saturating_mul(heads);
+        // The angle, cos and sin tables, [context, head_dim / 2] each.
+        let rope = n(self.max_position_embeddings).saturating_mul(n(self.head_dim / 2) * 3);
+        n(self.num_layers)
+            .saturating_mul(layer)
+            .saturating_add(embeddings)
+            .saturating_add(rope)
+            .saturating_add(h)
+            .saturating_mul(4)
+    }
+
+    /// The shape each HF-named weight must have, `[out, in]` for projections; the embedding
+    /// (and an untied head) must have at least `vocab_size` rows and `hidden_size` columns.
+    pub fn check_weights(&self, shape_of: impl Fn(&str) -> Option<Vec<usize>>) -> Result<()> {
+        let (h, q, kv, m) = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        );
+        let embed = "model.embed_tokens.weight";
+        let rows = match shape_of(embed).as_deref() {
+            Some(&[rows, hidden]) if hidden == h && rows >= self.vocab_size => rows,
+            Some(dims) => bail!(
+                "{embed} is {}, but the configuration says vocab_size {} × hidden_size {h}",
+                dims_of(dims),
+                self.vocab_size
+            ),
+            None => bail!("the weights have no tensor '{embed}'"),
+        };
+        let mut expected: Vec<(String, Vec<usize>)> = vec![("model.norm.weight".into(), vec![h])];
+        if !self.tie_word_embeddings {
+            expected.push(("lm_head.weight".into(), vec![rows, h]));
+        }
+        for i in 0..self.num_layers {
+            let p = format!("model.layers.{i}");
+            expected.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            expected.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            for (name, out, inp, bias) in [
+                ("self_attn.q_proj", q, h, self.qkv_bias),
+                ("self_attn.k_proj", kv, h, self.qkv_bias),
+                ("self_attn.v_proj", kv, h, self.qkv_bias),
+                ("self_attn.o_proj", h, q, self.o_bias),
+                ("mlp.gate_proj", m, h, self.mlp_bias),
+                ("mlp.up_proj", m, h, self.mlp_bias),
+                ("mlp.down_proj", h, m, self.mlp_bias),
+            ] {
+                expected.push((format!("{p}.{name}.weight"), vec![out, inp]));
+                if bias {
+                    expected.push((format!("{p}.{name}.bias"), vec![out]));
+                }
+            }
+        }
+        for (name, want) in expected {
+            match shape_of(&name) {
+                Some(dims) if dims == want => {}
+                Some(dims) => bail!(
+                    "{name} is {}, but the configuration implies {}: the weights and config.json \
+                     describe different models",
+                    dims_of(&dims),
+                    dims_of(&want)
+                ),
+                None if name == "lm_head.weight" => {
+                    bail!("the weights have no tensor '{name}', and config.json says tie_word_embeddings = false")
+                }
+                None => bail!("the weights have no tensor '{name}'"),
+            }
+        }
+        Ok(())
     }
 
     /// The `config.json` transformers expects for this model (used when importing GGUF).
@@ -275,26 +445,46 @@ fn rope_of(hf: &HfConfig) -> Result<(f64, RopeScaling)> {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            original_max_position_embeddings: s
+                .get("original_max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .and_then(|v| usize::try_from(v).ok())
+                .with_context(|| {
+                    format!("rope scaling '{kind}' needs a whole 'original_max_position_embeddings'")
+                })?,
         },
         other => bail!("rope scaling type '{other}' is not supported: wake2vec implements default, linear and llama3"),
     };
     Ok((theta, scaling))
 }
 
-fn first_id(v: &serde_json::Value) -> Option<u32> {
-    all_ids(v).first().copied()
+/// `hidden_size / num_attention_heads`, the head width when config.json does not give one.
+pub fn implied_head_dim(hidden_size: usize, num_heads: usize) -> Result<usize> {
+    ensure!(
+        num_heads > 0 && hidden_size.is_multiple_of(num_heads),
+        "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}, and no \
+         head_dim is given: fix the head count, or give head_dim"
+    );
+    Ok(hidden_size / num_heads)
 }
 
-fn all_ids(v: &serde_json::Value) -> Vec<u32> {
+/// `12 × 34` for a shape.
+fn dims_of(dims: &[usize]) -> String {
+    let parts: Vec<String> = dims.iter().map(usize::to_string).collect();
+    parts.join("×")
+}
+
+/// The token ids of a `bos_token_id` / `eos_token_id` value: one id, a list, or null.
+fn ids_of(v: &serde_json::Value) -> Result<Vec<u32>> {
+    let id = |x: &serde_json::Value| {
+        x.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .with_context(|| format!("token id {x} is not an id from 0 to 2^32 - 1"))
+    };
     match v {
-        serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        serde_json::Value::Array(a) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => vec![],
+        serde_json::Value::Null => Ok(vec![]),
+        serde_json::Value::Array(a) => a.iter().map(id).collect(),
+        other => Ok(vec![id(other)?]),
     }
 }
 
@@ -358,5 +548,107 @@ mod tests {
         let text = SMOL.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
         let c = ModelConfig::from_json(&text).unwrap();
         assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    fn error_of(from: &str, to: &str) -> String {
+        let text = SMOL.replace(from, to);
+        assert_ne!(text, SMOL, "{from} not in the config");
+        format!("{:#}", ModelConfig::from_json(&text).unwrap_err())
+    }
+
+    #[test]
+    fn refuses_sizes_and_numbers_no_model_has() {
+        for (from, to, says) in [
+            (
+                r#""vocab_size":49152"#,
+                r#""vocab_size":0"#,
+                "vocab_size is 0",
+            ),
+            (
+                r#""num_hidden_layers":30"#,
+                r#""num_hidden_layers":0"#,
+                "num_hidden_layers is 0",
+            ),
+            (
+                r#""num_key_value_heads":3"#,
+                r#""num_key_value_heads":0"#,
+                "num_key_value_heads is 0",
+            ),
+            (
+                r#""num_key_value_heads":3"#,
+                r#""num_key_value_heads":2"#,
+                "a multiple of",
+            ),
+            (
+                r#""num_attention_heads":9"#,
+                r#""num_attention_heads":7"#,
+                "not a multiple of num_attention_heads 7",
+            ),
+            (
+                r#""rms_norm_eps":1e-5"#,
+                r#""rms_norm_eps":-1e-5"#,
+                "rms_norm_eps = -0.00001 must be",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":0"#,
+                "rope_theta = 0 must be",
+            ),
+            (
+                r#""eos_token_id":2"#,
+                r#""eos_token_id":49152"#,
+                "eos_token_id 49152 is outside",
+            ),
+            (
+                r#""eos_token_id":2"#,
+                r#""eos_token_id":4294967296"#,
+                "not an id from 0",
+            ),
+            (
+                r#""num_hidden_layers":30"#,
+                r#""num_hidden_layers":1000000000000"#,
+                "more than this machine's",
+            ),
+            (
+                r#""max_position_embeddings":8192"#,
+                r#""max_position_embeddings":100000000000"#,
+                "more than this machine's",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":1e4,"rope_scaling":{"rope_type":"llama3","factor":0,"low_freq_factor":1,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
+                "factor = 0 must be",
+            ),
+            (
+                r#""rope_theta":100000.0"#,
+                r#""rope_theta":1e4,"rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
+                "must exceed",
+            ),
+        ] {
+            let err = error_of(from, to);
+            assert!(err.contains(says), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_the_tensor_whose_shape_differs() {
+        let c = ModelConfig::from_json(SMOL).unwrap();
+        let shape = |name: &str| -> Option<Vec<usize>> {
+            Some(match name {
+                "model.embed_tokens.weight" => vec![49152, 576],
+                n if n.ends_with("layers.3.self_attn.k_proj.weight") => vec![64, 576],
+                n if n.ends_with("norm.weight") || n.ends_with("layernorm.weight") => vec![576],
+                n if n.contains("k_proj") || n.contains("v_proj") => vec![192, 576],
+                n if n.contains("q_proj") => vec![576, 576],
+                n if n.contains("o_proj") => vec![576, 576],
+                n if n.contains("down_proj") => vec![576, 1536],
+                _ => vec![1536, 576],
+            })
+        };
+        let err = c.check_weights(shape).unwrap_err().to_string();
+        assert!(
+            err.starts_with("model.layers.3.self_attn.k_proj.weight is 64×576, but the configuration implies 192×576"),
+            "{err}"
+        );
     }
 }

@@ -70,19 +70,12 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from HF-named weights (`model.layers.N.self_attn.q_proj.weight`, …).
     pub fn from_weights(config: ModelConfig, mut w: Weights, device: &Device) -> Result<Self> {
+        config.check_weights(|name| w.get(name).map(|t| t.dims().to_vec()))?;
         let mut take = |name: &str| -> Result<Tensor> {
             w.remove(name)
                 .with_context(|| format!("the weights have no tensor '{name}'"))
         };
         let embed = take("model.embed_tokens.weight")?;
-        let (rows, hidden) = embed.dims2()?;
-        if hidden != config.hidden_size || rows < config.vocab_size {
-            bail!(
-                "model.embed_tokens.weight is {rows}×{hidden}, but config.json says vocab_size {} × hidden_size {}",
-                config.vocab_size,
-                config.hidden_size
-            );
-        }
         let mut blocks = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
@@ -118,7 +111,7 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(take("lm_head.weight").context("config.json says tie_word_embeddings = false")?)
+            Some(take("lm_head.weight")?)
         };
         let (cos, sin) = rope::rope_tables(&config, device)?;
         Ok(Self {

@@ -131,3 +131,57 @@ pub fn open_in_place(path: &Path) -> Result<std::fs::File> {
     );
     Ok(file)
 }
+
+/// Removes the entries of `dir` accepted by `ours` that are temporaries of a process no longer
+/// running: `…tmp-<pid>` or `…tmp-<pid>-<n>…`, as [`tmp_path`] and the model cache name them
+/// (best effort: one that cannot be removed is left for a later try).
+pub fn remove_stale_temporaries(dir: &Path, ours: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| ours(n)) else {
+            continue;
+        };
+        let pid = name
+            .split_once("tmp-")
+            .map(|(_, rest)| rest.split(['-', '.']).next().unwrap_or(""))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !process_alive(pid)) {
+            let _ = remove_path(&entry.path());
+        }
+    }
+}
+
+/// Whether process `pid` is running: `/proc` where there is one, `ps -p` elsewhere; when neither
+/// can tell, assume it is (leaving a temporary behind is harmless, removing a live one is not).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let proc = Path::new("/proc");
+    if proc.join("self").exists() {
+        return proc.join(pid.to_string()).exists();
+    }
+    std::process::Command::new("ps")
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_or(true, |s| s.success())
+}
+
+/// Removes a file or a directory tree, never following a link; a path already gone is fine
+/// (another process did it).
+pub fn remove_path(path: &Path) -> std::io::Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

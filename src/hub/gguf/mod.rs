@@ -1,10 +1,11 @@
 //! GGUF import: dequantized weights and a rebuilt tokenizer, written as a standard HF directory
 //! (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json).
 
+mod header;
 pub mod tokenizer;
 
 use crate::hub::config::{Architecture, ModelConfig, RopeScaling};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -21,10 +22,24 @@ pub struct ImportSummary {
 }
 
 /// Opens a GGUF file and reads its header (metadata and tensor table).
+/// Sizes in the header are checked before anything is allocated from them: the alignment
+/// (candle divides by it), every tensor's element count and extent against the file, and the
+/// memory their f32 copies would take.
 pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> {
+    crate::util::fs::check_file(path)?;
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+    let file_size = file.metadata()?.len();
     let mut reader = BufReader::new(file);
+    if let Some(a) = header::alignment(&mut reader) {
+        ensure!(
+            a.is_power_of_two(),
+            "cannot read {}: its general.alignment is {a}, not a power of two: the file is \
+             corrupt; re-download or re-convert it",
+            path.display()
+        );
+    }
+    reader.rewind()?;
     let content = Content::read(&mut reader).map_err(|e| {
         let message = e.to_string();
         // candle says "unknown dtype for tensor N", N being the ggml type id, not a tensor index.
@@ -46,7 +61,46 @@ pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> 
             ),
         }
     })?;
+    check_tensor_extents(&content, file_size, path)?;
     Ok((content, reader))
+}
+
+/// Refuses tensors whose element count overflows, whose data lies outside the file, or whose
+/// f32 copies together exceed this machine's memory.
+fn check_tensor_extents(content: &Content, file_size: u64, path: &Path) -> Result<()> {
+    let mut f32_bytes = 0u128;
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .filter(|&n| n.is_multiple_of(info.ggml_dtype.block_size() as u64));
+        let bytes = elems.and_then(|n| {
+            (n / info.ggml_dtype.block_size() as u64)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+        });
+        let end = bytes.and_then(|b| {
+            content
+                .tensor_data_offset
+                .checked_add(info.offset)?
+                .checked_add(b)
+        });
+        ensure!(
+            end.is_some_and(|end| end <= file_size),
+            "cannot read {}: tensor '{name}' of shape {dims:?} ({:?}) at offset {} does not fit \
+             in the file's {file_size} bytes: the file is truncated or corrupt; re-download or \
+             re-convert it",
+            path.display(),
+            info.ggml_dtype,
+            info.offset
+        );
+        f32_bytes += u128::from(elems.unwrap_or(0)) * 4;
+    }
+    crate::util::mem::check_fits(
+        f32_bytes,
+        &format!("importing {} (its tensors in f32)", path.display()),
+        "use a smaller model or a machine with more memory",
+    )
 }
 
 /// llama.cpp's name of a ggml tensor type id that candle cannot read (`ggml_type` in ggml.h).
@@ -92,6 +146,12 @@ pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     let (content, mut reader) = read_content(gguf)?;
     let tok = tokenizer::from_gguf(&content, gguf)?;
     let tmp = crate::util::fs::tmp_path(out);
+    if let Some(name) = out.file_name() {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        let ours = |n: &str| n.starts_with(&prefix);
+        crate::util::fs::remove_stale_temporaries(parent.unwrap_or(Path::new(".")), ours);
+    }
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
@@ -108,6 +168,16 @@ pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
             });
         }
         let config = config_of(&content, &tok, gguf)?;
+        let shapes: BTreeMap<String, Vec<usize>> = content
+            .tensor_infos
+            .iter()
+            .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
+            .collect();
+        config
+            .check_weights(|name| shapes.get(name).cloned())
+            .with_context(|| {
+                format!("{}: its tensors do not match its metadata", gguf.display())
+            })?;
         let weights = hf_weights(&content, &mut reader, &config, gguf)?;
         let tensors = weights.len();
         crate::hub::weights::save_file(&weights, &tmp.join("model.safetensors"))?;
@@ -184,8 +254,12 @@ fn config_of(
         let full = format!("{arch}.{key}");
         let v = get(&full)
             .with_context(|| format!("{}: metadata '{full}' is missing", path.display()))?;
-        value_u64(v)
-            .with_context(|| format!("{}: metadata '{full}' is not a number", path.display()))
+        value_u64(v).with_context(|| {
+            format!(
+                "{}: metadata '{full}' is not a non-negative whole number ({v:?})",
+                path.display()
+            )
+        })
     };
     // GGUF stores these as f32; go through the shortest decimal that round-trips, so that
     // 1e-5 becomes 1e-5 in config.json rather than 9.99999974737875e-6.
@@ -207,6 +281,11 @@ fn config_of(
         .context("the GGUF has no token_embd.weight")?;
     let (vocab_size, hidden_size) = embd.shape.dims2()?;
     let num_heads = num("attention.head_count")? as usize;
+    let head_dim = match num("attention.key_length") {
+        Ok(d) => d as usize,
+        Err(_) => crate::hub::config::implied_head_dim(hidden_size, num_heads)
+            .with_context(|| format!("{}: {arch}.attention.head_count", path.display()))?,
+    };
     let rope_scaling = match get(&format!("{arch}.rope.scaling.type"))
         .and_then(|v| v.to_string().ok())
     {
@@ -217,7 +296,7 @@ fn config_of(
         _ => RopeScaling::Default,
     };
     let eos = tok.eos_token_id.into_iter().collect();
-    Ok(ModelConfig {
+    let config = ModelConfig {
         architecture,
         vocab_size,
         hidden_size,
@@ -227,9 +306,7 @@ fn config_of(
         num_kv_heads: num("attention.head_count_kv")
             .map(|v| v as usize)
             .unwrap_or(num_heads),
-        head_dim: num("attention.key_length")
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size / num_heads),
+        head_dim,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
         rope_scaling,
@@ -240,14 +317,26 @@ fn config_of(
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         bos_token_id: tok.bos_token_id,
         eos_token_ids: eos,
-    })
+    };
+    config
+        .validate()
+        .with_context(|| format!("{}: its metadata describes no usable model", path.display()))?;
+    Ok(config)
 }
 
+/// A whole number of any GGUF integer type; `None` for a negative one or another type.
 fn value_u64(v: &Value) -> Option<u64> {
-    v.to_u64()
-        .ok()
-        .or_else(|| v.to_u32().ok().map(u64::from))
-        .or_else(|| v.to_i32().ok().map(|x| x as u64))
+    match *v {
+        Value::U8(x) => Some(x.into()),
+        Value::U16(x) => Some(x.into()),
+        Value::U32(x) => Some(x.into()),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    }
 }
 
 /// Dequantizes every tensor to f32 under its HF name, un-permuting llama's q/k projections.
