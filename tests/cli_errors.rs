@@ -381,3 +381,80 @@ fn score_empty_text() {
         one_line_error(&out, &["text to score is empty", "--text or --file"]);
     }
 }
+
+/// `score` on a copy of tiny-qwen2 whose config.json has `from` replaced by `to`.
+fn score_with_config(tmp: &Scratch, name: &str, from: &str, to: &str) -> (Output, String) {
+    let dir = tmp.path(name);
+    copy_dir(&fixture("tiny-qwen2"), &dir);
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&config, text.replace(from, to)).unwrap();
+    let out = run(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("score"),
+            OsStr::new("--model"),
+            dir.as_os_str(),
+            OsStr::new("--text"),
+            OsStr::new("hello there"),
+        ],
+    );
+    (out, config.display().to_string())
+}
+
+/// Sizes no machine can hold, and numbers that gave NaN scores or misleading messages, are each
+/// one line naming the key and the model.
+#[test]
+fn impossible_model_configs() {
+    let tmp = Scratch::new("configs");
+    for (i, (from, to, says)) in [
+        (r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 1000000000000"#, "more than this machine's"),
+        (r#""max_position_embeddings": 256"#, r#""max_position_embeddings": 100000000000"#, "more than this machine's"),
+        (r#""rms_norm_eps": 1e-06"#, r#""rms_norm_eps": -1e-06"#, "rms_norm_eps = -0.000001 must be a finite positive number"),
+        (r#""rope_theta": 1000000.0"#, r#""rope_theta": 0"#, "rope_theta = 0 must be"),
+        (r#""rope_type": "default""#, r#""rope_type": "llama3", "factor": 0, "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 64"#, "rope scaling factor = 0"),
+        (r#""vocab_size": 408"#, r#""vocab_size": 0"#, "vocab_size is 0"),
+        (r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 0"#, "num_hidden_layers is 0"),
+        (r#""eos_token_id": 0"#, r#""eos_token_id": 5000"#, "eos_token_id 5000 is outside the vocabulary of 408"),
+        (r#""num_attention_heads": 4"#, r#""num_attention_heads": 3"#, "hidden_size 64 is not a multiple of num_attention_heads 3"),
+        (r#""intermediate_size": 160"#, r#""intermediate_size": 128"#, "model.layers.0.mlp.gate_proj.weight is 160×64, but the configuration implies 128×64"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (out, config) = score_with_config(&tmp, &format!("m{i}"), from, to);
+        // Shape mismatches name the model directory, the rest its config.json.
+        let named = config.strip_suffix("/config.json").unwrap();
+        one_line_error(&out, &[named, says]);
+    }
+}
+
+/// A `--set` value beyond TOML's integers, and a config file with a syntax error: one line each.
+#[test]
+fn out_of_range_override_and_bad_toml_file() {
+    let tmp = Scratch::new("overrides");
+    let file = tmp.path("bad.toml");
+    std::fs::write(&file, "lr = 3e-4x\n").unwrap();
+    for (args, says) in [
+        (
+            vec!["--set", "warmup_steps=18446744073709551615"],
+            vec!["warmup_steps=18446744073709551615", "out of range"],
+        ),
+        (
+            vec!["--config", file.to_str().unwrap()],
+            vec![file.to_str().unwrap(), "line 1, column"],
+        ),
+    ] {
+        let model = fixture("tiny-qwen2");
+        let corpus = tmp.path("corpus.txt");
+        std::fs::write(&corpus, "riverrun, past Eve and Adam's").unwrap();
+        let out_dir = tmp.path("out");
+        let mut all = vec!["train", "--model", model.to_str().unwrap(), "--corpus"];
+        all.extend([corpus.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+        all.extend(args);
+        let out = run(&tmp.path("cache"), &all);
+        one_line_error(&out, &says);
+        assert!(!out_dir.exists());
+    }
+}

@@ -311,6 +311,29 @@ impl TrainConfig {
         self.optimizer.validate()
     }
 
+    /// Refuses a micro-batch whose activations alone cannot fit in this machine's memory: a
+    /// lower bound per token of the logits and their gradient, and per layer of what the
+    /// backward pass keeps (norm inputs, projections, the MLP's hidden width, attention rows).
+    pub fn check_memory(&self, model: &crate::hub::config::ModelConfig) -> Result<()> {
+        let n = |x: usize| x as u128;
+        let per_layer = n(model.hidden_size) * 6
+            + n(model.intermediate_size) * 3
+            + n(model.num_heads).saturating_mul(n(self.seq_len));
+        let per_token = (n(model.vocab_size) * 2).saturating_add(n(model.num_layers) * per_layer);
+        let bytes = n(self.batch_size)
+            .saturating_mul(n(self.seq_len))
+            .saturating_mul(per_token)
+            .saturating_mul(4);
+        crate::util::mem::check_fits(
+            bytes,
+            &format!(
+                "a micro-batch of batch_size {} × seq_len {} (its activations, at least)",
+                self.batch_size, self.seq_len
+            ),
+            "lower batch_size (grad_accum gives the same effective batch in smaller steps)",
+        )
+    }
+
     /// Warmup steps as HF resolves them.
     pub fn warmup(&self) -> u64 {
         if self.warmup_steps > 0 {
@@ -405,6 +428,9 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
     let Some((key, value)) = o.split_once('=') else {
         bail!("override '{o}' is not key=value (e.g. --set lr=5e-4)");
     };
+    if value.trim().parse::<i128>().is_ok() && value.trim().parse::<i64>().is_err() {
+        bail!("override '{o}': {value} is out of range (values reach 9223372036854775807)");
+    }
     let value: toml::Value = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()

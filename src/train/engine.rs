@@ -226,6 +226,7 @@ impl Trainer {
             config.seq_len,
             model.max_positions()
         );
+        config.check_memory(&model.config)?;
         let trainables = Trainables::of_phase(&config, &mut model, manifest.wake, &run)?;
         // The auxiliary losses measure their targets and band on the phase's starting state.
         let aux = if config.phase == Phase::P3 {

@@ -31,9 +31,38 @@ fn main() {
         e.exit()
     });
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&format!("{e:#}")));
         std::process::exit(1);
     }
+}
+
+/// An error as one line: some libraries' messages span lines (TOML's, with a diagram of the
+/// offending line); the diagram goes, the remaining lines are joined.
+fn one_line(message: &str) -> String {
+    let diagram = |l: &str| {
+        let l = l
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start();
+        l.starts_with('|')
+    };
+    let mut out = String::new();
+    let mut after_diagram = false;
+    for line in message.lines() {
+        if diagram(line) {
+            after_diagram = true;
+            continue;
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if after_diagram { ": " } else { " " });
+        }
+        out.push_str(line);
+        after_diagram = false;
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -141,13 +141,20 @@ impl OptimizerConfig {
         );
         match self {
             OptimizerConfig::Adafactor(c) => {
+                let (eps1, eps2) = c.eps;
                 ensure!(
-                    c.clip_threshold > 0.0,
-                    "adafactor clip_threshold must be > 0"
+                    [eps1, eps2].iter().all(|e| e.is_finite() && *e >= 0.0),
+                    "adafactor eps must be two finite numbers >= 0 (the original uses [1e-30, 1e-3]), got [{eps1}, {eps2}]"
                 );
                 ensure!(
-                    c.decay_rate < 0.0,
-                    "adafactor decay_rate must be < 0 (the original uses -0.8)"
+                    c.clip_threshold.is_finite() && c.clip_threshold > 0.0,
+                    "adafactor clip_threshold must be a finite number > 0, got {}",
+                    c.clip_threshold
+                );
+                ensure!(
+                    c.decay_rate.is_finite() && c.decay_rate < 0.0,
+                    "adafactor decay_rate must be a finite number < 0 (the original uses -0.8), got {}",
+                    c.decay_rate
                 );
                 if let Some(b) = c.beta1 {
                     ensure!((0.0..1.0).contains(&b), "adafactor beta1 must be in [0, 1)");
@@ -158,7 +165,11 @@ impl OptimizerConfig {
                     (0.0..1.0).contains(&c.beta1) && (0.0..1.0).contains(&c.beta2),
                     "adamw betas must be in [0, 1)"
                 );
-                ensure!(c.eps > 0.0, "adamw eps must be > 0");
+                ensure!(
+                    c.eps.is_finite() && c.eps > 0.0,
+                    "adamw eps must be a finite number > 0, got {}",
+                    c.eps
+                );
             }
         }
         Ok(())
