@@ -202,17 +202,25 @@ impl ModelConfig {
             Ok(())
         };
         positive("rms_norm_eps", self.rms_norm_eps)?;
-        positive("rope_theta", self.rope_theta)?;
+        // Below 1 the inverse frequencies grow past 1 and, for tiny values, past f32.
+        let at_least_one = |key: &str, x: f64| {
+            ensure!(
+                x.is_finite() && x >= 1.0,
+                "{key} = {x} must be a finite number >= 1"
+            );
+            Ok(())
+        };
+        at_least_one("rope_theta", self.rope_theta)?;
         match self.rope_scaling {
             RopeScaling::Default => {}
-            RopeScaling::Linear { factor } => positive("rope scaling factor", factor)?,
+            RopeScaling::Linear { factor } => at_least_one("rope scaling factor", factor)?,
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                positive("rope scaling factor", factor)?;
+                at_least_one("rope scaling factor", factor)?;
                 positive("rope scaling low_freq_factor", low_freq_factor)?;
                 ensure!(
                     high_freq_factor.is_finite() && high_freq_factor > low_freq_factor,
@@ -592,7 +600,7 @@ mod tests {
             (
                 r#""rope_theta":100000.0"#,
                 r#""rope_theta":0"#,
-                "rope_theta = 0 must be",
+                "rope_theta = 0 must be a finite number >= 1",
             ),
             (
                 r#""eos_token_id":2"#,
@@ -617,7 +625,7 @@ mod tests {
             (
                 r#""rope_theta":100000.0"#,
                 r#""rope_theta":1e4,"rope_scaling":{"rope_type":"llama3","factor":0,"low_freq_factor":1,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
-                "factor = 0 must be",
+                "factor = 0 must be a finite number >= 1",
             ),
             (
                 r#""rope_theta":100000.0"#,

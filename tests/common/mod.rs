@@ -2,6 +2,8 @@
 //! random adapters, training-log readers. Each test crate uses a part of them.
 #![allow(dead_code)]
 
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

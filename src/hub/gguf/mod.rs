@@ -31,7 +31,9 @@ pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> 
         .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
     let file_size = file.metadata()?.len();
     let mut reader = BufReader::new(file);
-    if let Some(a) = header::alignment(&mut reader) {
+    // candle reads the alignment from these integer types only, 32 otherwise.
+    let alignment = header::alignment(&mut reader);
+    if let Some(a) = alignment {
         ensure!(
             a.is_power_of_two(),
             "cannot read {}: its general.alignment is {a}, not a power of two: the file is \
@@ -61,14 +63,24 @@ pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> 
             ),
         }
     })?;
-    check_tensor_extents(&content, file_size, path)?;
+    check_tensor_extents(&content, file_size, alignment.unwrap_or(32), path)?;
     Ok((content, reader))
 }
 
-/// Refuses tensors whose element count overflows, whose data lies outside the file, or whose
-/// f32 copies together exceed this machine's memory.
-fn check_tensor_extents(content: &Content, file_size: u64, path: &Path) -> Result<()> {
+/// Refuses tensors whose element count overflows, whose data lies outside the file or is not
+/// packed as GGUF writers pack it (llama.cpp's reader demands the same: the first at offset 0,
+/// each next one at the end of the one before, rounded up to the alignment; a changed type,
+/// shape or offset breaks that, where it would otherwise read other bytes as weights), or whose
+/// f32 copies together exceed the memory bound.
+fn check_tensor_extents(
+    content: &Content,
+    file_size: u64,
+    alignment: u64,
+    path: &Path,
+) -> Result<()> {
+    let corrupt = "the file is truncated or corrupt; re-download or re-convert it";
     let mut f32_bytes = 0u128;
+    let mut extents = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
         let dims = info.shape.dims();
         let elems = dims
@@ -88,13 +100,24 @@ fn check_tensor_extents(content: &Content, file_size: u64, path: &Path) -> Resul
         ensure!(
             end.is_some_and(|end| end <= file_size),
             "cannot read {}: tensor '{name}' of shape {dims:?} ({:?}) at offset {} does not fit \
-             in the file's {file_size} bytes: the file is truncated or corrupt; re-download or \
-             re-convert it",
+             in the file's {file_size} bytes: {corrupt}",
             path.display(),
             info.ggml_dtype,
             info.offset
         );
         f32_bytes += u128::from(elems.unwrap_or(0)) * 4;
+        extents.push((info.offset, bytes.unwrap_or(0), name));
+    }
+    extents.sort();
+    let mut expected = 0u64;
+    for (offset, bytes, name) in extents {
+        ensure!(
+            offset == expected,
+            "cannot read {}: tensor '{name}' starts at offset {offset}, but the tensors before it \
+             end at {expected}: its offset, type or shape, or another's, is damaged; {corrupt}",
+            path.display()
+        );
+        expected = (offset + bytes).next_multiple_of(alignment);
     }
     crate::util::mem::check_fits(
         f32_bytes,
