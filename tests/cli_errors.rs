@@ -411,7 +411,7 @@ fn impossible_model_configs() {
     for (i, (from, to, says)) in [
         (r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 1000000000000"#, "more than this machine's"),
         (r#""max_position_embeddings": 256"#, r#""max_position_embeddings": 100000000000"#, "more than this machine's"),
-        (r#""rms_norm_eps": 1e-06"#, r#""rms_norm_eps": -1e-06"#, "rms_norm_eps = -0.000001 must be a finite positive number"),
+        (r#""rms_norm_eps": 1e-06"#, r#""rms_norm_eps": -1e-06"#, "rms_norm_eps = -1e-6 must be a finite positive number"),
         (r#""rope_theta": 1000000.0"#, r#""rope_theta": 0"#, "rope_theta = 0 must be"),
         (r#""rope_type": "default""#, r#""rope_type": "llama3", "factor": 0, "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 64"#, "rope scaling factor = 0"),
         (r#""vocab_size": 408"#, r#""vocab_size": 0"#, "vocab_size is 0"),

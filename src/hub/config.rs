@@ -197,7 +197,8 @@ impl ModelConfig {
         let positive = |key: &str, x: f64| {
             ensure!(
                 x.is_finite() && x > 0.0,
-                "{key} = {x} must be a finite positive number"
+                "{key} = {} must be a finite positive number",
+                shown(x)
             );
             Ok(())
         };
@@ -206,7 +207,8 @@ impl ModelConfig {
         let at_least_one = |key: &str, x: f64| {
             ensure!(
                 x.is_finite() && x >= 1.0,
-                "{key} = {x} must be a finite number >= 1"
+                "{key} = {} must be a finite number >= 1",
+                shown(x)
             );
             Ok(())
         };
@@ -476,6 +478,15 @@ pub fn implied_head_dim(hidden_size: usize, num_heads: usize) -> Result<usize> {
     Ok(hidden_size / num_heads)
 }
 
+/// A number as people write it: `1e-45` rather than forty-five zeros.
+fn shown(x: f64) -> String {
+    if x != 0.0 && x.is_finite() && !(1e-4..1e16).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
+}
+
 /// `12 × 34` for a shape.
 fn dims_of(dims: &[usize]) -> String {
     let parts: Vec<String> = dims.iter().map(usize::to_string).collect();
@@ -595,7 +606,7 @@ mod tests {
             (
                 r#""rms_norm_eps":1e-5"#,
                 r#""rms_norm_eps":-1e-5"#,
-                "rms_norm_eps = -0.00001 must be",
+                "rms_norm_eps = -1e-5 must be",
             ),
             (
                 r#""rope_theta":100000.0"#,
