@@ -266,7 +266,12 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
             out.display(),
             out.display()
         ),
-        (None, true) => read_config(&stored)?,
+        (None, true) => {
+            let c = read_config(&stored)?;
+            c.validate()
+                .with_context(|| format!("in {}", stored.display()))?;
+            c
+        }
         (Some(mut c), exists) => {
             c.corpus = absolute(&c.corpus)?;
             c.lexicon = absolute(&c.lexicon)?;

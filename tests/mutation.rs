@@ -1,5 +1,5 @@
 //! The loaders under mutation: a valid GGUF, safetensors file, config.json, tokenizer.json,
-//! run.toml and wake2vec.json, with every header field and length overwritten or bit-flipped
+//! run.toml, wake2vec.json and pipeline.toml, with every header field and length overwritten or bit-flipped
 //! (seeded, so every run tries the same inputs), each mutated input through its loader
 //! in-process. Each input must end in an error or a success, never a panic; a success that
 //! scores must give finite log-probs; and no single allocation may exceed [`BOUND`] (the
@@ -432,9 +432,9 @@ fn text_cases(kind: &str, original: &str, cap: usize, rng: &mut Rng) -> Vec<Case
         .collect()
 }
 
-/// run.toml cases: the JSON mutations that TOML can express (no null, integers within i64),
+/// TOML cases: the JSON mutations that TOML can express (no null, integers within i64),
 /// and each float also as nan and inf.
-fn toml_cases(original: &str, cap: usize, rng: &mut Rng) -> Vec<Case> {
+fn toml_cases(kind: &str, original: &str, cap: usize, rng: &mut Rng) -> Vec<Case> {
     let table: toml::Table = original.parse().unwrap();
     let doc = serde_json::to_value(&table).unwrap();
     let mut cases: Vec<Case> = json_cases(&doc, usize::MAX, rng)
@@ -442,7 +442,7 @@ fn toml_cases(original: &str, cap: usize, rng: &mut Rng) -> Vec<Case> {
         .filter_map(|(name, doc)| {
             let table: toml::Table = serde_json::from_value(doc).ok()?;
             Some(Case {
-                name: format!("run.toml: {name}"),
+                name: format!("{kind}: {name}"),
                 bytes: toml::to_string(&table).ok()?.into_bytes(),
             })
         })
@@ -454,7 +454,7 @@ fn toml_cases(original: &str, cap: usize, rng: &mut Rng) -> Vec<Case> {
                 t.remove(key);
                 let text = format!("{key} = {special}\n{}", toml::to_string(&t).unwrap());
                 cases.push(Case {
-                    name: format!("run.toml: {key} = {special}"),
+                    name: format!("{kind}: {key} = {special}"),
                     bytes: text.into_bytes(),
                 });
             }
@@ -578,6 +578,15 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
     let (run_model, run) = base_run(&tmp);
     let run_toml = std::fs::read_to_string(run.join("run.toml")).unwrap();
     let manifest = std::fs::read_to_string(run_model.join("wake2vec.json")).unwrap();
+    let lexicon = tmp.path("lexicon.txt");
+    std::fs::write(&lexicon, "riverrun\ncommodius\nrecirculation\n").unwrap();
+    let overrides = [
+        format!("corpus={:?}", tmp.path("corpus.txt")),
+        format!("lexicon={lexicon:?}"),
+    ];
+    let pipeline = wake2vec::pipeline::PipelineConfig::resolve(Some("demo"), None, &overrides)
+        .and_then(|c| Ok(toml::to_string(&c)?))
+        .unwrap();
 
     type Loader<'a> = Box<dyn Fn(&[u8], usize) -> Result<()> + 'a>;
     let model_dir = tmp.path("model");
@@ -633,7 +642,7 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
             }),
         ),
         (
-            toml_cases(&run_toml, 400, &mut rng),
+            toml_cases("run.toml", &run_toml, 400, &mut rng),
             Box::new(|bytes, i| {
                 std::fs::write(run.join("run.toml"), bytes)?;
                 let result = resume(i);
@@ -650,6 +659,14 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
                 result
             }),
         ),
+        (
+            toml_cases("pipeline.toml", &pipeline, 400, &mut rng),
+            Box::new(|bytes, _| {
+                let file = tmp.path("pipeline.toml");
+                std::fs::write(&file, bytes)?;
+                wake2vec::pipeline::read_config(&file)?.validate()
+            }),
+        ),
     ];
     NAMES
         .set(
@@ -659,6 +676,23 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
                 .collect(),
         )
         .unwrap();
+
+    // Each loader accepts its unchanged original, so that the errors below are the mutations'.
+    let originals: [&[u8]; 7] = [
+        &gguf,
+        &weights,
+        config.as_bytes(),
+        tokenizer.as_bytes(),
+        run_toml.as_bytes(),
+        manifest.as_bytes(),
+        pipeline.as_bytes(),
+    ];
+    for ((cases, load), original) in formats.iter().zip(originals) {
+        let kind = cases[0].name.split(':').next().unwrap_or("");
+        if let Err(e) = load(original, usize::MAX) {
+            panic!("the unchanged {kind} does not load: {e:#}");
+        }
+    }
 
     let mut tally = Tally::default();
     let mut index = 0;
