@@ -432,6 +432,34 @@ fn text_cases(kind: &str, original: &str, cap: usize, rng: &mut Rng) -> Vec<Case
         .collect()
 }
 
+/// Training-log cases: one line at a time (the first, an evaluation, the last) mutated as JSON,
+/// the rest unchanged; and the log cut at a seeded byte.
+fn log_cases(original: &str, cap: usize, rng: &mut Rng) -> Vec<Case> {
+    let lines: Vec<&str> = original.lines().collect();
+    let eval = lines
+        .iter()
+        .position(|l| l.contains("val_loss"))
+        .unwrap_or(0);
+    let mut cases = Vec::new();
+    for at in [0, eval, lines.len() - 1] {
+        for c in text_cases("log.jsonl", lines[at], usize::MAX, rng) {
+            let mut all: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+            all[at] = String::from_utf8(c.bytes).unwrap();
+            cases.push(Case {
+                name: format!("{} (line {at})", c.name),
+                bytes: (all.join("\n") + "\n").into_bytes(),
+            });
+        }
+    }
+    let mut cases = rng.sample(cases, cap);
+    let cut = rng.below(original.len());
+    cases.push(Case {
+        name: format!("log.jsonl: cut to {cut} bytes"),
+        bytes: original.as_bytes()[..cut].to_vec(),
+    });
+    cases
+}
+
 /// TOML cases: the JSON mutations that TOML can express (no null, integers within i64),
 /// and each float also as nan and inf.
 fn toml_cases(kind: &str, original: &str, cap: usize, rng: &mut Rng) -> Vec<Case> {
@@ -465,7 +493,7 @@ fn toml_cases(kind: &str, original: &str, cap: usize, rng: &mut Rng) -> Vec<Case
 
 /// Safetensors cases: the header length field overwritten, and the header's JSON mutated
 /// (dtypes, shapes, offsets, the metadata) with the length rewritten to match.
-fn safetensors_cases(original: &[u8], cap: usize, rng: &mut Rng) -> Vec<Case> {
+fn safetensors_cases(kind: &str, original: &[u8], cap: usize, rng: &mut Rng) -> Vec<Case> {
     let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
     let header = &original[8..8 + header_len];
     let data = &original[8 + header_len..];
@@ -474,9 +502,9 @@ fn safetensors_cases(original: &[u8], cap: usize, rng: &mut Rng) -> Vec<Case> {
         at: 0,
         width: 8,
     };
-    let mut cases = binary_cases("safetensors", original, &[length], rng);
+    let mut cases = binary_cases(kind, original, &[length], rng);
     let text = std::str::from_utf8(header).unwrap();
-    for c in text_cases("safetensors header", text, cap, rng) {
+    for c in text_cases(&format!("{kind} header"), text, cap, rng) {
         let mut b = (c.bytes.len() as u64).to_le_bytes().to_vec();
         b.extend(&c.bytes);
         b.extend(data);
@@ -486,6 +514,19 @@ fn safetensors_cases(original: &[u8], cap: usize, rng: &mut Rng) -> Vec<Case> {
         });
     }
     cases
+}
+
+/// Writes `bytes` as `file` of the checkpoint `dir` and records them in its checksums.json, so
+/// that the checkpoint's own integrity check passes and the loader behind it is what is tried.
+fn rewrite_in_checkpoint(dir: &Path, file: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(file), bytes).unwrap();
+    let sums = dir.join("checksums.json");
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&sums).unwrap()).unwrap();
+    json[file] = serde_json::json!({
+        "bytes": bytes.len(),
+        "crc32": format!("{:08x}", crc32fast::hash(bytes)),
+    });
+    std::fs::write(&sums, json.to_string()).unwrap();
 }
 
 /// Log-probs of a short text under a loaded model, which must be finite.
@@ -595,13 +636,35 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
         copy_tree(&qwen, &model_dir);
         std::fs::write(model_dir.join(file), bytes).unwrap();
     };
-    let resume = |i: usize| -> Result<()> {
+    // A copy of the base run, changed by `edit`, read by `status` and resumed; with `train`, the
+    // resumed run also trains to its end (run.toml unchanged: at most the base run's 4 steps).
+    let resume_edited = |i: usize, edit: &dyn Fn(&Path), train: bool| -> Result<()> {
         let copy = tmp.path(&format!("run-{i}"));
         copy_tree(&run, &copy);
-        let result = Trainer::resume(&copy, None).map(drop);
+        edit(&copy);
+        let status = wake2vec::run::status::status(&copy).map(|st| {
+            wake2vec::run::status::render(&st);
+        });
+        let evals = wake2vec::run::select::read_evals(&copy.join("log.jsonl")).map(drop);
+        let result = Trainer::resume(&copy, None).and_then(|mut t| match train {
+            true => t.run().map(drop),
+            false => Ok(()),
+        });
         let _ = std::fs::remove_dir_all(&copy);
-        result
+        status.and(evals).and(result)
     };
+    let resume = |i: usize| resume_edited(i, &|_| {}, false);
+    let newest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .max_by_key(|n| n.trim_start_matches("step-").parse::<u64>().unwrap_or(0))
+        .unwrap();
+    let checkpoint = run.join("checkpoints").join(&newest);
+    let state = std::fs::read_to_string(checkpoint.join("state.json")).unwrap();
+    let params = std::fs::read(checkpoint.join("params.safetensors")).unwrap();
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let morphemes = r#"{"prefixes": {"un": ["undone", "unborn"], "re": ["rerun", "recirculation"]},
+        "suffixes": {"ing": ["riverrunning", "bending"], "ation": ["recirculation", "nation"]}}"#;
     let gguf_cases = binary_cases("gguf", &gguf, &gguf_fields(&gguf), &mut rng);
     let formats: Vec<(Vec<Case>, Loader)> = vec![
         (
@@ -620,7 +683,7 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
             }),
         ),
         (
-            safetensors_cases(&weights, 400, &mut rng),
+            safetensors_cases("model.safetensors", &weights, 400, &mut rng),
             Box::new(|bytes, _| {
                 fresh_model("model.safetensors", bytes);
                 scores_finitely(&LoadedModel::load(&model_dir)?)
@@ -667,6 +730,44 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
                 wake2vec::pipeline::read_config(&file)?.validate()
             }),
         ),
+        (
+            text_cases("state.json", &state, 300, &mut rng),
+            Box::new(|bytes, i| {
+                let edit = |copy: &Path| {
+                    rewrite_in_checkpoint(
+                        &copy.join("checkpoints").join(&newest),
+                        "state.json",
+                        bytes,
+                    )
+                };
+                resume_edited(i, &edit, true)
+            }),
+        ),
+        (
+            safetensors_cases("params.safetensors", &params, 200, &mut rng),
+            Box::new(|bytes, i| {
+                let edit = |copy: &Path| {
+                    let dir = copy.join("checkpoints").join(&newest);
+                    rewrite_in_checkpoint(&dir, "params.safetensors", bytes)
+                };
+                resume_edited(i, &edit, true)
+            }),
+        ),
+        (
+            log_cases(&log, 300, &mut rng),
+            Box::new(|bytes, i| {
+                let edit = |copy: &Path| std::fs::write(copy.join("log.jsonl"), bytes).unwrap();
+                resume_edited(i, &edit, true)
+            }),
+        ),
+        (
+            text_cases("morpheme_data.json", morphemes, 200, &mut rng),
+            Box::new(|bytes, _| {
+                let file = tmp.path("morpheme_data.json");
+                std::fs::write(&file, bytes)?;
+                wake2vec::lexicon::morphemes::MorphemeData::load(&file).map(drop)
+            }),
+        ),
     ];
     NAMES
         .set(
@@ -678,7 +779,7 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
         .unwrap();
 
     // Each loader accepts its unchanged original, so that the errors below are the mutations'.
-    let originals: [&[u8]; 7] = [
+    let originals: [&[u8]; 11] = [
         &gguf,
         &weights,
         config.as_bytes(),
@@ -686,6 +787,10 @@ fn mutated_inputs_end_in_an_error_or_a_success_never_a_panic() {
         run_toml.as_bytes(),
         manifest.as_bytes(),
         pipeline.as_bytes(),
+        state.as_bytes(),
+        &params,
+        log.as_bytes(),
+        morphemes.as_bytes(),
     ];
     for ((cases, load), original) in formats.iter().zip(originals) {
         let kind = cases[0].name.split(':').next().unwrap_or("");
