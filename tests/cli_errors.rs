@@ -31,6 +31,20 @@ fn run<S: AsRef<OsStr>>(cache: &Path, args: &[S]) -> Output {
     wake2vec(cache).args(args).output().expect("run wake2vec")
 }
 
+/// `wake2vec score --model MODEL --text TEXT`.
+fn score_text(cache: &Path, model: &Path, text: &str) -> Output {
+    run(
+        cache,
+        &[
+            OsStr::new("score"),
+            OsStr::new("--model"),
+            model.as_os_str(),
+            OsStr::new("--text"),
+            OsStr::new(text),
+        ],
+    )
+}
+
 /// Asserts the failure shape every case shares and that the message contains each of `says`;
 /// returns the message.
 fn one_line_error(out: &Output, says: &[&str]) -> String {
@@ -113,16 +127,7 @@ fn unsupported_architecture() {
             "n_positions": 256, "vocab_size": 400}"#,
     )
     .unwrap();
-    let out = run(
-        &tmp.path("cache"),
-        &[
-            OsStr::new("score"),
-            OsStr::new("--model"),
-            dir.as_os_str(),
-            OsStr::new("--text"),
-            OsStr::new("hello there"),
-        ],
-    );
+    let out = score_text(&tmp.path("cache"), &dir, "hello there");
     let config = dir.join("config.json");
     one_line_error(
         &out,
@@ -148,16 +153,7 @@ fn truncated_safetensors() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let out = run(
-        &tmp.path("cache"),
-        &[
-            OsStr::new("score"),
-            OsStr::new("--model"),
-            dir.as_os_str(),
-            OsStr::new("--text"),
-            OsStr::new("hello there"),
-        ],
-    );
+    let out = score_text(&tmp.path("cache"), &dir, "hello there");
     one_line_error(
         &out,
         &[weights.to_str().unwrap(), "truncated", "re-download"],
@@ -241,16 +237,7 @@ fn gguf_with_unsupported_quantization() {
         .collect();
     assert_eq!(left, vec![gguf.file_name().unwrap()], "import left files");
 
-    let out = run(
-        &cache,
-        &[
-            OsStr::new("score"),
-            OsStr::new("--model"),
-            gguf.as_os_str(),
-            OsStr::new("--text"),
-            OsStr::new("hi"),
-        ],
-    );
+    let out = score_text(&cache, &gguf, "hi");
     let line = error_after_progress(&out, 1, &says);
     assert!(line.starts_with("error: cannot import "), "{line}");
     // The failed import leaves nothing in the cache that a later run could take for a model.
@@ -368,16 +355,7 @@ fn score_empty_text() {
     let tmp = Scratch::new("empty");
     let model = fixture("tiny-qwen2");
     for text in ["", "  \n"] {
-        let out = run(
-            &tmp.path("cache"),
-            &[
-                OsStr::new("score"),
-                OsStr::new("--model"),
-                model.as_os_str(),
-                OsStr::new("--text"),
-                OsStr::new(text),
-            ],
-        );
+        let out = score_text(&tmp.path("cache"), &model, text);
         one_line_error(&out, &["text to score is empty", "--text or --file"]);
     }
 }
@@ -390,16 +368,7 @@ fn score_with_config(tmp: &Scratch, name: &str, from: &str, to: &str) -> (Output
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains(from), "{from}");
     std::fs::write(&config, text.replace(from, to)).unwrap();
-    let out = run(
-        &tmp.path("cache"),
-        &[
-            OsStr::new("score"),
-            OsStr::new("--model"),
-            dir.as_os_str(),
-            OsStr::new("--text"),
-            OsStr::new("hello there"),
-        ],
-    );
+    let out = score_text(&tmp.path("cache"), &dir, "hello there");
     (out, config.display().to_string())
 }
 
