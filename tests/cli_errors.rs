@@ -427,3 +427,56 @@ fn out_of_range_override_and_bad_toml_file() {
         assert!(!out_dir.exists());
     }
 }
+
+/// Runs the binary with its standard output closed before it writes (`| head -0`), returning
+/// its exit code and stderr.
+fn with_stdout_closed(cache: &Path, args: &[&OsStr]) -> (Option<i32>, String) {
+    let mut child = wake2vec(cache)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wake2vec");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A reader that goes away (`| head`) ends the printing, not the work: inject still writes its
+/// model, status exits as it would have, neither panics.
+#[test]
+fn closed_stdout_ends_printing_not_the_work() {
+    let tmp = Scratch::new("pipe");
+    let lexicon = tmp.path("lexicon.txt");
+    std::fs::write(&lexicon, "riverrun\ncommodius\nrecirculation\n").unwrap();
+    let out = tmp.path("injected");
+    let model = fixture("tiny-llama");
+    let (code, stderr) = with_stdout_closed(
+        &tmp.path("cache"),
+        &[
+            OsStr::new("inject"),
+            OsStr::new("--model"),
+            model.as_os_str(),
+            OsStr::new("--lexicon"),
+            lexicon.as_os_str(),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    wake2vec::model::LoadedModel::load(&out).expect("the injected model is whole");
+    assert!(out.join("wake2vec.json").is_file());
+
+    let (code, stderr) =
+        with_stdout_closed(&tmp.path("cache"), &[OsStr::new("status"), out.as_os_str()]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        code,
+        Some(1),
+        "not a run: the same error as with an open stdout"
+    );
+}

@@ -37,7 +37,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
             &mut sampler,
             &mut |_| {},
         )?;
-        println!(
+        crate::outln!(
             "run {run}: {} tokens in {:.2} s, first token {:.0} ms, decode {:.1} tokens/s",
             s.ids.len(),
             s.total_s,
@@ -51,12 +51,14 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
     let bytes = weights.streamed_bytes() as f64;
     let bandwidth = read_bandwidth(weights.streamed_bytes() / 4)?;
     let roofline = bandwidth / bytes;
-    println!("fast decoder:      {best:.1} tokens/s (best of {repeats}, {new_tokens} new tokens)");
-    println!(
+    crate::outln!(
+        "fast decoder:      {best:.1} tokens/s (best of {repeats}, {new_tokens} new tokens)"
+    );
+    crate::outln!(
         "tensor forward:    {tensor_path:.1} tokens/s ({baseline_tokens} new tokens)  -> fast decoder is {:.2}x",
         best / tensor_path
     );
-    println!(
+    crate::outln!(
         "memory bandwidth:  {:.1} GB/s measured reading {:.0} MB with {} threads: streaming the f32 weights \
          allows at most {roofline:.1} tokens/s -> fast decoder reaches {:.0}% of it",
         bandwidth / 1e9,
@@ -64,7 +66,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         rayon::current_num_threads(),
         100.0 * best / roofline
     );
-    println!("peak memory:       {:.0} MiB", peak_rss_mib());
+    crate::outln!("peak memory:       {:.0} MiB", peak_rss_mib());
     Ok(())
 }
 
@@ -278,7 +280,7 @@ pub fn analysis(
     repeats: usize,
     reference: Option<(&Path, &Path)>,
 ) -> Result<()> {
-    println!(
+    crate::outln!(
         "matrix {} × {} (base {}, new {}), {} threads",
         e.rows,
         e.dim,
@@ -289,11 +291,12 @@ pub fn analysis(
     let suite = time_suite(e, base_vocab, repeats)?;
     let gemm = gram_seconds(e)?;
     let flops = 2.0 * e.rows as f64 * (e.dim * e.dim) as f64;
-    println!(
+    crate::outln!(
         "suite:    {:.2} s wall, {:.2} s CPU (best of {repeats})",
-        suite.wall, suite.cpu
+        suite.wall,
+        suite.cpu
     );
-    println!(
+    crate::outln!(
         "baseline: f64 XᵀX of the whole matrix {gemm:.3} s ({:.0} GFLOP/s) -> the suite costs {:.1} of them",
         flops / gemm / 1e9,
         suite.wall / gemm
@@ -301,7 +304,7 @@ pub fn analysis(
     if let Some((python, script)) = reference {
         against_reference(e, base_vocab, python, script, &suite)?;
     }
-    println!("peak memory: {:.0} MiB", peak_rss_mib());
+    crate::outln!("peak memory: {:.0} MiB", peak_rss_mib());
     Ok(())
 }
 
@@ -347,7 +350,7 @@ fn time_suite(e: &Embeddings, base_vocab: usize, repeats: usize) -> Result<Suite
             .iter()
             .map(|t| format!("{} {:.2}/{:.2}", t.stage, t.seconds, t.cpu_seconds))
             .collect();
-        println!(
+        crate::outln!(
             "run {run}: suite {t:.2} s wall, {cpu:.2} s CPU (stage wall/CPU: {})",
             parts.join(", ")
         );
@@ -416,11 +419,11 @@ fn against_reference(
         .max_by(|a, b| a.3.total_cmp(&b.3))
         .map(|d| format!("{:.1e} ({}: {} vs {})", d.3, d.0, d.1, d.2))
         .unwrap_or_default();
-    println!(
+    crate::outln!(
         "same numbers: {} statistics compared with the reference, largest relative difference {worst}",
         diffs.len()
     );
-    println!(
+    crate::outln!(
         "reference: numpy/scipy/sklearn {total:.2} s wall without loading -> wake2vec is {:.1}x faster; \
          {:.1} s CPU for the whole script (start-up and loading included) -> {:.1}x",
         total / suite.wall,

@@ -145,7 +145,7 @@ pub fn phase(
 ) -> Result<()> {
     let bench = Bench::set_up(dir, wake_rows, seq_len)?;
     let (model, wake) = (&bench.model, bench.manifest.wake);
-    println!(
+    crate::outln!(
         "phase {} step: {} layers, hidden {}, vocab {} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
         phase.name(),
         model.config.num_layers,
@@ -172,13 +172,13 @@ pub fn phase(
         drop(step.params);
         reset_peak_rss();
         let (base_fb, base_peak) = plain_candle(model, wake, &bench.block, repeats)?;
-        println!(
+        crate::outln!(
             "plain candle:       forward+backward {base_fb:.3} s, peak {base_peak:.0} MiB -> wake2vec forward+backward {ours_fb:.3} s is {:.2}x faster",
             base_fb / ours_fb
         );
     }
     if phase == Phase::P1 {
-        println!(
+        crate::outln!(
             "reference (PyTorch 2.15 + transformers on this machine kind, docs/origin/brief.md §4): 2.06-2.30 s per step, 1.70 s forward+backward, ~3.8 GB"
         );
     }
@@ -378,12 +378,12 @@ impl Timings {
         let (model, seq_len) = (&bench.model, bench.block.len());
         let step = median(self.total);
         let ours_fb = median(self.fb);
-        println!(
+        crate::outln!(
             "wake2vec step:      {step:.3} s (median of {repeats}; forward+backward {ours_fb:.3}, {update} {:.3}) = {:.0} tokens/s",
             median(self.opt),
             seq_len as f64 / step
         );
-        println!(
+        crate::outln!(
             "peak memory:        {ours_peak:.0} MiB{}",
             match load_peak {
                 Some(load_peak) =>
@@ -393,7 +393,7 @@ impl Timings {
         );
         let rate = gemm_rate(seq_len, model.config.hidden_size);
         let flops = step_flops(model, phase, bench.manifest.wake.count, seq_len);
-        println!(
+        crate::outln!(
             "CPU time:           {:.3} s per step ({} threads); load average now {}",
             median(self.cpu),
             rayon::current_num_threads(),
@@ -401,7 +401,7 @@ impl Timings {
                 .map(|l| l.split_whitespace().next().unwrap_or("?").to_string())
                 .unwrap_or_else(|_| "?".into())
         );
-        println!(
+        crate::outln!(
             "products:           {:.0} GFLOP per step; a {seq_len}x{}x49152 product runs at {:.0} GFLOP/s now, so the step cannot beat {:.3} s here -> the step is {:.2}x that floor",
             flops / 1e9,
             model.config.hidden_size,

@@ -49,7 +49,10 @@ pub fn encode_prompt(tokenizer: &tokenizers::Tokenizer, prompt: &str) -> Result<
 /// Fails, saying what to change, unless a prompt of `prompt_tokens` tokens and
 /// `max_new_tokens` new ones fit in the model's `context` positions.
 pub fn check_context(prompt_tokens: usize, max_new_tokens: usize, context: usize) -> Result<()> {
-    if prompt_tokens + max_new_tokens <= context {
+    if prompt_tokens
+        .checked_add(max_new_tokens)
+        .is_some_and(|n| n <= context)
+    {
         return Ok(());
     }
     if prompt_tokens >= context {
@@ -163,6 +166,11 @@ mod tests {
         assert!(check_context(6, 250, 256).is_ok());
         let over = check_context(6, 251, 256).unwrap_err().to_string();
         assert!(over.contains("at most 250"), "{over}");
+        let huge = check_context(6, usize::MAX, 256).unwrap_err().to_string();
+        assert!(
+            huge.contains("lower --max-new-tokens to at most 250"),
+            "{huge}"
+        );
         let long = check_context(300, 1, 256).unwrap_err().to_string();
         assert!(
             long.contains("300 tokens") && long.contains("shorten the prompt"),

@@ -8,8 +8,8 @@ use wake2vec::report;
 /// `wake2vec analyze`: summary.json and the figures, and the summary printed.
 pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     let out = report::analyze_path(&args.request())?;
-    print!("{}", report::print_summary(&out.summary));
-    println!("wrote {}", out.dir.join("summary.json").display());
+    wake2vec::out!("{}", report::print_summary(&out.summary));
+    wake2vec::outln!("wrote {}", out.dir.join("summary.json").display());
     Ok(())
 }
 
@@ -30,7 +30,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         samples.as_deref(),
         &dest,
     )?;
-    println!(
+    wake2vec::outln!(
         "wrote {} ({} KiB, {} samples)",
         dest.display(),
         page.bytes / 1024,

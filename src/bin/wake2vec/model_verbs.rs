@@ -114,17 +114,18 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         stop_at_eos: true,
     };
     for i in 0..args.num_samples {
-        let mut out = std::io::stdout();
+        if wake2vec::util::out::closed() {
+            break;
+        }
         if !args.json {
             if args.num_samples > 1 {
-                writeln!(out, "--- sample {} of {} ---", i + 1, args.num_samples)?;
+                wake2vec::outln!("--- sample {} of {} ---", i + 1, args.num_samples);
             }
-            write!(out, "{}", args.prompt)?;
+            wake2vec::out!("{}", args.prompt);
         }
         let mut stream = |t: &str| {
             if !args.json {
-                print!("{t}");
-                let _ = std::io::stdout().flush();
+                wake2vec::out!("{t}");
             }
         };
         let s = generate::generate(
@@ -137,11 +138,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             &mut stream,
         )?;
         if args.json {
-            serde_json::to_writer(&mut out, &s)?;
-            writeln!(out)?;
+            wake2vec::outln!("{}", serde_json::to_string(&s)?);
             continue;
         }
-        writeln!(out)?;
+        wake2vec::outln!();
         eprintln!(
             "[{} new tokens{}, {:.1} tokens/s]",
             s.ids.len(),
@@ -191,7 +191,7 @@ fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
         )
     })?;
     battery::write(&args.out, &samples, &name)?;
-    println!(
+    wake2vec::outln!(
         "wrote {} and {}",
         args.out.join("samples.md").display(),
         args.out.join("samples.jsonl").display()
@@ -204,7 +204,7 @@ pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
     let ImportGgufArgs { file, out } = args;
     let summary = gguf::import(&file, &out)?;
     match summary.config {
-        Some(c) => println!(
+        Some(c) => wake2vec::outln!(
             "imported {} tensors ({} layers, hidden {}, vocab {}) into {}",
             summary.tensors,
             c.num_layers,
@@ -212,7 +212,7 @@ pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
             summary.vocab_size,
             out.display()
         ),
-        None => println!(
+        None => wake2vec::outln!(
             "imported a tokenizer ({} tokens) into {}",
             summary.vocab_size,
             out.display()
@@ -240,7 +240,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         &mut progress,
     )?;
     eprintln!();
-    println!(
+    wake2vec::outln!(
         "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token, {:.4} bits/byte",
         args.corpus.display(),
         r.tokens,

@@ -96,7 +96,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     eprintln!("pipeline directory {}", out.display());
     match pipeline::run(config, &out, !args.quiet)? {
-        Finished::Done => println!(
+        Finished::Done => wake2vec::outln!(
             "done: {} (final model {}, report {})",
             out.display(),
             out.join("final").display(),
@@ -124,7 +124,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         &checkpoint,
     )?;
     train::export::export(&run, step, &out, merge)?;
-    println!(
+    wake2vec::outln!(
         "wrote {} (the model of {} at step {step})",
         out.display(),
         run.display()
@@ -136,9 +136,9 @@ pub fn export(args: ExportArgs) -> Result<()> {
 pub fn status(args: StatusArgs) -> Result<()> {
     let st = wake2vec::run::status::status(&args.run)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        wake2vec::outln!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        print!("{}", wake2vec::run::status::render(&st));
+        wake2vec::out!("{}", wake2vec::run::status::render(&st));
     }
     Ok(())
 }

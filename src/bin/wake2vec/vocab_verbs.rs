@@ -55,7 +55,7 @@ pub fn mine_lexicon(args: MineArgs) -> Result<()> {
         &csv_path,
         lexicon::mine::to_csv(&mined.candidates).as_bytes(),
     )?;
-    println!(
+    wake2vec::outln!(
         "{} word types; kept {} ({} too short, {} too rare, {} stop-listed, {} already one word-start token)",
         mined.types,
         words.len(),
@@ -64,10 +64,10 @@ pub fn mine_lexicon(args: MineArgs) -> Result<()> {
         mined.stopped,
         mined.single_token
     );
-    println!("wrote {} and {}", args.out.display(), csv_path.display());
+    wake2vec::outln!("wrote {} and {}", args.out.display(), csv_path.display());
     if let (Some(other), Some(path)) = (compare, &args.compare) {
         let o = lexicon::mine::overlap(&words, &other.words);
-        println!(
+        wake2vec::outln!(
             "overlap with {}: {} common of {} mined and {} there ({:.1}% of ours, {:.1}% of theirs, Jaccard {:.3})",
             path.display(),
             o.common,
@@ -107,7 +107,7 @@ pub fn morphemes(cmd: MorphemesCommand) -> Result<()> {
                 .with_context(|| format!("mining {}", lexicon.display()))?;
             data.save(&out)?;
             print_morphemes(&data);
-            println!("wrote {}", out.display());
+            wake2vec::outln!("wrote {}", out.display());
             Ok(())
         }
         MorphemesCommand::Decompose {
@@ -125,7 +125,7 @@ pub fn morphemes(cmd: MorphemesCommand) -> Result<()> {
             };
             let d = lexicon::Decomposer::new(&data);
             for w in words {
-                println!("{w}\t{}", d.decompose(&w));
+                wake2vec::outln!("{w}\t{}", d.decompose(&w));
             }
             Ok(())
         }
@@ -152,14 +152,14 @@ fn print_morphemes(data: &MorphemeData) {
         ("prefixes", &data.prefixes, true),
         ("suffixes", &data.suffixes, false),
     ] {
-        println!("{} {kind}:", map.len());
+        wake2vec::outln!("{} {kind}:", map.len());
         for (affix, ex) in map {
             let shown = if prefix {
                 format!("{affix}-")
             } else {
                 format!("-{affix}")
             };
-            println!("  {shown:<10} {}", ex.join(", "));
+            wake2vec::outln!("  {shown:<10} {}", ex.join(", "));
         }
     }
 }
@@ -236,14 +236,14 @@ pub fn inject(args: InjectArgs) -> Result<()> {
         &options,
     )?;
     let m = &injected.manifest;
-    println!(
+    wake2vec::outln!(
         "lexicon {}: {} entries ({} skipped: {})",
         lexicon_path,
         lexicon.words.len(),
         lexicon.skipped.total(),
         lexicon.skipped
     );
-    println!(
+    wake2vec::outln!(
         "{} tokenizer; case {}: {} new words (ids {}..{}), {} already one token (ids kept), {} never one pre-token (no row)",
         injected.extension.family,
         options.case,
@@ -254,17 +254,17 @@ pub fn inject(args: InjectArgs) -> Result<()> {
         m.unreachable.len()
     );
     if let Some(split) = &injected.extension.split {
-        println!("SentencePiece pre-tokenizer added: Split /{split}/ (Isolated)");
+        wake2vec::outln!("SentencePiece pre-tokenizer added: Split /{split}/ (Isolated)");
     }
     if !injected.extension.merge_unreachable.is_empty() {
-        println!(
+        wake2vec::outln!(
             "warning: {} base pieces are not rebuilt by their own merges (e.g. {:?}); ignore_merges changes how those pre-tokens tokenize",
             injected.extension.merge_unreachable.len(),
             &injected.extension.merge_unreachable[..injected.extension.merge_unreachable.len().min(5)]
         );
     }
     let s = &injected.stats;
-    println!(
+    wake2vec::outln!(
         "init {} (seed {}): base rows {}, mean-row norm {:.4}, mean row norm {:.4}, std {:.5}",
         options.scheme.name(),
         options.seed,
@@ -274,7 +274,7 @@ pub fn inject(args: InjectArgs) -> Result<()> {
         s.std
     );
     if let Some(c) = &injected.composition {
-        println!(
+        wake2vec::outln!(
             "compositional ({}): {} prefix+suffix, {} prefix only, {} suffix only, {} root only",
             m.init
                 .as_ref()
@@ -287,15 +287,15 @@ pub fn inject(args: InjectArgs) -> Result<()> {
         );
     }
     if let Some(head) = m.init.as_ref().and_then(|i| i.head.as_ref()) {
-        println!("untied head: {head}");
+        wake2vec::outln!("untied head: {head}");
     }
     if let Some(text) = &text {
         let report =
             check::check_corpus(&injected.base, &injected.extension, &lexicon.words, text)?;
-        println!("{report}");
+        wake2vec::outln!("{report}");
     }
     vocab::write(&injected, &dir, &args.out)?;
-    println!("wrote {}", args.out.display());
+    wake2vec::outln!("wrote {}", args.out.display());
     Ok(())
 }
 
@@ -321,7 +321,7 @@ pub fn extend_tokenizer(args: ExtendTokenizerArgs) -> Result<()> {
             ext.unreachable.len()
         );
     }
-    println!(
+    wake2vec::outln!(
         "{}: {}; case {}: {} new words (ids {}..{}), {} already one token, {} never one pre-token",
         args.tokenizer.display(),
         ext.family,
@@ -333,20 +333,20 @@ pub fn extend_tokenizer(args: ExtendTokenizerArgs) -> Result<()> {
         ext.unreachable.len()
     );
     if let Some(split) = ext.split {
-        println!("SentencePiece pre-tokenizer added: Split /{split}/ (Isolated)");
+        wake2vec::outln!("SentencePiece pre-tokenizer added: Split /{split}/ (Isolated)");
     }
-    println!(
+    wake2vec::outln!(
         "base pieces not rebuilt by their own merges: {}",
         ext.merge_unreachable.len()
     );
     if let Some(text) = &text {
-        println!(
+        wake2vec::outln!(
             "{}",
             check::check_corpus(&base, &ext, &lexicon.words, text)?
         );
-        println!("case choices (rows, corpus tokens, lexicon-word occurrences covered):");
+        wake2vec::outln!("case choices (rows, corpus tokens, lexicon-word occurrences covered):");
         for row in check::case_table(&base, &lexicon, first_id, text)? {
-            println!(
+            wake2vec::outln!(
                 "  {:<6} {:>6} rows  {:>7} tokens  {}/{} ({:.1}%)",
                 row.case.to_string(),
                 row.new_words,
@@ -359,7 +359,7 @@ pub fn extend_tokenizer(args: ExtendTokenizerArgs) -> Result<()> {
     }
     if let Some(out) = &args.out {
         wake2vec::util::fs::write(out, ext.to_json()?.as_bytes())?;
-        println!("wrote {}", out.display());
+        wake2vec::outln!("wrote {}", out.display());
     }
     Ok(())
 }
