@@ -288,6 +288,10 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
                 );
             } else {
                 c.validate()?;
+                let model = Path::new(&c.model);
+                if model.is_dir() {
+                    fs::check_apart(out, model, "the model directory")?;
+                }
                 std::fs::create_dir_all(out)
                     .with_context(|| format!("cannot create {}", out.display()))?;
                 fs::write(&stored, toml::to_string(&c)?.as_bytes())?;

@@ -231,3 +231,24 @@ fn mistral_sentencepiece() {
     assert_eq!(base.family, Family::SentencePiece);
     check_properties(&base, 32_000, "mistral");
 }
+
+/// New ids must neither wrap past the largest id nor fall on the base's: each is one line.
+#[test]
+fn first_ids_that_would_wrap_or_collide_are_refused() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let base = BaseTokenizer::from_file(&fixture.join("tokenizer.json")).unwrap();
+    let forms = vec!["riverrun".to_string(), "commodius".to_string()];
+    let error = |first_id| match extend(&base, &forms, first_id) {
+        Ok(_) => panic!("first id {first_id} accepted"),
+        Err(e) => e.to_string(),
+    };
+    let wraps = error(u32::MAX);
+    assert!(wraps.contains("would pass the largest token id"), "{wraps}");
+    let collides = error(100);
+    assert!(
+        collides.contains("already uses ids up to 399"),
+        "{collides}"
+    );
+    let top = extend(&base, &forms, u32::MAX - 10).unwrap();
+    assert_eq!(top.id_end(), u32::MAX - 8);
+}

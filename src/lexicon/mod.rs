@@ -25,11 +25,38 @@ pub struct Skipped {
     pub whitespace: usize,
     /// Entries with control characters.
     pub control: usize,
+    /// Entries of invisible characters only (zero-width joiners, direction marks, …).
+    #[serde(default)]
+    pub invisible: usize,
+    /// Entries longer than [`MAX_WORD_BYTES`].
+    #[serde(default)]
+    pub long: usize,
+}
+
+/// The longest entry a lexicon may hold, in UTF-8 bytes: far above any word (the Wake's longest,
+/// its hundred-letter thunderwords, are about 100), far below what would make one token of a
+/// whole file.
+pub const MAX_WORD_BYTES: usize = 256;
+
+/// Characters that render as nothing: format characters (zero-width space, joiners, direction
+/// marks and embeddings, word joiner, byte-order mark), soft hyphen, variation selectors, Hangul
+/// fillers and tags.
+fn is_invisible(c: char) -> bool {
+    matches!(c as u32,
+        0xAD | 0x34F | 0x61C | 0x115F..=0x1160 | 0x17B4..=0x17B5 | 0x180B..=0x180F
+        | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+        | 0xFEFF | 0xFFA0 | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0000..=0xE0FFF)
 }
 
 impl Skipped {
     pub fn total(&self) -> usize {
-        self.blank + self.comment + self.duplicate + self.whitespace + self.control
+        self.blank
+            + self.comment
+            + self.duplicate
+            + self.whitespace
+            + self.control
+            + self.invisible
+            + self.long
     }
 }
 
@@ -37,8 +64,15 @@ impl std::fmt::Display for Skipped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} blank, {} comment, {} duplicate, {} with inner whitespace, {} with control characters",
-            self.blank, self.comment, self.duplicate, self.whitespace, self.control
+            "{} blank, {} comment, {} duplicate, {} with inner whitespace, {} with control \
+             characters, {} invisible, {} longer than {MAX_WORD_BYTES} bytes",
+            self.blank,
+            self.comment,
+            self.duplicate,
+            self.whitespace,
+            self.control,
+            self.invisible,
+            self.long
         )
     }
 }
@@ -66,9 +100,12 @@ impl Lexicon {
         Ok(lexicon)
     }
 
-    /// Parses lexicon text: each line trimmed and NFC-normalized; blank lines, `#` comments,
-    /// duplicates and entries with inner whitespace or control characters skipped and counted.
+    /// Parses lexicon text (a leading byte-order mark dropped): each line trimmed and
+    /// NFC-normalized; blank lines, `#` comments, duplicates, entries with inner whitespace or
+    /// control characters, entries of invisible characters only, and entries longer than
+    /// [`MAX_WORD_BYTES`] skipped and counted.
     pub fn parse(text: &str) -> Self {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut skipped = Skipped::default();
         let mut seen = HashSet::new();
         let mut words = Vec::new();
@@ -82,6 +119,10 @@ impl Lexicon {
                 skipped.whitespace += 1;
             } else if entry.chars().any(char::is_control) {
                 skipped.control += 1;
+            } else if entry.chars().all(is_invisible) {
+                skipped.invisible += 1;
+            } else if entry.len() > MAX_WORD_BYTES {
+                skipped.long += 1;
             } else {
                 let entry = crate::corpus::nfc(entry);
                 if seen.insert(entry.clone()) {
@@ -169,6 +210,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn drops_a_byte_order_mark_and_skips_invisible_and_overlong_entries() {
+        let long = "w".repeat(MAX_WORD_BYTES + 1);
+        let text = format!("\u{feff}riverrun\n\u{200d}\n\u{200f}\u{200b}\n{long}\nHowth\n");
+        let lex = Lexicon::parse(&text);
+        assert_eq!(lex.words, ["riverrun", "Howth"]);
+        assert_eq!((lex.skipped.invisible, lex.skipped.long), (2, 1));
+        assert_eq!(lex.skipped.total(), 3);
+    }
+
+    #[test]
     fn parse_counts_every_kind_of_skip() {
         let text = "  riverrun \n\n# a comment\nriverrun\ncafe\u{301}\ncafé\ntwo words\nbad\u{7}\n\t\nHowth\n";
         let lex = Lexicon::parse(text);
@@ -180,7 +231,9 @@ mod tests {
                 comment: 1,
                 duplicate: 2,
                 whitespace: 1,
-                control: 1
+                control: 1,
+                invisible: 0,
+                long: 0,
             }
         );
         assert_eq!(lex.skipped.total(), 7);

@@ -106,6 +106,7 @@ impl Trainer {
             Some(resolve_source(&mut config)?)
         };
         config.validate()?;
+        crate::util::fs::check_apart(out, &config.model, "the model directory")?;
         let run = RunDir::new(out);
         if run.is_run() {
             bail!(

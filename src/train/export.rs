@@ -15,7 +15,9 @@ use std::path::Path;
 /// format in `out/adapter` (with `base_model_name_or_path` = `out`). Config, tokenizer and
 /// wake2vec.json are copied.
 pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
+    crate::util::fs::check_new_dir(out)?;
     let (config, state) = phase_state(run, step)?;
+    crate::util::fs::check_apart(out, &config.model, "the run's model directory")?;
     let device = candle_core::Device::Cpu;
     let mut weights = crate::hub::weights::load_dir(&config.model, &device)?;
     let wake = Manifest::load(&config.model)?.wake;
@@ -47,26 +49,26 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     if let (Some(lora), true) = (&lora, merge) {
         lora.merge_into(&mut weights)?;
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let all: BTreeMap<String, Tensor> = weights.into_iter().collect();
-    crate::hub::weights::save_file(&all, &out.join("model.safetensors"))?;
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-        "special_tokens_map.json",
-        "wake2vec.json",
-    ] {
-        let src = config.model.join(f);
-        if src.is_file() {
-            let bytes =
-                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
-            crate::util::fs::write(&out.join(f), &bytes)?;
+    let peft_base = absolute(out)?.display().to_string();
+    crate::util::fs::create_dir_atomically(out, |tmp| {
+        let all: BTreeMap<String, Tensor> = weights.into_iter().collect();
+        crate::hub::weights::save_file(&all, &tmp.join("model.safetensors"))?;
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "wake2vec.json",
+        ] {
+            let src = config.model.join(f);
+            if src.is_file() {
+                crate::util::fs::write(&tmp.join(f), &crate::util::fs::read(&src)?)?;
+            }
         }
-    }
-    if let (Some(lora), false) = (&lora, merge) {
-        lora.save_peft(&out.join("adapter"), &absolute(out)?.display().to_string())?;
-    }
-    Ok(())
+        if let (Some(lora), false) = (&lora, merge) {
+            lora.save_peft(&tmp.join("adapter"), &peft_base)?;
+        }
+        Ok(())
+    })
 }

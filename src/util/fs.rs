@@ -185,3 +185,131 @@ pub fn remove_path(path: &Path) -> std::io::Result<()> {
         other => other,
     }
 }
+
+/// Refuses `out` unless it is absent or an empty directory: wake2vec writes a new directory and
+/// never mixes its files into another's.
+pub fn check_new_dir(out: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(out).is_ok() {
+        let empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
+        ensure!(
+            empty,
+            "{} already exists and is not an empty directory: remove it or choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `p` made absolute with its links resolved, as far as it exists (the rest appended as is).
+fn resolved(p: &Path) -> PathBuf {
+    let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut existing = p.as_path();
+    let mut rest = Vec::new();
+    while std::fs::canonicalize(existing).is_err() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return p,
+        }
+    }
+    let mut out = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    out.extend(rest.iter().rev());
+    out
+}
+
+/// Refuses an output directory `out` that is, lies inside, or holds `input` (`what` names it):
+/// writing there would change an input or a later run's source without a word.
+pub fn check_apart(out: &Path, input: &Path, what: &str) -> Result<()> {
+    let (o, i) = (resolved(out), resolved(input));
+    ensure!(
+        !o.starts_with(&i) && !i.starts_with(&o),
+        "--out {} would write {} {}: choose a directory outside it",
+        out.display(),
+        match (o == i, o.starts_with(&i)) {
+            (true, _) => "into",
+            (false, true) => "inside",
+            (false, false) => "over",
+        },
+        format_args!("{what} {}", input.display())
+    );
+    Ok(())
+}
+
+/// Creates the new directory `out` (absent or empty, [`check_new_dir`]) by letting `fill` write
+/// a temporary sibling that is renamed into place when it succeeds and removed when it fails,
+/// so `out` is never half-written.
+pub fn create_dir_atomically<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    check_new_dir(out)?;
+    let tmp = tmp_path(out);
+    if let Some(name) = out.file_name() {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        remove_stale_temporaries(parent.unwrap_or(Path::new(".")), |n| n.starts_with(&prefix));
+    }
+    if std::fs::symlink_metadata(&tmp).is_ok() {
+        remove_path(&tmp).with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let filled = fill(&tmp).and_then(|value| {
+        if out.exists() {
+            std::fs::remove_dir(out).ok();
+        }
+        std::fs::rename(&tmp, out).with_context(|| {
+            format!("cannot move the finished directory into {}", out.display())
+        })?;
+        Ok(value)
+    });
+    if filled.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    filled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wake2vec-fs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn outputs_stay_apart_from_inputs_through_links() {
+        let dir = scratch("apart");
+        let model = dir.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&model, dir.join("alias")).unwrap();
+        for out in [model.clone(), model.join("run"), dir.clone()] {
+            assert!(check_apart(&out, &model, "the model").is_err(), "{out:?}");
+        }
+        #[cfg(unix)]
+        assert!(check_apart(&dir.join("alias/run"), &model, "the model").is_err());
+        assert!(check_apart(&dir.join("run"), &model, "the model").is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_directory_appears_whole_or_not_at_all() {
+        let dir = scratch("atomic");
+        let out = dir.join("out");
+        let failed = create_dir_atomically(&out, |tmp| -> Result<()> {
+            std::fs::write(tmp.join("half"), b"x")?;
+            bail!("disk full")
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing left");
+        create_dir_atomically(&out, |tmp| Ok(std::fs::write(tmp.join("whole"), b"x")?)).unwrap();
+        assert!(out.join("whole").is_file());
+        let again = create_dir_atomically(&out, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(again.contains("not an empty directory"), "{again}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -7,12 +7,12 @@ use super::tokenizer::{extend, BaseTokenizer, Extension};
 use crate::hub::ModelConfig;
 use crate::lexicon::{Case, Lexicon, MorphemeData};
 use crate::util::rng::Rng;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Everything `inject` needs besides the model and the lexicon.
 #[derive(Debug, Clone)]
@@ -365,36 +365,14 @@ fn tokenizer_config(base_dir: &Path) -> Result<Value> {
     Ok(config)
 }
 
-/// Refuses an `out` that exists and is not an empty directory.
-pub fn check_out_dir(out: &Path) -> Result<()> {
-    if out.exists() {
-        let empty = std::fs::read_dir(out)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false);
-        if !empty {
-            bail!(
-                "{} already exists and is not an empty directory: remove it or choose another --out",
-                out.display()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Writes the injected model to `out` (created; must not exist or be empty): config.json,
 /// model.safetensors, tokenizer.json, tokenizer_config.json (see [`tokenizer_config`]),
 /// wake2vec.json and the base's generation_config.json and special_tokens_map.json. Everything is written into a temporary
 /// directory beside `out` and renamed, so a failure leaves nothing behind.
 pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
-    check_out_dir(out)?;
+    crate::util::fs::check_new_dir(out)?;
     let tokenizer_config = tokenizer_config(base_dir)?;
-    let tmp: PathBuf = crate::util::fs::tmp_path(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<()> {
+    crate::util::fs::create_dir_atomically(out, |tmp| {
         let json = |v: &Value| -> Result<Vec<u8>> { Ok(serde_json::to_vec_pretty(v)?) };
         crate::util::fs::write(&tmp.join("config.json"), &json(&injected.config)?)?;
         crate::util::fs::write(
@@ -418,18 +396,5 @@ pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
             }
         }
         crate::hub::weights::save_file(&injected.weights, &tmp.join("model.safetensors"))
-    })();
-    match result {
-        Ok(()) => {
-            if out.exists() {
-                std::fs::remove_dir(out).ok();
-            }
-            std::fs::rename(&tmp, out)
-                .map_err(|e| anyhow!("cannot move the injected model into {}: {e}", out.display()))
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })
 }

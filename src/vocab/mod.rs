@@ -11,6 +11,6 @@ pub mod tokenizer;
 
 pub use check::{check_corpus, CorpusReport, Coverage};
 pub use init::{InitScheme, Matrix};
-pub use inject::{check_out_dir, inject, mine_morphemes, write, InjectOptions, Injected};
+pub use inject::{inject, mine_morphemes, write, InjectOptions, Injected};
 pub use manifest::{InitRecord, LexiconRecord, Manifest, TokenizerRecord, WakeRange, MANIFEST};
 pub use tokenizer::{extend, BaseTokenizer, Extension, Family};

@@ -309,6 +309,18 @@ pub fn extend(base: &BaseTokenizer, forms: &[String], first_id: u32) -> Result<E
             id_end - 1
         );
     }
+    let fits = u32::try_from(forms.len())
+        .ok()
+        .and_then(|n| first_id.checked_add(n))
+        .is_some();
+    if !fits {
+        bail!(
+            "new ids from {first_id} for {} words would pass the largest token id, {}: lower \
+             --first-id (normally the base's row count, {id_end})",
+            forms.len(),
+            u32::MAX
+        );
+    }
     let mut json = base.json.clone();
     json["model"]["ignore_merges"] = Value::Bool(true);
     let split = match base.family {

@@ -212,7 +212,7 @@ fn scheme_of(args: &InjectArgs) -> Result<InitScheme> {
 pub fn inject(args: InjectArgs) -> Result<()> {
     // Every input is read and checked before anything is written.
     let scheme = scheme_of(&args)?;
-    vocab::check_out_dir(&args.out)?;
+    wake2vec::util::fs::check_new_dir(&args.out)?;
     let lexicon = Lexicon::load(&args.lexicon)?;
     let morphemes = args
         .morphemes

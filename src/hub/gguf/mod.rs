@@ -156,33 +156,12 @@ fn ggml_type_name(id: &str) -> &'static str {
 /// Imports `gguf` into a new HF directory `out`, written under a temporary name and renamed,
 /// so an interrupted import never leaves a directory that looks complete.
 pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "{} already exists and is not empty: remove it or choose another --out",
-            out.display()
-        );
-    }
+    crate::util::fs::check_new_dir(out)?;
     let (content, mut reader) = read_content(gguf)?;
     let tok = tokenizer::from_gguf(&content, gguf)?;
-    let tmp = crate::util::fs::tmp_path(out);
-    if let Some(name) = out.file_name() {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-        let prefix = format!(".{}.tmp-", name.to_string_lossy());
-        let ours = |n: &str| n.starts_with(&prefix);
-        crate::util::fs::remove_stale_temporaries(parent.unwrap_or(Path::new(".")), ours);
-    }
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<ImportSummary> {
+    crate::util::fs::create_dir_atomically(out, |tmp| {
         let vocab_size = tok.tokenizer.get_vocab_size(true);
-        write_tokenizer(&tok, &tmp)?;
+        write_tokenizer(&tok, tmp)?;
         if content.tensor_infos.is_empty() {
             return Ok(ImportSummary {
                 config: None,
@@ -215,21 +194,7 @@ pub fn import(gguf: &Path, out: &Path) -> Result<ImportSummary> {
             tensors,
             vocab_size,
         })
-    })();
-    match result {
-        Ok(summary) => {
-            if out.exists() {
-                std::fs::remove_dir(out).ok();
-            }
-            std::fs::rename(&tmp, out)
-                .with_context(|| format!("cannot move the import into {}", out.display()))?;
-            Ok(summary)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
