@@ -243,7 +243,7 @@ fn refuses_a_non_empty_output_directory_and_leaves_it_alone() {
         wake2vec::hub::gguf::import(&gguf, &out).unwrap_err()
     );
     assert!(
-        err.contains(out.to_str().unwrap()) && err.contains("not empty"),
+        err.contains(out.to_str().unwrap()) && err.contains("not an empty directory"),
         "{err}"
     );
     let left: Vec<_> = std::fs::read_dir(&out)
