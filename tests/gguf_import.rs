@@ -213,6 +213,13 @@ fn qwen2_f16_imports_exactly() {
     let original = fixture("tiny-qwen2");
     let gguf = tmp.path("tiny-qwen2.F16.gguf");
     write_gguf(&original, GgmlDType::F16, &gguf);
+    // Through a symbolic link, as the Hugging Face hub cache hands files out: reading follows it.
+    #[cfg(unix)]
+    let gguf = {
+        let link = tmp.path("linked.gguf");
+        std::os::unix::fs::symlink(&gguf, &link).unwrap();
+        link
+    };
     let out = tmp.path("imported");
     let imported = import_and_check(&gguf, &out, &original);
     assert!(

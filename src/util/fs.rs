@@ -89,17 +89,19 @@ pub fn check_file(path: &Path) -> Result<()> {
 /// Reads a regular file (following links, as reading changes nothing). A FIFO or device is
 /// refused instead of blocking or reading for ever.
 pub fn read(path: &Path) -> Result<Vec<u8>> {
-    regular(path)?;
+    check_regular(path)?;
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// [`read`] as UTF-8 text.
 pub fn read_to_string(path: &Path) -> Result<String> {
-    regular(path)?;
+    check_regular(path)?;
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-fn regular(path: &Path) -> Result<()> {
+/// Refuses `path` unless it is a regular file, or a link to one (reading through a link changes
+/// nothing): a FIFO or device would block or never end.
+pub fn check_regular(path: &Path) -> Result<()> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     ensure!(

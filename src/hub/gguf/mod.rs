@@ -26,7 +26,7 @@ pub struct ImportSummary {
 /// (candle divides by it), every tensor's element count and extent against the file, and the
 /// memory their f32 copies would take.
 pub fn read_content(path: &Path) -> Result<(Content, BufReader<std::fs::File>)> {
-    crate::util::fs::check_file(path)?;
+    crate::util::fs::check_regular(path)?;
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
     let file_size = file.metadata()?.len();
