@@ -370,7 +370,6 @@ fn tokenizer_config(base_dir: &Path) -> Result<Value> {
 /// wake2vec.json and the base's generation_config.json and special_tokens_map.json. Everything is written into a temporary
 /// directory beside `out` and renamed, so a failure leaves nothing behind.
 pub fn write(injected: &Injected, base_dir: &Path, out: &Path) -> Result<()> {
-    crate::util::fs::check_new_dir(out)?;
     let tokenizer_config = tokenizer_config(base_dir)?;
     crate::util::fs::create_dir_atomically(out, |tmp| {
         let json = |v: &Value| -> Result<Vec<u8>> { Ok(serde_json::to_vec_pretty(v)?) };
