@@ -23,6 +23,7 @@ use crate::infer::battery;
 use crate::infer::text_metrics::KnownWords;
 use crate::lexicon::morphemes::MorphemeData;
 use crate::lexicon::{Case, Lexicon};
+use crate::nn::device::{Compute, DeviceSpec, WeightDtype};
 use crate::run::dir::RunDir;
 use crate::run::select::Rule;
 use crate::train::{self, Outcome, Phase, TrainConfig, Trainer};
@@ -52,6 +53,12 @@ pub struct PipelineConfig {
     /// Morpheme data for Phase 3 (morpheme_data.json or wake_embedding_groups.jsonl); empty:
     /// affixes mined from the lexicon into OUT/morphemes.json.
     pub morphemes: PathBuf,
+    /// Where every phase trains and the samples are drawn (`cpu`, `cuda`, `cuda:N`, `auto`);
+    /// a phase's own `device` wins.
+    pub device: DeviceSpec,
+    /// The frozen weights' precision of every phase (`f32`, `bf16`, `f16`); a phase's own
+    /// `dtype` wins.
+    pub dtype: WeightDtype,
     /// Training settings of each phase (the keys of run.toml; the phase's seed defaults fill
     /// the rest; model, corpus and source are set by the pipeline).
     pub p1: toml::Table,
@@ -69,6 +76,8 @@ impl Default for PipelineConfig {
             lexicon: PathBuf::new(),
             inject: InjectSettings::default(),
             morphemes: PathBuf::new(),
+            device: DeviceSpec::Cpu,
+            dtype: WeightDtype::F32,
             p1: toml::Table::new(),
             p2: toml::Table::new(),
             p3: toml::Table::new(),
@@ -203,6 +212,12 @@ impl PipelineConfig {
             );
         }
         table.insert("phase".into(), phase.name().into());
+        table
+            .entry("device")
+            .or_insert_with(|| self.device.to_string().into());
+        table
+            .entry("dtype")
+            .or_insert_with(|| self.dtype.name().into());
         let path = |p: &Path| toml::Value::String(p.display().to_string());
         table.insert("model".into(), path(&out.join("model")));
         table.insert("corpus".into(), path(&self.corpus));
@@ -273,6 +288,12 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
             c
         }
         (Some(mut c), exists) => {
+            // A device this build or machine lacks is refused before anything is written.
+            Compute::open(c.device, c.dtype)?;
+            for phase in [Phase::P1, Phase::P2, Phase::P3] {
+                let t = c.phase_config(phase, out)?;
+                Compute::open(t.device, t.dtype).with_context(|| format!("in [{}]", phase.name()))?;
+            }
             c.corpus = absolute(&c.corpus)?;
             c.lexicon = absolute(&c.lexicon)?;
             if !c.morphemes.as_os_str().is_empty() {
@@ -436,7 +457,8 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     };
     let samples_path = out.join("samples.jsonl");
     if f.samples && !samples_path.is_file() {
-        let m = crate::model::LoadedModel::load(&final_dir)?;
+        let compute = Compute::open(config.device, config.dtype)?;
+        let m = crate::model::LoadedModel::load_with(&final_dir, &compute)?;
         let wake = vocab::Manifest::load(&final_dir)?.wake;
         let known = KnownWords::load(&m.tokenizer, wake.start, Some(&config.corpus), None)?;
         let samples = battery::run(

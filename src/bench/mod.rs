@@ -6,7 +6,7 @@ pub mod train;
 use crate::analysis::{self, linalg, Embeddings, Geometry, Layout, Options, Vocabulary};
 use crate::infer::generate::{self, Limits, DEFAULT_PROMPT};
 use crate::infer::sampling::{Sampler, SamplingParams};
-use crate::model::{decode::DecodeWeights, KvCache, LoadedModel};
+use crate::model::{KvCache, LoadedModel};
 use anyhow::Result;
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -20,7 +20,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         temperature: 0.0,
         ..SamplingParams::default()
     };
-    let weights = DecodeWeights::new(&m.model)?;
+    let weights = generate::Decoder::new(&m.model)?;
     let limits = Limits {
         max_new_tokens: new_tokens,
         stop_at_eos: false,
@@ -46,6 +46,16 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         );
         best = best.max(s.decode_tokens_per_s);
     }
+    let generate::Decoder::Fast(weights) = &weights else {
+        // The generic kernels (a GPU, or bf16/f16 weights) decode through the tensor path; its
+        // baseline is a peer on the same device (e.g. transformers' generate), run beside this.
+        crate::outln!(
+            "tensor decoder ({}): {best:.1} tokens/s (best of {repeats}, {new_tokens} new tokens)",
+            crate::nn::device::device_name(m.model.embed.device())
+        );
+        crate::outln!("peak memory:       {:.0} MiB", peak_rss_mib());
+        return Ok(());
+    };
     let baseline_tokens = new_tokens.clamp(2, 50);
     let tensor_path = tensor_path_tokens_per_s(m, baseline_tokens)?;
     let bytes = weights.streamed_bytes() as f64;

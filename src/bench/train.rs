@@ -9,6 +9,7 @@
 use crate::bench::peak_rss_mib;
 use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
+use crate::nn::device::{Compute, WeightDtype};
 use crate::train::aux_loss::{AuxConfig, AuxLosses, MorphVariant};
 use crate::train::config::Phase;
 use crate::train::optim::{AdamWConfig, Optimizer, OptimizerConfig};
@@ -56,7 +57,7 @@ fn append_synthetic_rows(model: &mut Llama, count: usize, seed: u64) -> Result<M
     let new = Tensor::from_vec(new, (count, hidden), model.embed.device())?;
     model.embed = Tensor::cat(&[&model.embed, &new], 0)?;
     if let Some(head) = &model.lm_head {
-        model.lm_head = Some(Tensor::cat(&[head, &new], 0)?);
+        model.lm_head = Some(Tensor::cat(&[head, &new.to_dtype(head.dtype())?], 0)?);
     }
     model.config.vocab_size = rows + count;
     Manifest::from_base_vocab(rows, rows + count)
@@ -137,22 +138,24 @@ fn reset_peak_rss() -> bool {
 /// Runs the benchmark and prints the table.
 pub fn phase(
     dir: &Path,
+    compute: &Compute,
     phase: Phase,
     wake_rows: usize,
     seq_len: usize,
     repeats: usize,
     baseline: bool,
 ) -> Result<()> {
-    let bench = Bench::set_up(dir, wake_rows, seq_len)?;
+    let bench = Bench::set_up(dir, compute, wake_rows, seq_len)?;
     let (model, wake) = (&bench.model, bench.manifest.wake);
     crate::outln!(
-        "phase {} step: {} layers, hidden {}, vocab {} ({} Wake rows), seq {seq_len}, batch 1, {} threads",
+        "phase {} step: {} layers, hidden {}, vocab {} ({} Wake rows), seq {seq_len}, batch 1, {} threads, {}",
         phase.name(),
         model.config.num_layers,
         model.config.hidden_size,
         model.embed.dim(0)?,
         wake.count,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        compute.describe()
     );
     let load_peak = peak_rss_mib();
     let reset = reset_peak_rss();
@@ -168,7 +171,8 @@ pub fn phase(
         ours_peak,
         reset.then_some(load_peak),
     );
-    if baseline && phase == Phase::P1 {
+    // The plain candle baseline multiplies f32 activations by the weights as they are.
+    if baseline && phase == Phase::P1 && compute.dtype == WeightDtype::F32 {
         drop(step.params);
         reset_peak_rss();
         let (base_fb, base_peak) = plain_candle(model, wake, &bench.block, repeats)?;
@@ -197,11 +201,11 @@ struct Bench {
 impl Bench {
     /// Loads the model in `dir` (adding `wake_rows` synthetic Wake rows when it has no
     /// manifest) and makes a block of `seq_len` tokens.
-    fn set_up(dir: &Path, wake_rows: usize, seq_len: usize) -> Result<Self> {
+    fn set_up(dir: &Path, compute: &Compute, wake_rows: usize, seq_len: usize) -> Result<Self> {
         let LoadedModel {
             mut model,
             tokenizer,
-        } = LoadedModel::load(dir)?;
+        } = LoadedModel::load_with(dir, compute)?;
         let manifest = match Manifest::load(dir) {
             Ok(m) => m,
             Err(_) => append_synthetic_rows(&mut model, wake_rows, 42)?,
@@ -258,7 +262,7 @@ impl Step {
         let lora = if phase.has_lora() {
             let lora = Lora::new(model, LoraConfig::default(), 42)?;
             for (name, var) in lora.params() {
-                params.push(Param::new(name, var)?);
+                params.push(Param::new(name, var, model.kernels)?);
             }
             Some(lora)
         } else {
@@ -269,17 +273,15 @@ impl Step {
         } else {
             None
         };
+        let optimizer = |c| Optimizer::for_kernels(c, model.kernels, model.embed.device());
         let adamw = || {
-            Optimizer::new(OptimizerConfig::Adamw(AdamWConfig {
+            optimizer(OptimizerConfig::Adamw(AdamWConfig {
                 weight_decay: 0.01,
                 ..AdamWConfig::default()
             }))
         };
         let (optimizer, update) = match phase {
-            Phase::P1 => (
-                Optimizer::new(OptimizerConfig::default())?,
-                "clip+Adafactor",
-            ),
+            Phase::P1 => (optimizer(OptimizerConfig::default())?, "clip+Adafactor"),
             Phase::P2 => (adamw()?, "clip+AdamW"),
             Phase::P3 => (adamw()?, "aux+clip+AdamW"),
         };
@@ -302,7 +304,7 @@ impl Step {
         let mut timings = Timings::default();
         for r in 0..=repeats.max(1) {
             let wake_rows = if n_wake > 0 {
-                wake_rows_of(wake.start, &self.params[..n_wake])
+                wake_rows_of(wake.start, &self.params[..n_wake], model.kernels)
             } else {
                 frozen.clone()
             };
@@ -317,14 +319,16 @@ impl Step {
                 &[&bench.block],
                 Some(&wake_rows),
                 pass.as_ref(),
-                &self.params[n_wake..],
+                (&self.params, n_wake),
                 1.0,
             )?;
             let t1 = Instant::now();
             if let Some(aux) = &self.aux {
-                add_aux(aux, &self.params[0], &mut rng)?;
+                add_aux(aux, &self.params[0], &mut rng, model.kernels)?;
             }
             apply_update(&mut self.params, &mut self.optimizer, 3e-4, 1.0)?;
+            // A GPU runs the update asynchronously: wait for it before reading the clock.
+            model.embed.device().synchronize()?;
             let t2 = Instant::now();
             if r > 0 {
                 timings.fb.push((t1 - t0).as_secs_f64());
@@ -350,7 +354,11 @@ fn aux_losses(bench: &Bench) -> Result<AuxLosses> {
         layout: &layout,
         tokenizer: Some(&bench.tokenizer),
     };
-    AuxLosses::build(&config, &vocab, &embed, model.config.hidden_size)
+    let mut aux = AuxLosses::build(&config, &vocab, &embed, model.config.hidden_size)?;
+    if model.kernels == crate::nn::device::Kernels::Generic {
+        aux.upload(model.embed.device())?;
+    }
+    Ok(aux)
 }
 
 /// Seconds of each timed step: forward+backward, update, the whole step, and CPU time.

@@ -6,7 +6,7 @@
 use crate::infer::generate::{self, Limits};
 use crate::infer::sampling::{Sampler, SamplingParams};
 use crate::infer::text_metrics::{self, BatterySample, KnownWords};
-use crate::model::{decode::DecodeWeights, LoadedModel};
+use crate::model::LoadedModel;
 use crate::util::fs;
 use anyhow::Result;
 use std::fmt::Write;
@@ -59,7 +59,7 @@ pub fn run(
     wake: Option<Range<usize>>,
     on_sample: &mut dyn FnMut(&BatterySample),
 ) -> Result<Vec<BatterySample>> {
-    let weights = DecodeWeights::new(&m.model)?;
+    let weights = generate::Decoder::new(&m.model)?;
     let limits = Limits {
         max_new_tokens: settings.max_new_tokens,
         stop_at_eos: true,

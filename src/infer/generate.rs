@@ -3,6 +3,7 @@
 
 use crate::infer::sampling::Sampler;
 use crate::model::{decode::DecodeWeights, KvCache, Llama};
+use crate::nn::device::Kernels;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -25,6 +26,24 @@ pub struct Sample {
     pub total_s: f64,
     /// New tokens per second after the first.
     pub decode_tokens_per_s: f64,
+}
+
+/// How the tokens after the prompt are decoded.
+pub enum Decoder<'a> {
+    /// The fast CPU decoder (f32 weights packed in decode order).
+    Fast(DecodeWeights<'a>),
+    /// The tensor forward pass, its KV cache on the model's device (a GPU, or bf16/f16 weights).
+    Tensor(&'a Llama),
+}
+
+impl<'a> Decoder<'a> {
+    /// The fast decoder for a model on the fast kernels, else the tensor one.
+    pub fn new(model: &'a Llama) -> Result<Self> {
+        Ok(match model.kernels {
+            Kernels::Fast => Decoder::Fast(DecodeWeights::new(model)?),
+            Kernels::Generic => Decoder::Tensor(model),
+        })
+    }
 }
 
 /// How a generation ends.
@@ -71,7 +90,7 @@ pub fn check_context(prompt_tokens: usize, max_new_tokens: usize, context: usize
 
 /// Generates one continuation of `prompt`; `on_text` receives the text as it is produced.
 pub fn generate(
-    weights: &DecodeWeights,
+    decoder: &Decoder,
     model: &Llama,
     tokenizer: &tokenizers::Tokenizer,
     prompt: &str,
@@ -91,8 +110,14 @@ pub fn generate(
     let input = Tensor::new(prompt_ids.as_slice(), model.embed.device())?.unsqueeze(0)?;
     let logits = model.forward(&input, Some(&mut cache))?.squeeze(0)?;
     let mut logits: Vec<f32> = logits.get(prompt_ids.len() - 1)?.to_vec1()?;
-    let mut state = weights.start(&cache, capacity)?;
-    drop(cache);
+    let mut state = match decoder {
+        Decoder::Fast(weights) => {
+            let state = weights.start(&cache, capacity)?;
+            cache = KvCache::default();
+            Some(state)
+        }
+        Decoder::Tensor(_) => None,
+    };
     let mut context = prompt_ids.clone();
     let mut ids = Vec::with_capacity(limits.max_new_tokens);
     let mut streamed = String::new();
@@ -111,7 +136,14 @@ pub fn generate(
         }
         stream(tokenizer, &ids, &mut streamed, on_text)?;
         if ids.len() < limits.max_new_tokens {
-            logits = weights.step(&mut state, token)?;
+            logits = match (decoder, state.as_mut()) {
+                (Decoder::Fast(weights), Some(state)) => weights.step(state, token)?,
+                _ => {
+                    let input = Tensor::new(&[token], model.embed.device())?.unsqueeze(0)?;
+                    let l = model.forward(&input, Some(&mut cache))?;
+                    l.squeeze(0)?.get(0)?.to_vec1()?
+                }
+            };
         }
     }
     let total_s = start.elapsed().as_secs_f64();

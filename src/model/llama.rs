@@ -6,6 +6,7 @@
 use super::proj::Target;
 use crate::hub::config::ModelConfig;
 use crate::hub::weights::Weights;
+use crate::nn::device::{Compute, Kernels};
 use crate::nn::linear::Linear;
 use crate::nn::{attention, norm, rope, swiglu};
 use anyhow::{bail, ensure, Context, Result};
@@ -65,6 +66,8 @@ pub struct Llama {
     /// RoPE tables `[max_positions, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
+    /// The kernels of training passes ([`Kernels::Fast`] unless loaded with generic ones).
+    pub kernels: Kernels,
 }
 
 impl Llama {
@@ -122,6 +125,7 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            kernels: Kernels::Fast,
         })
     }
 
@@ -131,6 +135,38 @@ impl Llama {
         let weights = crate::hub::weights::load_dir(dir, device)?;
         Self::from_weights(config, weights, device)
             .with_context(|| format!("in model directory {}", dir.display()))
+    }
+
+    /// Loads a model directory onto `compute`'s device with its kernels; the block projections
+    /// and an untied head are stored in its dtype (the embedding, norms and RoPE tables stay f32).
+    pub fn load_with(dir: &Path, compute: &Compute) -> Result<Self> {
+        let mut model = Self::load(dir, &compute.device)?;
+        model.set_compute(compute)?;
+        Ok(model)
+    }
+
+    /// Switches the kernels and rounds the projections to `compute`'s dtype (the model must
+    /// already be on its device).
+    pub fn set_compute(&mut self, compute: &Compute) -> Result<()> {
+        self.kernels = compute.kernels;
+        let dt = compute.dtype.dtype();
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ] {
+                l.weight = l.weight.to_dtype(dt)?;
+            }
+        }
+        if let Some(h) = &mut self.lm_head {
+            *h = h.to_dtype(dt)?;
+        }
+        Ok(())
     }
 
     /// The output head `[vocab, hidden]` (the embeddings when tied).
@@ -173,7 +209,10 @@ impl Llama {
             );
         }
         let pass = Pass {
-            layers: TRAINING,
+            layers: match self.kernels {
+                Kernels::Fast => TRAINING,
+                Kernels::Generic => GENERIC,
+            },
             embedding,
             adapters,
         };
@@ -320,6 +359,17 @@ const TRAINING: Layers = Layers {
     mask: |_, _, _| Ok(None),
     attention: |q, k, v, _| attention::causal_attention(q, k, v),
     swiglu: swiglu::swiglu,
+};
+
+/// Training on the generic kernels (any device): candle's differentiable ops and autograd, the
+/// projections through the device's matmul with no weight-gradient work, an explicit causal mask.
+const GENERIC: Layers = Layers {
+    norm: norm::rms_norm,
+    rope: rope::rope,
+    linear: Linear::forward_frozen_generic,
+    mask: attention::causal_mask,
+    attention: attention::attention,
+    swiglu: swiglu::swiglu_composed,
 };
 
 /// One forward pass: its layers, and what it trains besides the frozen weights.

@@ -7,7 +7,8 @@
 
 use super::llama::{Adapters, Llama};
 use crate::hub::weights::Weights;
-use crate::nn::lora_op::{lora_delta, Mask};
+use crate::nn::device::Kernels;
+use crate::nn::lora_op::{dropout_mask, lora_delta, Mask};
 use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
@@ -114,6 +115,8 @@ pub struct Lora {
     config: LoraConfig,
     /// Per layer, per [`Target::index`].
     layers: Vec<[Option<Adapter>; 7]>,
+    /// The kernels of the model the adapters were made for.
+    kernels: Kernels,
 }
 
 /// LoRA in a training forward pass: the [`Adapters`] of [`Llama::hidden_states_train`].
@@ -171,7 +174,11 @@ impl Lora {
             }
             layers.push(slots);
         }
-        Ok(Self { config, layers })
+        Ok(Self {
+            config,
+            layers,
+            kernels: model.kernels,
+        })
     }
 
     /// Adapters from PEFT-named tensors (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, …):
@@ -221,7 +228,11 @@ impl Lora {
                 config.targets
             );
         }
-        Ok(Self { config, layers })
+        Ok(Self {
+            config,
+            layers,
+            kernels: model.kernels,
+        })
     }
 
     /// The configuration.
@@ -459,6 +470,30 @@ fn config_from_peft_json(j: &serde_json::Value) -> Result<LoraConfig> {
     Ok(config)
 }
 
+impl LoraPass<'_> {
+    /// The generic kernels' adapter update, composed from candle ops on the adapters' device:
+    /// `scale·(mask ⊙ x)·Aᵀ·Bᵀ`, the mask drawn on the host by the same seeded stream as the
+    /// fused op's, so both kernels drop the same values.
+    fn delta_composed(
+        &self,
+        layer: usize,
+        target: Target,
+        adapter: &Adapter,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let p = self.lora.config.dropout;
+        let x = match self.dropout_seed {
+            Some(seed) if p > 0.0 => {
+                let mask = dropout_mask(x.elem_count(), p, seed, layer, target.index());
+                (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
+            }
+            _ => x.clone(),
+        };
+        let low = x.matmul(&adapter.a.as_tensor().t()?)?;
+        Ok((low.matmul(&adapter.b.as_tensor().t()?)? * self.lora.scale())?)
+    }
+}
+
 impl Adapters for LoraPass<'_> {
     fn num_layers(&self) -> usize {
         self.lora.num_layers()
@@ -471,6 +506,9 @@ impl Adapters for LoraPass<'_> {
             return Ok(None);
         };
         let p = self.lora.config.dropout;
+        if self.lora.kernels == Kernels::Generic {
+            return self.delta_composed(layer, target, adapter, x).map(Some);
+        }
         let mask = match self.dropout_seed {
             Some(seed) if p > 0.0 => Mask::Seeded {
                 p,

@@ -9,6 +9,7 @@ pub use crate::hub::ModelConfig;
 pub use llama::{KvCache, Llama};
 pub use lora::{Lora, LoraConfig, LoraPass};
 
+use crate::nn::device::Compute;
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -21,10 +22,15 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads `DIR/config.json`, its safetensors weights and `DIR/tokenizer.json`, on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, &Compute::cpu())
+    }
+
+    /// [`LoadedModel::load`] onto `compute`'s device, weights and kernels.
+    pub fn load_with(dir: &Path, compute: &Compute) -> Result<Self> {
         if !dir.is_dir() {
             anyhow::bail!("model directory {} does not exist", dir.display());
         }
-        let model = Llama::load(dir, &candle_core::Device::Cpu)?;
+        let model = Llama::load_with(dir, compute)?;
         let path = dir.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow::anyhow!("{e}"))

@@ -2,11 +2,14 @@
 //! [`FrozenLinear`], one op whose backward returns only the input gradient `g·W`. candle's
 //! `matmul` would also compute `xᵀ·g` for `W` even when `W` is a plain tensor, which is most of
 //! the backward work of a frozen model. The forward of [`FrozenLinear`] calls `gemm` as candle's
-//! CPU `matmul` does, so it is bit-identical to [`Linear::forward`].
+//! CPU `matmul` does, so it is bit-identical to [`Linear::forward`]. On the generic kernels
+//! (any device, weights in f32, bf16 or f16) the forward is the device's own matmul
+//! ([`BackendStorage::matmul`]: cuBLAS on a GPU, accumulating in f32), the same op either way.
 
 use super::gemm::{gemm_f32, with_f32};
 use anyhow::{ensure, Result};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// A projection `y = x·Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
@@ -17,12 +20,18 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Applies the projection to `x` of shape `[.., in]`.
+    /// Applies the projection to `x` of shape `[.., in]` (f32; a bf16 or f16 weight multiplies
+    /// `x` rounded to its dtype and the product comes back as f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let (lead, inner) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, inner[0]))?.matmul(&self.weight.t()?)?;
+        let wd = self.weight.dtype();
+        let y = x
+            .reshape((rows, inner[0]))?
+            .to_dtype(wd)?
+            .matmul(&self.weight.t()?)?
+            .to_dtype(DType::F32)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -36,6 +45,11 @@ impl Linear {
     pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
         FrozenLinear::new(&self.weight, self.bias.as_ref())?.forward(x)
     }
+
+    /// [`Linear::forward_frozen`] on the generic kernels: any device, any weight dtype.
+    pub fn forward_frozen_generic(&self, x: &Tensor) -> Result<Tensor> {
+        FrozenLinear::generic(&self.weight, self.bias.as_ref())?.forward(x)
+    }
 }
 
 /// A projection whose weight (and bias) never train: `y = x·Wᵀ (+ b)`, `W` stored `[out, in]`.
@@ -43,6 +57,8 @@ impl Linear {
 pub struct FrozenLinear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The device's own matmul (any device and weight dtype) instead of the CPU gemm kernel.
+    generic: bool,
 }
 
 impl FrozenLinear {
@@ -59,12 +75,69 @@ impl FrozenLinear {
         Ok(Self {
             weight: weight.detach().contiguous()?,
             bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+            generic: false,
+        })
+    }
+
+    /// The same projection on the generic kernels: the weight may live on any device, in f32,
+    /// bf16 or f16 (the input is rounded to it; the output is f32).
+    pub fn generic(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Ok(Self {
+            generic: true,
+            ..Self::new(weight, bias)?
         })
     }
 
     /// Applies the projection to `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.contiguous()?.apply_op1(self.clone())?)
+        let x = x.contiguous()?;
+        if !self.generic {
+            return Ok(x.apply_op1(self.clone())?);
+        }
+        let op = FrozenLinear {
+            bias: None,
+            ..self.clone()
+        };
+        let y = x.apply_op1(op)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// `x·Wᵀ` with the device's matmul, in the weight's dtype, returned as f32.
+    fn device_forward<S: BackendStorage>(
+        &self,
+        x: &S,
+        l: &Layout,
+        w: &S,
+        wl: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let dims = l.dims();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let (out, w_in) = self.weight.dims2()?;
+        if w_in != inner {
+            candle_core::bail!("frozen-linear: input has {inner} features, weight expects {w_in}");
+        }
+        let wd = self.weight.dtype();
+        let x2 = Layout::contiguous_with_offset((rows, inner), l.start_offset());
+        let converted;
+        let (x, x2) = if x.dtype() == wd {
+            (x, x2)
+        } else {
+            converted = x.to_dtype(&x2, wd)?;
+            (&converted, Layout::contiguous((rows, inner)))
+        };
+        let y = x.matmul(w, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)?;
+        let y = if wd == DType::F32 {
+            y
+        } else {
+            y.to_dtype(&Layout::contiguous((rows, out)), DType::F32)?
+        };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = out;
+        Ok((y, Shape::from(shape)))
     }
 }
 
@@ -76,6 +149,13 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         if !l.is_contiguous() {
             candle_core::bail!("frozen-linear: the input must be contiguous");
+        }
+        if self.generic {
+            let (w, wl) = self.weight.storage_and_layout();
+            let Storage::Cpu(w) = &*w else {
+                candle_core::bail!("frozen-linear: the weight is not on the CPU");
+            };
+            return self.device_forward(s, l, w, wl);
         }
         let dims = l.dims();
         let inner = *dims.last().unwrap_or(&0);
@@ -101,6 +181,22 @@ impl CustomOp1 for FrozenLinear {
         Ok((CpuStorage::F32(dst), Shape::from(shape)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if !l.is_contiguous() {
+            candle_core::bail!("frozen-linear: the input must be contiguous");
+        }
+        let (w, wl) = self.weight.storage_and_layout();
+        let Storage::Cuda(w) = &*w else {
+            candle_core::bail!("frozen-linear: the weight is not on the GPU");
+        };
+        self.device_forward(s, l, w, wl)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -109,7 +205,12 @@ impl CustomOp1 for FrozenLinear {
     ) -> candle_core::Result<Option<Tensor>> {
         let (out, inner) = self.weight.dims2()?;
         let rows = grad.elem_count() / out.max(1);
-        let g = grad.reshape((rows, out))?.matmul(&self.weight)?;
+        let wd = self.weight.dtype();
+        let g = grad
+            .reshape((rows, out))?
+            .to_dtype(wd)?
+            .matmul(&self.weight)?
+            .to_dtype(DType::F32)?;
         debug_assert_eq!(g.dim(1)?, inner);
         Ok(Some(g.reshape(arg.shape())?))
     }

@@ -24,6 +24,27 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     Ok(logits.contiguous()?.apply_op1(op)?)
 }
 
+/// [`cross_entropy`] composed from candle's differentiable ops, on any device (the generic
+/// kernels): `logsumexp(row) − row[target]` per row, 0 for rows whose target is [`IGNORE`].
+pub fn cross_entropy_composed(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    check_targets(rows, vocab, targets)?;
+    let device = logits.device();
+    let ids: Vec<u32> = targets
+        .iter()
+        .map(|&t| if t == IGNORE { 0 } else { t })
+        .collect();
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let picked = shifted.gather(&Tensor::from_vec(ids, (rows, 1), device)?, 1)?;
+    let loss = (lse - picked)?.reshape(rows)?;
+    if !targets.contains(&IGNORE) {
+        return Ok(loss);
+    }
+    let keep: Vec<f32> = targets.iter().map(|&t| f32::from(t != IGNORE)).collect();
+    Ok((loss * Tensor::from_vec(keep, rows, device)?)?)
+}
+
 /// One target per row of logits, each [`IGNORE`] or a vocabulary id.
 fn check_targets(rows: usize, vocab: usize, targets: &[u32]) -> Result<()> {
     ensure!(

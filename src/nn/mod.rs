@@ -8,6 +8,7 @@
 //! frozen weights; the fused ops here exist for those two reasons and for memory.
 
 pub mod attention;
+pub mod device;
 pub mod gemm;
 pub mod linear;
 pub mod lora_op;

@@ -56,6 +56,10 @@ pub struct TrainState {
     pub elapsed_s: f64,
     /// The run ended (steps done or early stop).
     pub finished: bool,
+    /// Where the last session trained: `cpu`, `cpu (generic kernels)`, `cuda:0`, with the
+    /// frozen weights' dtype (empty in checkpoints written before devices were recorded).
+    #[serde(default)]
+    pub device: String,
 }
 
 /// What a checkpoint holds, in memory.
@@ -313,6 +317,7 @@ mod tests {
                 needs_eval: false,
                 elapsed_s: 1.0,
                 finished: false,
+                device: "cpu, f32".into(),
             },
         }
     }

@@ -6,6 +6,7 @@ use super::aux_loss::AuxConfig;
 use super::optim::{AdamWConfig, OptimizerConfig};
 use super::schedule::ScheduleKind;
 use crate::model::lora::LoraConfig;
+use crate::nn::device::{DeviceSpec, WeightDtype};
 use crate::run::select::Rule;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,11 @@ impl Default for Source {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub phase: Phase,
+    /// Where it trains: `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: DeviceSpec,
+    /// The frozen weights' precision: `f32`, `bf16` or `f16` (anything but f32 runs the
+    /// generic kernels).
+    pub dtype: WeightDtype,
     /// The model directory (HF layout with wake2vec.json).
     pub model: PathBuf,
     /// The training text.
@@ -130,6 +136,8 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             phase: Phase::P1,
+            device: DeviceSpec::Cpu,
+            dtype: WeightDtype::F32,
             model: PathBuf::new(),
             corpus: PathBuf::new(),
             append_lexicon: PathBuf::new(),

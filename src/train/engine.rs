@@ -14,6 +14,7 @@ use super::step::{accumulate, add_aux, apply_update, batch_loss, zero_grads};
 use super::wake_rows::WakeRows;
 use crate::model::lora::{Lora, LoraPass};
 use crate::model::{Llama, LoadedModel};
+use crate::nn::device::{Compute, DeviceSpec};
 use crate::run::dir::{step_names, RunDir, RunLock};
 use crate::run::log::{EvalLine, StepLine};
 use crate::run::select;
@@ -87,6 +88,10 @@ pub struct Trainer {
     _lock: RunLock,
     /// Print progress (bar and evaluation lines) to stderr.
     pub progress: bool,
+    /// Where this session trains ([`Compute::describe`]).
+    pub device: String,
+    /// Set when the checkpoint resumed from was trained elsewhere: that device.
+    pub resumed_from_device: Option<String>,
 }
 
 /// What [`Trainer::evaluate`] measures.
@@ -106,6 +111,8 @@ impl Trainer {
             Some(resolve_source(&mut config)?)
         };
         config.validate()?;
+        // A device this build or machine lacks is refused before the run directory exists.
+        Compute::open(config.device, config.dtype)?;
         crate::util::fs::check_apart(out, &config.model, "the model directory")?;
         let run = RunDir::new(out);
         if run.is_run() {
@@ -163,6 +170,16 @@ impl Trainer {
     /// truncating log.jsonl to what that checkpoint had seen. Without any checkpoint the run
     /// starts again from step 0.
     pub fn resume(dir: &Path, checkpoint: Option<&str>) -> Result<Self> {
+        Self::resume_on(dir, checkpoint, None)
+    }
+
+    /// [`Trainer::resume`] on another device than the run's `device` (for this session; run.toml
+    /// keeps what the run was started with, the checkpoints record where each step ran).
+    pub fn resume_on(
+        dir: &Path,
+        checkpoint: Option<&str>,
+        device: Option<DeviceSpec>,
+    ) -> Result<Self> {
         let run = RunDir::new(dir);
         if !run.is_run() {
             bail!(
@@ -173,13 +190,16 @@ impl Trainer {
         }
         let lock = run.lock()?;
         run.check_layout()?;
-        let config = TrainConfig::load(&run.config()).with_context(|| {
+        let mut config = TrainConfig::load(&run.config()).with_context(|| {
             format!(
                 "{} is not a run directory (no readable run.toml)",
                 dir.display()
             )
         })?;
         config.validate()?;
+        if let Some(d) = device {
+            config.device = d;
+        }
         checkpoint::remove_partial(&run.checkpoints());
         run.remove_temporaries();
         let available = run.list_checkpoints();
@@ -207,10 +227,11 @@ impl Trainer {
         config: TrainConfig,
         ckpt: Option<Checkpoint>,
     ) -> Result<Self> {
+        let compute = Compute::open(config.device, config.dtype)?;
         let LoadedModel {
             mut model,
             tokenizer,
-        } = LoadedModel::load(&config.model)?;
+        } = LoadedModel::load_with(&config.model, &compute)?;
         let manifest = Manifest::load(&config.model)?;
         manifest.check_fits(
             model.embed.dim(0)?,
@@ -232,24 +253,34 @@ impl Trainer {
         // The auxiliary losses measure their targets and band on the phase's starting state.
         let aux = if config.phase == Phase::P3 {
             let embed: Vec<f32> = model.embed.flatten_all()?.to_vec1()?;
-            Some(AuxLosses::build_for_model(
+            let mut aux = AuxLosses::build_for_model(
                 &config.aux,
                 &config.model,
                 &tokenizer,
                 &embed,
                 model.config.hidden_size,
-            )?)
+            )?;
+            if compute.kernels == crate::nn::device::Kernels::Generic {
+                aux.upload(&compute.device)?;
+            }
+            Some(aux)
         } else {
             None
         };
-        let mut optimizer = Optimizer::new(config.optimizer.clone())?;
+        let mut optimizer =
+            Optimizer::for_kernels(config.optimizer.clone(), compute.kernels, &compute.device)?;
         let schedule = Schedule {
             kind: config.schedule,
             base_lr: config.lr,
             warmup: config.warmup(),
             total: config.steps,
         };
-        let state = match ckpt {
+        let device = compute.describe();
+        let resumed_from_device = ckpt
+            .as_ref()
+            .map(|c| c.state.device.clone())
+            .filter(|d| !d.is_empty() && *d != device);
+        let mut state = match ckpt {
             Some(ckpt) => {
                 ensure!(
                     ckpt.state.data_fingerprint == blocks.fingerprint,
@@ -262,6 +293,7 @@ impl Trainer {
             }
             None => fresh_state(&config, blocks.fingerprint),
         };
+        state.device = device.clone();
         let log = open_log(&run, state.log_bytes)?;
         let stream = Stream::new(&blocks, config.seed, state.cursor)?;
         Ok(Self {
@@ -282,6 +314,8 @@ impl Trainer {
             log,
             _lock: lock,
             progress: true,
+            device,
+            resumed_from_device,
         })
     }
 
@@ -310,7 +344,11 @@ impl Trainer {
     fn wake_rows(&self) -> WakeRows {
         match &self.frozen_wake {
             Some(w) => w.clone(),
-            None => wake_rows_of(self.manifest.wake.start, &self.params[..self.wake_params]),
+            None => wake_rows_of(
+                self.manifest.wake.start,
+                &self.params[..self.wake_params],
+                self.model.kernels,
+            ),
         }
     }
 
@@ -501,7 +539,7 @@ impl Trainer {
                 &blocks,
                 wake.as_ref(),
                 self.lora_pass(Some(seed)).as_ref(),
-                &self.params[self.wake_params..],
+                (&self.params, self.wake_params),
                 accum as f64,
             )?;
             if !value.is_finite() {
@@ -515,7 +553,12 @@ impl Trainer {
             loss_sum += value;
         }
         let aux = match &self.aux {
-            Some(aux) => Some(add_aux(aux, &self.params[0], &mut self.state.rng)?),
+            Some(aux) => Some(add_aux(
+                aux,
+                &self.params[0],
+                &mut self.state.rng,
+                self.model.kernels,
+            )?),
             None => None,
         };
         let lr = self.schedule.lr(self.state.step);
@@ -596,7 +639,7 @@ impl Trainer {
         self.log
             .sync_all()
             .with_context(|| format!("cannot sync {}", self.run.log().display()))?;
-        let (bufs, steps) = self.optimizer.export();
+        let (bufs, steps) = self.optimizer.export()?;
         self.state.optimizer_steps = steps;
         let mut params = BTreeMap::new();
         for p in &self.params {
@@ -681,6 +724,7 @@ fn fresh_state(config: &TrainConfig, data_fingerprint: u32) -> TrainState {
         needs_eval: true,
         elapsed_s: 0.0,
         finished: false,
+        device: String::new(),
     }
 }
 

@@ -21,7 +21,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     let device = candle_core::Device::Cpu;
     let mut weights = crate::hub::weights::load_dir(&config.model, &device)?;
     let wake = Manifest::load(&config.model)?.wake;
-    let tensors = tensors_of(&state)?;
+    let tensors = tensors_of(&state, &device)?;
     for (name, key) in [
         ("wake_embed", "model.embed_tokens.weight"),
         ("wake_head", "lm_head.weight"),
@@ -41,7 +41,7 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
         Some(Lora::from_tensors(
             &model,
             config.lora.clone(),
-            lora_tensors(&state)?,
+            lora_tensors(&state, &device)?,
         )?)
     } else {
         None

@@ -6,12 +6,13 @@ use super::config::{Phase, TrainConfig};
 use super::wake_rows::{GradSink, WakeRows};
 use super::Buffers;
 use crate::model::{Llama, Lora};
+use crate::nn::device::Kernels;
 use crate::run::dir::RunDir;
 use crate::run::select::checkpoint_step;
 use crate::util::fs::absolute;
 use crate::vocab::{Manifest, WakeRange};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -22,24 +23,37 @@ pub(crate) struct Param {
     pub(crate) var: Var,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
-    /// Its gradient, accumulated over the micro-batches of a step.
+    /// Its gradient, accumulated over the micro-batches of a step (fast kernels).
     pub(crate) grad: Arc<Mutex<Vec<f32>>>,
+    /// Its gradient on the variable's device (generic kernels); `None` while zero.
+    pub(crate) device_grad: Mutex<Option<Tensor>>,
 }
 
 impl Param {
-    /// A trainable matrix (or vector, as one row) with a zeroed gradient buffer.
-    pub(crate) fn new(name: String, var: Var) -> Result<Self> {
+    /// A trainable matrix (or vector, as one row) with a zeroed gradient: a host buffer for the
+    /// fast kernels, a device tensor (made by the first backward pass) for the generic ones.
+    pub(crate) fn new(name: String, var: Var, kernels: Kernels) -> Result<Self> {
         let (rows, cols) = match var.dims() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
             d => bail!("parameter '{name}' has shape {d:?}; expected a matrix"),
+        };
+        let host = match kernels {
+            Kernels::Fast => rows * cols,
+            Kernels::Generic => 0,
+        };
+        // The generic kernels keep matrices as matrices (a vector is one row).
+        let var = match (kernels, var.dims().len()) {
+            (Kernels::Generic, 1) => Var::from_tensor(&var.as_tensor().reshape((1, cols))?)?,
+            _ => var,
         };
         Ok(Self {
             name,
             var,
             rows,
             cols,
-            grad: Arc::new(Mutex::new(vec![0f32; rows * cols])),
+            grad: Arc::new(Mutex::new(vec![0f32; host])),
+            device_grad: Mutex::new(None),
         })
     }
 
@@ -54,16 +68,15 @@ impl Param {
 
 /// The Wake rows of the embedding (and of an untied head) as trainable variables.
 pub(crate) fn wake_params(model: &Llama, wake: WakeRange) -> Result<Vec<Param>> {
-    let hidden = model.config.hidden_size;
     let make = |name: &str, matrix: &Tensor| -> Result<Param> {
-        let rows = matrix.narrow(0, wake.start, wake.count)?;
-        Ok(Param {
-            name: name.into(),
-            var: Var::from_tensor(&rows.contiguous()?)?,
-            rows: wake.count,
-            cols: hidden,
-            grad: Arc::new(Mutex::new(vec![0f32; wake.count * hidden])),
-        })
+        let rows = matrix
+            .narrow(0, wake.start, wake.count)?
+            .to_dtype(DType::F32)?;
+        Param::new(
+            name.into(),
+            Var::from_tensor(&rows.contiguous()?)?,
+            model.kernels,
+        )
     };
     let mut params = vec![make("wake_embed", &model.embed)?];
     if let Some(head) = &model.lm_head {
@@ -85,13 +98,14 @@ pub(crate) fn frozen_wake_rows(model: &Llama, wake: WakeRange) -> Result<WakeRow
 }
 
 /// The Wake rows of `params` (the embedding block, then the untied head's) for the forward pass,
-/// with the parameters' gradient buffers as the sink.
-pub(crate) fn wake_rows_of(start: usize, params: &[Param]) -> WakeRows {
+/// with the parameters' gradient buffers as the sink on the fast kernels; on the generic ones
+/// the rows are the variables themselves and autograd finds their gradients.
+pub(crate) fn wake_rows_of(start: usize, params: &[Param], kernels: Kernels) -> WakeRows {
     WakeRows {
         start,
         embed: params[0].var.as_tensor().clone(),
         head: params.get(1).map(|p| p.var.as_tensor().clone()),
-        sink: Some(GradSink {
+        sink: (kernels == Kernels::Fast).then(|| GradSink {
             embed: params[0].grad.clone(),
             head: params.get(1).map(|p| p.grad.clone()),
             inputs: Default::default(),
@@ -101,7 +115,7 @@ pub(crate) fn wake_rows_of(start: usize, params: &[Param]) -> WakeRows {
 
 /// Puts the Wake rows of a starting state into the model's embedding (and untied head).
 pub(crate) fn set_wake_rows(model: &mut Llama, wake: WakeRange, state: &Buffers) -> Result<()> {
-    let tensors = tensors_of(state)?;
+    let tensors = tensors_of(state, model.embed.device())?;
     let rows = tensors
         .get("wake_embed")
         .context("the starting state has no 'wake_embed'")?;
@@ -122,7 +136,7 @@ pub(crate) fn replace_rows(full: &Tensor, start: usize, rows: &Tensor) -> Result
         start + count <= total,
         "{count} Wake rows at {start} do not fit a matrix of {total} rows"
     );
-    let mut parts = vec![full.narrow(0, 0, start)?, rows.clone()];
+    let mut parts = vec![full.narrow(0, 0, start)?, rows.to_dtype(full.dtype())?];
     if start + count < total {
         parts.push(full.narrow(0, start + count, total - start - count)?);
     }
@@ -171,11 +185,11 @@ impl Trainables {
             Phase::P3 => Some(Lora::from_tensors(
                 model,
                 config.lora.clone(),
-                lora_tensors(&start)?,
+                lora_tensors(&start, model.embed.device())?,
             )?),
         };
         for (name, var) in lora.iter().flat_map(Lora::params) {
-            params.push(Param::new(name, var)?);
+            params.push(Param::new(name, var, model.kernels)?);
         }
         let frozen_wake = (config.phase == Phase::P2)
             .then(|| frozen_wake_rows(model, wake))
@@ -281,21 +295,21 @@ pub(crate) fn read_buffers(path: &Path) -> Result<Buffers> {
     checkpoint::read_safetensors(&bytes, path)
 }
 
-pub(crate) fn tensors_of(buffers: &Buffers) -> Result<HashMap<String, Tensor>> {
+pub(crate) fn tensors_of(buffers: &Buffers, device: &Device) -> Result<HashMap<String, Tensor>> {
     buffers
         .iter()
         .map(|(name, (shape, values))| {
             Ok((
                 name.clone(),
-                Tensor::from_slice(values, shape.as_slice(), &candle_core::Device::Cpu)?,
+                Tensor::from_slice(values, shape.as_slice(), device)?,
             ))
         })
         .collect()
 }
 
 /// The LoRA matrices of a state (every tensor but the Wake blocks).
-pub(crate) fn lora_tensors(state: &Buffers) -> Result<HashMap<String, Tensor>> {
-    let mut t = tensors_of(state)?;
+pub(crate) fn lora_tensors(state: &Buffers, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut t = tensors_of(state, device)?;
     t.retain(|name, _| !name.starts_with("wake_"));
     Ok(t)
 }

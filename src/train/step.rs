@@ -8,6 +8,7 @@ use super::phase::Param;
 use super::wake_rows::{self, WakeRows};
 use crate::model::lora::LoraPass;
 use crate::model::Llama;
+use crate::nn::device::Kernels;
 use crate::util::rng::Rng;
 use anyhow::{ensure, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
@@ -37,14 +38,16 @@ pub fn batch_loss(
 }
 
 /// One micro-batch: the forward pass, and unless its loss is not finite, the backward pass of
-/// loss / `divisor` with the gradients added into the parameters' buffers (the Wake rows' through
-/// their sink, the adapters' from candle's gradient store). Returns the loss.
+/// loss / `divisor` with the gradients added into the parameters' gradients: on the fast
+/// kernels the Wake rows' through their sink and the adapters' (`params[wake_params..]`) from
+/// candle's gradient store into host buffers; on the generic kernels every parameter's from the
+/// gradient store into its device tensor. Returns the loss.
 pub(crate) fn accumulate(
     model: &Llama,
     blocks: &[&[u32]],
     wake: Option<&WakeRows>,
     lora: Option<&LoraPass>,
-    lora_params: &[Param],
+    params: (&[Param], usize),
     divisor: f64,
 ) -> Result<f64> {
     let loss = batch_loss(model, blocks, wake, lora)?;
@@ -53,10 +56,24 @@ pub(crate) fn accumulate(
         return Ok(value);
     }
     let grads = (loss / divisor)?.backward()?;
+    let (params, wake_params) = params;
+    if model.kernels == Kernels::Generic {
+        for p in params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let mut slot = p.device_grad.lock().expect("gradient");
+                let g = g.reshape((p.rows, p.cols))?;
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + g)?,
+                    None => g,
+                });
+            }
+        }
+        return Ok(value);
+    }
     if let Some(sink) = wake.and_then(|w| w.sink.as_ref()) {
         sink.collect_inputs(&grads)?;
     }
-    for p in lora_params {
+    for p in &params[wake_params..] {
         if let Some(g) = grads.get(p.var.as_tensor()) {
             let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
             let mut buf = p.grad.lock().expect("gradient buffer");
@@ -66,9 +83,28 @@ pub(crate) fn accumulate(
     Ok(value)
 }
 
-/// Adds the auxiliary losses' gradient at the Wake block's current values into its buffer;
+/// Adds the auxiliary losses' gradient at the Wake block's current values into its gradient;
 /// returns the terms.
-pub(crate) fn add_aux(aux: &AuxLosses, wake: &Param, rng: &mut Rng) -> Result<Components> {
+pub(crate) fn add_aux(
+    aux: &AuxLosses,
+    wake: &Param,
+    rng: &mut Rng,
+    kernels: Kernels,
+) -> Result<Components> {
+    if kernels == Kernels::Generic {
+        let (terms, total) = aux.compute_tensor(wake.var.as_tensor(), rng)?;
+        let grads = total.backward()?;
+        let Some(g) = grads.get(wake.var.as_tensor()) else {
+            return Ok(terms);
+        };
+        let g = g.clone();
+        let mut slot = wake.device_grad.lock().expect("gradient");
+        *slot = Some(match slot.take() {
+            Some(sum) => (sum + g)?,
+            None => g,
+        });
+        return Ok(terms);
+    }
     let mut grad = wake.grad.lock().expect("gradient buffer");
     // Read in place: the block is 100 MB for the Wake lexicon on SmolLM2.
     Ok(crate::nn::gemm::with_f32(wake.var.as_tensor(), |values| {
@@ -80,6 +116,7 @@ pub(crate) fn add_aux(aux: &AuxLosses, wake: &Param, rng: &mut Rng) -> Result<Co
 pub(crate) fn zero_grads(params: &[Param]) {
     use rayon::prelude::*;
     for p in params {
+        *p.device_grad.lock().expect("gradient") = None;
         p.grad
             .lock()
             .expect("gradient buffer")
@@ -96,6 +133,9 @@ pub(crate) fn apply_update(
     lr: f64,
     max_grad_norm: f64,
 ) -> Result<f64> {
+    if optimizer.is_on_device() {
+        return apply_update_on_device(params, optimizer, lr, max_grad_norm);
+    }
     let guards: Vec<_> = params
         .iter()
         .map(|p| p.grad.lock().expect("gradient buffer"))
@@ -122,6 +162,43 @@ pub(crate) fn apply_update(
         p.var
             .as_tensor()
             .inplace_op1(&InPlace(RefCell::new(&mut update)))?;
+    }
+    Ok(norm)
+}
+
+/// [`apply_update`] on the generic kernels: the norm and the updates by tensor ops on the
+/// parameters' device (one scalar per parameter comes back to the host, for the norm).
+fn apply_update_on_device(
+    params: &mut [Param],
+    optimizer: &mut Optimizer,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<f64> {
+    let grads = params
+        .iter()
+        .map(|p| {
+            let g = p.device_grad.lock().expect("gradient").take();
+            match g {
+                Some(g) => Ok(g),
+                None => Ok(p.var.as_tensor().zeros_like()?),
+            }
+        })
+        .collect::<Result<Vec<Tensor>>>()?;
+    let mut sum_sq = 0f64;
+    for g in &grads {
+        sum_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sum_sq.sqrt();
+    let scale = if max_grad_norm > 0.0 {
+        optim::clip_coef(norm, max_grad_norm)
+    } else {
+        1.0
+    };
+    if !norm.is_finite() {
+        return Ok(norm);
+    }
+    for (p, g) in params.iter().zip(&grads) {
+        optimizer.step_tensor(&p.name, &p.var, g, lr, scale)?;
     }
     Ok(norm)
 }

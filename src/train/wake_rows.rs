@@ -5,8 +5,9 @@
 use crate::model::llama::{Adapters, Embedding};
 use crate::model::lora::LoraPass;
 use crate::model::Llama;
+use crate::nn::device::Kernels;
 use crate::nn::linear::FrozenLinear;
-use crate::nn::loss::{cross_entropy, WakeHeadLoss};
+use crate::nn::loss::{cross_entropy, cross_entropy_composed, WakeHeadLoss};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -34,6 +35,9 @@ pub fn head_loss(
     targets: &[u32],
     wake: Option<&WakeRows>,
 ) -> Result<Tensor> {
+    if model.kernels == Kernels::Generic {
+        return cross_entropy_composed(&logits(model, h, wake)?, targets);
+    }
     let Some(wake) = wake else {
         let logits = FrozenLinear::new(model.head(), None)?.forward(h)?;
         return cross_entropy(&logits, targets);
@@ -57,8 +61,12 @@ pub fn head_loss(
 /// block: the embedding block when the head is tied, the head block when it is not.
 pub fn logits(model: &Llama, h: &Tensor, wake: Option<&WakeRows>) -> Result<Tensor> {
     let head = model.head();
+    let frozen = |w: &Tensor| match model.kernels {
+        Kernels::Fast => FrozenLinear::new(w, None),
+        Kernels::Generic => FrozenLinear::generic(w, None),
+    };
     let Some(wake) = wake else {
-        return FrozenLinear::new(head, None)?.forward(h);
+        return frozen(head)?.forward(h);
     };
     let rows = head.dim(0)?;
     let (start, count) = (wake.start, wake.count());
@@ -69,11 +77,16 @@ pub fn logits(model: &Llama, h: &Tensor, wake: Option<&WakeRows>) -> Result<Tens
             bail!("the head is untied but no trainable Wake head rows were given")
         }
     };
-    let mut parts = vec![FrozenLinear::new(&head.narrow(0, 0, start)?, None)?.forward(h)?];
-    parts.push(h.matmul(&trainable.t()?)?);
+    let mut parts = vec![frozen(&head.narrow(0, 0, start)?)?.forward(h)?];
+    parts.push(if trainable.is_variable() {
+        h.matmul(&trainable.t()?)?
+    } else {
+        // Phase 2's frozen Wake rows: no gradient work for them either.
+        frozen(trainable)?.forward(h)?
+    });
     if start + count < rows {
         let tail = head.narrow(0, start + count, rows - start - count)?;
-        parts.push(FrozenLinear::new(&tail, None)?.forward(h)?);
+        parts.push(frozen(&tail)?.forward(h)?);
     }
     Ok(Tensor::cat(&parts, 1)?)
 }

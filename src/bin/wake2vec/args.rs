@@ -9,6 +9,7 @@ use wake2vec::analysis::Options;
 use wake2vec::hub::cache::{self, ModelSpec};
 use wake2vec::infer::generate::DEFAULT_PROMPT;
 use wake2vec::lexicon::Case;
+use wake2vec::nn::device::{Compute, DeviceSpec, WeightDtype};
 use wake2vec::report::AnalyzeRequest;
 
 /// Inject a literary lexicon into a Llama-family language model, train it, and measure what
@@ -124,12 +125,34 @@ pub struct ModelArg {
     pub model: ModelSpec,
 }
 
+/// Where a model runs.
+#[derive(Args, Clone, Copy)]
+pub struct ComputeArgs {
+    /// cpu, cuda, cuda:N, or auto (the first GPU when this build has CUDA and one is present,
+    /// else the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Precision of the frozen weights: f32, bf16 (Ampere and later GPUs) or f16 (the T4);
+    /// products accumulate in f32. Anything but f32 runs the generic kernels.
+    #[arg(long, default_value = "f32")]
+    pub dtype: WeightDtype,
+}
+
+impl ComputeArgs {
+    /// Opens the device.
+    pub fn open(&self) -> anyhow::Result<Compute> {
+        Compute::open(self.device, self.dtype)
+    }
+}
+
 // Models: score, generate, import-gguf, eval.
 
 #[derive(Args)]
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The text to score.
     #[arg(long, conflicts_with = "file", required_unless_present = "file")]
     pub text: Option<String>,
@@ -151,6 +174,8 @@ pub struct ScoreArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The text to continue.
     #[arg(long, default_value = DEFAULT_PROMPT)]
     pub prompt: String,
@@ -207,6 +232,8 @@ pub struct ImportGgufArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The corpus (UTF-8 text, read verbatim).
     #[arg(long)]
     pub corpus: PathBuf,
@@ -453,6 +480,13 @@ pub struct TrainArgs {
     /// Append this lexicon file's text to the training text.
     #[arg(long)]
     pub append_lexicon: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto (default: the run's `device`, cpu for a new run). With
+    /// --resume: this session only; resuming on another device is allowed and says so.
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Precision of the frozen weights: f32, bf16 or f16 (a new run's `dtype`).
+    #[arg(long, conflicts_with = "resume")]
+    pub dtype: Option<WeightDtype>,
     /// Any setting as KEY=VALUE (dotted keys for tables: optimizer.beta2=0.99); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -497,6 +531,9 @@ impl TrainArgs {
         push("snapshot_every", self.snapshot_every.map(|v| s(&v)));
         push("seed", self.seed.map(|v| s(&v)));
         push("patience", self.patience.map(|v| s(&v)));
+        let quoted = |v: &dyn std::fmt::Display| toml::Value::String(v.to_string()).to_string();
+        push("device", self.device.map(|v| quoted(&v)));
+        push("dtype", self.dtype.map(|v| quoted(&v.name())));
         o.extend(self.set.iter().cloned());
         o
     }
@@ -518,6 +555,12 @@ pub struct RunArgs {
     /// Any setting as KEY=VALUE (dotted keys: p2.lr=1e-4, finish.samples=false); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// cpu, cuda, cuda:N or auto for every phase and the samples (the pipeline's `device`).
+    #[arg(long, conflicts_with = "resume")]
+    pub device: Option<DeviceSpec>,
+    /// Precision of the frozen weights for every phase: f32, bf16 or f16.
+    #[arg(long, conflicts_with = "resume")]
+    pub dtype: Option<WeightDtype>,
     /// No progress bars or stage lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -630,6 +673,8 @@ pub enum BenchCommand {
         /// --wake-rows synthetic Wake rows are appended.
         #[arg(long, default_value = cache::DEFAULT_MODEL)]
         model: ModelSpec,
+        #[command(flatten)]
+        compute: ComputeArgs,
         /// The phase to measure (1: Wake rows; 2: LoRA over frozen Wake rows; 3: both, with the
         /// norm and repulsion losses).
         #[arg(long, default_value_t = 1)]
@@ -652,6 +697,8 @@ pub enum BenchCommand {
     Generate {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        compute: ComputeArgs,
         /// New tokens per measured run (greedy, fixed length).
         #[arg(long, default_value_t = 200)]
         new_tokens: usize,

@@ -12,6 +12,7 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train {
             model,
+            compute,
             phase,
             wake_rows,
             seq_len,
@@ -26,14 +27,24 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
             };
             train::tune_runtime();
             let dir = cache::resolve(&model, true)?;
-            bench::train::phase(&dir, phase, wake_rows, seq_len, repeats, !no_baseline)
+            let compute = compute.open()?;
+            bench::train::phase(
+                &dir,
+                &compute,
+                phase,
+                wake_rows,
+                seq_len,
+                repeats,
+                !no_baseline,
+            )
         }
         BenchCommand::Generate {
             model,
+            compute,
             new_tokens,
             repeats,
         } => {
-            let loaded = load_model(&model)?;
+            let loaded = load_model(&model, &compute)?;
             bench::generation(&loaded, new_tokens, repeats)
         }
         BenchCommand::Analyze {

@@ -1,6 +1,6 @@
 //! The verbs that use a model: score, generate (and its battery), import-gguf, eval.
 
-use crate::args::{EvalArgs, GenerateArgs, ImportGgufArgs, ModelArg, ScoreArgs};
+use crate::args::{ComputeArgs, EvalArgs, GenerateArgs, ImportGgufArgs, ModelArg, ScoreArgs};
 use anyhow::Result;
 use std::io::Write;
 use wake2vec::corpus;
@@ -9,13 +9,13 @@ use wake2vec::infer::generate::{self, Limits};
 use wake2vec::infer::sampling::{Sampler, SamplingParams};
 use wake2vec::infer::text_metrics::KnownWords;
 use wake2vec::infer::{battery, score};
-use wake2vec::model::decode::DecodeWeights;
 use wake2vec::model::LoadedModel;
 
-/// The model `--model` names, resolved and loaded.
-pub fn load_model(arg: &ModelArg) -> Result<LoadedModel> {
+/// The model `--model` names, resolved and loaded onto `--device`.
+pub fn load_model(arg: &ModelArg, compute: &ComputeArgs) -> Result<LoadedModel> {
+    let compute = compute.open()?;
     let dir = cache::resolve(&arg.model, true)?;
-    LoadedModel::load(&dir)
+    LoadedModel::load_with(&dir, &compute)
 }
 
 /// `wake2vec score`: the table (or JSON) of a text's surprisal.
@@ -25,7 +25,7 @@ pub fn score(args: ScoreArgs) -> Result<()> {
         (None, Some(f)) => corpus::read_text(f)?,
         (None, None) => unreachable!("clap requires --text or --file"),
     };
-    let m = load_model(&args.model)?;
+    let m = load_model(&args.model, &args.compute)?;
     let s = score::score_text(
         &m.model,
         &m.tokenizer,
@@ -104,11 +104,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         return run_battery(&args, params);
     }
     let mut sampler = Sampler::new(params, args.seed)?;
-    let m = load_model(&args.model)?;
+    let m = load_model(&args.model, &args.compute)?;
     // Checked before the prompt is echoed, so a prompt that cannot run prints nothing.
     let prompt_tokens = generate::encode_prompt(&m.tokenizer, &args.prompt)?.len();
     generate::check_context(prompt_tokens, args.max_new_tokens, m.model.max_positions())?;
-    let weights = DecodeWeights::new(&m.model)?;
+    let weights = generate::Decoder::new(&m.model)?;
     let limits = Limits {
         max_new_tokens: args.max_new_tokens,
         stop_at_eos: true,
@@ -157,8 +157,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn run_battery(args: &GenerateArgs, params: SamplingParams) -> Result<()> {
+    let compute = args.compute.open()?;
     let dir = cache::resolve(&args.model.model, true)?;
-    let m = LoadedModel::load(&dir)?;
+    let m = LoadedModel::load_with(&dir, &compute)?;
     // The Wake rows, from wake2vec.json (none for a base model).
     let wake = wake2vec::vocab::Manifest::load_if_present(&dir)?.map(|m| m.wake.range());
     let base_vocab = wake.as_ref().map_or(usize::MAX, |w| w.start);
@@ -224,7 +225,7 @@ pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
 /// `wake2vec eval`: the validation loss of a model on a corpus.
 pub fn eval(args: EvalArgs) -> Result<()> {
     let text = corpus::read_text(&args.corpus)?;
-    let m = load_model(&args.model)?;
+    let m = load_model(&args.model, &args.compute)?;
     let mut progress = |done: usize, total: usize| {
         if done.is_multiple_of(10) || done == total {
             eprint!("\r{done}/{total} validation blocks");

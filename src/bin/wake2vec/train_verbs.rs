@@ -13,13 +13,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
     train::install_interrupt_handler();
     let mut trainer = match &args.resume {
         Some(dir) => {
-            let t = Trainer::resume(dir, args.checkpoint.as_deref())?;
+            let t = Trainer::resume_on(dir, args.checkpoint.as_deref(), args.device)?;
             eprintln!(
-                "resuming {} at step {} of {}",
+                "resuming {} at step {} of {} on {}",
                 dir.display(),
                 t.step_done(),
-                t.config.steps
+                t.config.steps,
+                t.device
             );
+            if let Some(before) = &t.resumed_from_device {
+                eprintln!(
+                    "note: the checkpoint was trained on {before}; this session trains on {}: the run continues, but its losses will not be bit-identical to an uninterrupted run on one device",
+                    t.device
+                );
+            }
             t
         }
         None => {
@@ -48,13 +55,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     trainer.progress = !args.quiet;
     eprintln!(
-        "{} blocks of {} tokens: {} train, {} validation; Wake rows {}..{}",
+        "{} blocks of {} tokens: {} train, {} validation; Wake rows {}..{}; on {}",
         trainer.blocks.train.len() + trainer.blocks.val.len(),
         trainer.config.seq_len,
         trainer.blocks.train.len(),
         trainer.blocks.val.len(),
         trainer.manifest.wake.start,
-        trainer.manifest.wake.end()
+        trainer.manifest.wake.end(),
+        trainer.device
     );
     let dir = trainer.run.root().to_path_buf();
     match trainer.run()? {
@@ -83,7 +91,15 @@ pub fn run(args: RunArgs) -> Result<()> {
                 (None, None) => Some("demo"),
                 (None, Some(_)) => None,
             };
-            let config = PipelineConfig::resolve(preset, args.config.as_deref(), &args.set)?;
+            let mut set = args.set.clone();
+            let quoted = |v: &dyn std::fmt::Display| toml::Value::String(v.to_string()).to_string();
+            if let Some(d) = args.device {
+                set.insert(0, format!("device={}", quoted(&d)));
+            }
+            if let Some(d) = args.dtype {
+                set.insert(0, format!("dtype={}", quoted(&d.name())));
+            }
+            let config = PipelineConfig::resolve(preset, args.config.as_deref(), &set)?;
             let name = match (&args.config, preset) {
                 (Some(f), _) => f
                     .file_stem()

@@ -137,7 +137,7 @@ impl Devices {
 /// `k` (anchor, positive, negative) word indices: the anchor uniform over all words, the
 /// positive uniform over the anchor's group without the anchor, the negative uniform over the
 /// other groups. Every group must have ≥ 2 words and there must be ≥ 2 groups.
-fn sample_triplets(
+pub(super) fn sample_triplets(
     rng: &mut Rng,
     groups: &[Range<usize>],
     group_of: &[u32],

@@ -23,6 +23,7 @@
 mod device;
 mod morph;
 mod norm_band;
+mod on_device;
 mod repulsion;
 #[cfg(test)]
 mod testing;
@@ -247,6 +248,8 @@ pub struct AuxLosses {
     morph: Morph,
     devices: Option<Devices>,
     stats: Stats,
+    /// The terms on a device, for the generic kernels ([`AuxLosses::upload`]).
+    on_device: Option<on_device::OnDevice>,
 }
 
 /// Rows per chunk of the row-wise passes (a fixed chunking keeps sums reproducible).
@@ -321,7 +324,36 @@ impl AuxLosses {
             morph,
             devices,
             stats,
+            on_device: None,
         })
+    }
+
+    /// Uploads the terms' setup to `device`, for [`AuxLosses::compute_tensor`].
+    pub fn upload(&mut self, device: &candle_core::Device) -> Result<()> {
+        self.on_device = Some(on_device::OnDevice::new(self, device)?);
+        Ok(())
+    }
+
+    /// [`AuxLosses::compute`] on the generic kernels: the Wake block `wake` (`[count, D]`) on
+    /// its device after [`AuxLosses::upload`], the same draws from `rng`; returns the terms
+    /// and `Σ_k λ_k L_k` as a scalar tensor whose backward pass gives the gradient.
+    pub fn compute_tensor(
+        &self,
+        wake: &candle_core::Tensor,
+        rng: &mut Rng,
+    ) -> Result<(Components, candle_core::Tensor)> {
+        let on = self
+            .on_device
+            .as_ref()
+            .context("internal: the auxiliary losses were not uploaded to the device")?;
+        ensure!(
+            wake.dims() == [self.wake_count, self.dim],
+            "the Wake block is {:?}, not [{}, {}]",
+            wake.dims(),
+            self.wake_count,
+            self.dim
+        );
+        on.compute(self, wake, rng)
     }
 
     /// Reads the layout (`wake2vec.json`) and the extended tokenizer of an injected model

@@ -62,7 +62,7 @@ pub(super) fn loss(
 
 /// `k` pairs `(i, j)` of `0..n`, `i ≠ j`, no unordered pair twice, uniformly; all the pairs
 /// `i < j` in order when there are no more than `k`.
-fn sample_pairs(rng: &mut Rng, n: usize, k: usize) -> Vec<(u32, u32)> {
+pub(super) fn sample_pairs(rng: &mut Rng, n: usize, k: usize) -> Vec<(u32, u32)> {
     if n < 2 {
         return Vec::new();
     }

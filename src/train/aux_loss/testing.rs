@@ -67,6 +67,7 @@ pub(super) fn parts(
         },
         morph,
         devices,
+        on_device: None,
         stats,
     }
 }

@@ -24,6 +24,7 @@
 
 mod adafactor;
 mod adamw;
+mod device;
 
 pub use adafactor::AdafactorConfig;
 pub use adamw::AdamWConfig;
@@ -31,6 +32,7 @@ pub use adamw::AdamWConfig;
 use adafactor::{adafactor_step, matrix_sum_squares};
 use adamw::adamw_step;
 use anyhow::{bail, ensure, Result};
+use device::DeviceState;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -198,6 +200,10 @@ enum State {
 pub struct Optimizer {
     config: OptimizerConfig,
     states: BTreeMap<String, (usize, usize, State)>,
+    /// The generic kernels' states, on `device`.
+    device_states: BTreeMap<String, (usize, usize, DeviceState)>,
+    /// Where [`Optimizer::step_tensor`] keeps its state (`None`: host buffers only).
+    device: Option<candle_core::Device>,
 }
 
 impl Optimizer {
@@ -207,7 +213,67 @@ impl Optimizer {
         Ok(Self {
             config,
             states: BTreeMap::new(),
+            device_states: BTreeMap::new(),
+            device: None,
         })
+    }
+
+    /// A fresh optimizer for `kernels`: host buffers for the fast ones, state on `device` for
+    /// the generic ones.
+    pub fn for_kernels(
+        config: OptimizerConfig,
+        kernels: crate::nn::device::Kernels,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            device: (kernels == crate::nn::device::Kernels::Generic).then(|| device.clone()),
+            ..Self::new(config)?
+        })
+    }
+
+    /// Whether the state lives on a device (the generic kernels' [`Optimizer::step_tensor`]).
+    pub fn is_on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Updates the variable `var` (`[rows, cols]`) with `grad × grad_scale` at `lr` by tensor
+    /// ops on its device, the state staying there.
+    pub fn step_tensor(
+        &mut self,
+        name: &str,
+        var: &candle_core::Var,
+        grad: &candle_core::Tensor,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let shape = var.as_tensor().dims2()?;
+        let device = var.device().clone();
+        let entry = match self.device_states.entry(name.to_string()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let state = match &self.config {
+                    OptimizerConfig::Adafactor(c) => DeviceState::adafactor(c, shape, &device)?,
+                    OptimizerConfig::Adamw(_) => DeviceState::adamw(shape, &device)?,
+                };
+                e.insert((shape.0, shape.1, state))
+            }
+        };
+        ensure!(
+            (entry.0, entry.1) == shape,
+            "parameter '{name}' changed shape from {}×{} to {}×{}",
+            entry.0,
+            entry.1,
+            shape.0,
+            shape.1
+        );
+        match &self.config {
+            OptimizerConfig::Adafactor(c) => {
+                device::adafactor_step(c, &mut entry.2, var, grad, lr, grad_scale)
+            }
+            OptimizerConfig::Adamw(c) => {
+                device::adamw_step(c, &mut entry.2, var, grad, lr, grad_scale)
+            }
+        }
     }
 
     /// The settings.
@@ -326,10 +392,32 @@ impl Optimizer {
     }
 
     /// The state as named f32 buffers (`NAME.row`, `NAME.col`, `NAME.exp_avg`, `NAME.m`,
-    /// `NAME.v`, each with its shape) and step counts, for a checkpoint.
-    pub fn export(&self) -> (super::Buffers, BTreeMap<String, u64>) {
+    /// `NAME.v`, each with its shape) and step counts, for a checkpoint; the same names
+    /// whichever kernels made them.
+    pub fn export(&self) -> Result<(super::Buffers, BTreeMap<String, u64>)> {
         let mut bufs = super::Buffers::new();
         let mut steps = BTreeMap::new();
+        for (name, (rows, cols, state)) in &self.device_states {
+            let host =
+                |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+            let full = vec![*rows, *cols];
+            steps.insert(name.clone(), state.step());
+            match state {
+                DeviceState::Adafactor {
+                    row, col, exp_avg, ..
+                } => {
+                    bufs.insert(format!("{name}.row"), (vec![row.elem_count()], host(row)?));
+                    bufs.insert(format!("{name}.col"), (vec![col.elem_count()], host(col)?));
+                    if let Some(m) = exp_avg {
+                        bufs.insert(format!("{name}.exp_avg"), (full, host(m)?));
+                    }
+                }
+                DeviceState::AdamW { m, v, .. } => {
+                    bufs.insert(format!("{name}.m"), (full.clone(), host(m)?));
+                    bufs.insert(format!("{name}.v"), (full, host(v)?));
+                }
+            }
+        }
         for (name, (rows, cols, state)) in &self.states {
             let full = vec![*rows, *cols];
             match state {
@@ -353,7 +441,7 @@ impl Optimizer {
                 }
             }
         }
-        (bufs, steps)
+        Ok((bufs, steps))
     }
 
     /// Restores the state written by [`Optimizer::export`]; `shapes` gives each parameter's
@@ -376,6 +464,7 @@ impl Optimizer {
             Ok(v)
         };
         self.states.clear();
+        self.device_states.clear();
         for (name, &step) in steps {
             let &(rows, cols) = shapes.get(name).ok_or_else(|| {
                 anyhow::anyhow!(
@@ -399,7 +488,37 @@ impl Optimizer {
                     v: take(format!("{name}.v"), rows * cols)?,
                 },
             };
-            self.states.insert(name.clone(), (rows, cols, state));
+            match &self.device {
+                None => {
+                    self.states.insert(name.clone(), (rows, cols, state));
+                }
+                Some(device) => {
+                    let on = |v: Vec<f32>, shape: &[usize]| -> Result<candle_core::Tensor> {
+                        Ok(candle_core::Tensor::from_vec(v, shape, device)?)
+                    };
+                    let state = match state {
+                        State::Adafactor {
+                            step,
+                            row,
+                            col,
+                            exp_avg,
+                        } => DeviceState::Adafactor {
+                            step,
+                            row: on(row.clone(), &[row.len()])?,
+                            col: on(col.clone(), &[col.len()])?,
+                            exp_avg: (!exp_avg.is_empty())
+                                .then(|| on(exp_avg, &[rows, cols]))
+                                .transpose()?,
+                        },
+                        State::AdamW { step, m, v } => DeviceState::AdamW {
+                            step,
+                            m: on(m, &[rows, cols])?,
+                            v: on(v, &[rows, cols])?,
+                        },
+                    };
+                    self.device_states.insert(name.clone(), (rows, cols, state));
+                }
+            }
         }
         Ok(())
     }
@@ -476,7 +595,7 @@ mod tests {
         let mut p = vec![0.5f32; 12];
         let g: Vec<f32> = (0..12).map(|i| i as f32 * 0.1 - 0.4).collect();
         a.step("w", &mut p, &g, (3, 4), 1e-2, 1.0).unwrap();
-        let (bufs, steps) = a.export();
+        let (bufs, steps) = a.export().unwrap();
         let mut b = Optimizer::new(OptimizerConfig::default()).unwrap();
         b.import(
             bufs.into_iter().map(|(n, (_, v))| (n, v)).collect(),
