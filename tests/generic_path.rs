@@ -312,3 +312,42 @@ fn the_engine_trains_every_phase_on_the_generic_kernels_as_on_the_fast_ones() {
     assert!(status.success());
     assert_eq!(steps(&run), runs[2][1], "the resumed generic run differs");
 }
+
+#[test]
+fn bf16_weights_train_and_resume_exactly() {
+    let scratch = Scratch::new("generic-bf16");
+    if common::setup(&scratch.0, "tiny-llama", 300, 100, 20_000).is_none() {
+        return;
+    }
+    let args = [
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-2",
+        "--dtype",
+        "bf16",
+    ];
+    let run = scratch.path("p1-bf16");
+    let bf16 = run_steps(&scratch.0, &run, &args, "fast");
+    let f32 = run_steps(&scratch.0, &scratch.path("p1-f32"), &args[..10], "fast");
+    // The tiny model's weights are small random values: bf16 rounding moves the loss a little.
+    let loss = drift(&bf16, &f32, "/loss");
+    eprintln!("bf16 against f32 weights, 4 steps: largest relative loss difference {loss:.2e}");
+    assert!(loss > 0.0 && loss < 1e-2, "bf16 vs f32: {loss:e}");
+    let toml = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(toml.contains("dtype = \"bf16\""), "{toml}");
+    let status = Command::new(env!("CARGO_BIN_EXE_wake2vec"))
+        .args(["train", "--quiet", "--resume"])
+        .arg(&run)
+        .args(["--checkpoint", "step-2"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(steps(&run), bf16, "the resumed bf16 run differs");
+}

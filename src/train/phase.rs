@@ -42,11 +42,6 @@ impl Param {
             Kernels::Fast => rows * cols,
             Kernels::Generic => 0,
         };
-        // The generic kernels keep matrices as matrices (a vector is one row).
-        let var = match (kernels, var.dims().len()) {
-            (Kernels::Generic, 1) => Var::from_tensor(&var.as_tensor().reshape((1, cols))?)?,
-            _ => var,
-        };
         Ok(Self {
             name,
             var,

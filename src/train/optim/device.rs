@@ -86,8 +86,8 @@ pub(super) fn adafactor_step(
     };
     *step += 1;
     let t = *step as f64;
-    let p = var.as_tensor();
-    let (rows, cols) = p.dims2()?;
+    let (rows, cols) = grad.dims2()?;
+    let p = &var.as_tensor().reshape((rows, cols))?;
     let mut lr = sched_lr;
     if c.relative_step {
         let min_step = if c.warmup_init { 1e-6 * t } else { 1e-2 };
@@ -130,7 +130,7 @@ pub(super) fn adafactor_step(
     if c.weight_decay != 0.0 {
         p = (&p + (&p * (-c.weight_decay * lr))?)?;
     }
-    var.set(&(p - update)?)?;
+    var.set(&(p - update)?.reshape(var.shape())?)?;
     Ok(())
 }
 
@@ -152,12 +152,12 @@ pub(super) fn adamw_step(
     } else {
         (grad * scale as f64)?
     };
-    let p = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
+    let p = (var.as_tensor().reshape(grad.shape())? * (1.0 - lr * c.weight_decay))?;
     *m = (&*m + ((&g - &*m)? * (1.0 - c.beta1))?)?;
     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
     let bc1 = 1.0 - c.beta1.powi(*step as i32);
     let bc2 = 1.0 - c.beta2.powi(*step as i32);
     let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
-    var.set(&(p - (m.div(&denom)? * (lr / bc1))?)?)?;
+    var.set(&(p - (m.div(&denom)? * (lr / bc1))?)?.reshape(var.shape())?)?;
     Ok(())
 }

@@ -246,7 +246,11 @@ impl Optimizer {
         lr: f64,
         grad_scale: f32,
     ) -> Result<()> {
-        let shape = var.as_tensor().dims2()?;
+        let shape = match var.dims() {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            d => bail!("parameter '{name}' has shape {d:?}; expected a matrix"),
+        };
         let device = var.device().clone();
         let entry = match self.device_states.entry(name.to_string()) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
