@@ -105,6 +105,20 @@ impl FrozenLinear {
         })
     }
 
+    /// For an input layout `[.., in]`: the rows, `in`, `out` and the output's shape `[.., out]`.
+    fn product_dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, Shape)> {
+        let dims = l.dims();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let (out, w_in) = self.weight.dims2()?;
+        if w_in != inner {
+            candle_core::bail!("frozen-linear: input has {inner} features, weight expects {w_in}");
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = out;
+        Ok((rows, inner, out, Shape::from(shape)))
+    }
+
     /// `x·Wᵀ` with the device's matmul, in the weight's dtype, returned as f32.
     fn device_forward<S: BackendStorage>(
         &self,
@@ -113,13 +127,7 @@ impl FrozenLinear {
         w: &S,
         wl: &Layout,
     ) -> candle_core::Result<(S, Shape)> {
-        let dims = l.dims();
-        let inner = *dims.last().unwrap_or(&0);
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let (out, w_in) = self.weight.dims2()?;
-        if w_in != inner {
-            candle_core::bail!("frozen-linear: input has {inner} features, weight expects {w_in}");
-        }
+        let (rows, inner, out, shape) = self.product_dims(l)?;
         let wd = self.weight.dtype();
         let x2 = Layout::contiguous_with_offset((rows, inner), l.start_offset());
         let converted;
@@ -135,9 +143,7 @@ impl FrozenLinear {
         } else {
             y.to_dtype(&Layout::contiguous((rows, out)), DType::F32)?
         };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = out;
-        Ok((y, Shape::from(shape)))
+        Ok((y, shape))
     }
 }
 
@@ -157,13 +163,7 @@ impl CustomOp1 for FrozenLinear {
             };
             return self.device_forward(s, l, w, wl);
         }
-        let dims = l.dims();
-        let inner = *dims.last().unwrap_or(&0);
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let (out, w_in) = self.weight.dims2()?;
-        if w_in != inner {
-            candle_core::bail!("frozen-linear: input has {inner} features, weight expects {w_in}");
-        }
+        let (rows, inner, out, shape) = self.product_dims(l)?;
         let x = &s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + rows * inner];
         let mut dst = vec![0f32; rows * out];
         with_f32(&self.weight, |w| {
@@ -176,9 +176,7 @@ impl CustomOp1 for FrozenLinear {
                 })
             })?;
         }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = out;
-        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+        Ok((CpuStorage::F32(dst), shape))
     }
 
     #[cfg(feature = "cuda")]

@@ -147,11 +147,7 @@ pub(crate) fn apply_update(
         .map(|(p, g)| optimizer.grad_stats(g, (p.rows, p.cols)))
         .collect();
     let norm = stats.iter().map(|s| s.sum_sq).sum::<f64>().sqrt();
-    let scale = if max_grad_norm > 0.0 {
-        optim::clip_coef(norm, max_grad_norm)
-    } else {
-        1.0
-    };
+    let scale = optim::clip_coef(norm, max_grad_norm);
     if !norm.is_finite() {
         return Ok(norm);
     }
@@ -189,11 +185,7 @@ fn apply_update_on_device(
         sum_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     let norm = sum_sq.sqrt();
-    let scale = if max_grad_norm > 0.0 {
-        optim::clip_coef(norm, max_grad_norm)
-    } else {
-        1.0
-    };
+    let scale = optim::clip_coef(norm, max_grad_norm);
     if !norm.is_finite() {
         return Ok(norm);
     }

@@ -75,8 +75,11 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 }
 
 /// The clipping factor of `torch.nn.utils.clip_grad_norm_` for a total gradient norm:
-/// `min(1, max_norm / (norm + 1e-6))`.
+/// `min(1, max_norm / (norm + 1e-6))`; 1 (no clipping) when `max_norm ≤ 0`.
 pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
     (max_norm / (norm + 1e-6)).min(1.0) as f32
 }
 
