@@ -363,3 +363,65 @@ fn geometry_suite_matches_numpy_scipy_sklearn() {
     }
     report_worst("suite");
 }
+
+/// IsoScore against PyPI `IsoScore` 2.0.1 (`scripts/fixtures/isoscore_golden.py`) on the same
+/// matrix: the suite's three groups, a rank-deficient cloud and a nearly one-axis one; and
+/// against the package's formula evaluated wholly in float64.
+#[test]
+fn isoscore_matches_pypi_isoscore() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/isoscore_golden.json"
+    );
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (want, exact) = (&fixture["isoscore"], &fixture["float64_formula"]);
+    let e = golden_matrix(&golden());
+    let base = 300;
+    let layout = Layout {
+        base_vocab: base,
+        wake_start: base,
+        wake_count: e.rows - base,
+        words: vec![],
+    };
+    let vocab = Vocabulary {
+        layout: &layout,
+        tokenizer: None,
+    };
+    let geo = analysis::analyze(
+        &e,
+        &layout,
+        &vocab,
+        &Options::default(),
+        None,
+        &Default::default(),
+    )
+    .unwrap()
+    .geometry;
+    let dim = e.dim;
+    let mut squashed = e.slice(0..base).to_vec();
+    for r in squashed.chunks_exact_mut(dim) {
+        r[1..].iter_mut().for_each(|v| *v *= 1e-3f32);
+    }
+    let rows = |x: &[f32]| analysis::isoscore::of_rows(x, dim).unwrap();
+    let mut worst = 0f64;
+    for (name, got) in [
+        ("all", geo.isoscore.all),
+        ("base", geo.isoscore.base),
+        ("new", geo.isoscore.wake),
+        ("low_rank", rows(e.slice(base..base + 10))),
+        ("one_axis", rows(&squashed)),
+    ] {
+        let (got, want) = (got.unwrap(), num(want, name));
+        let diff = (got - want).abs();
+        eprintln!("IsoScore {name}: {got:.12} vs IsoScore 2.0.1 {want:.12} (|Δ| {diff:.2e})");
+        assert!(diff <= 1e-6, "IsoScore {name}: {got} vs {want}");
+        worst = worst.max(diff);
+        // the package rounds √n to float32; the same formula in float64 is matched closely
+        let f64_diff = (got - num(exact, name)).abs();
+        assert!(
+            f64_diff <= 1e-11,
+            "IsoScore {name}: {got} vs float64 {f64_diff:e}"
+        );
+    }
+    eprintln!("IsoScore: largest |Δ| {worst:.2e}");
+}

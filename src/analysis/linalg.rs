@@ -7,7 +7,7 @@
 //! vectorize, and both are split across threads with rayon.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 /// `XᵀX` of a row-major `rows × cols` matrix (f64 in, f64 out), via gemm.
@@ -91,13 +91,16 @@ pub fn matmul_nn(a: &[f64], m: usize, b: &[f64], n: usize, k: usize) -> Result<V
     Ok(ta.matmul(&tb)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
-/// `A Bᵀ` in f32 (for the large cosine matrices where f32 is enough).
+/// `A Bᵀ` in f32 (for the large cosine matrices where f32 is enough), straight from the
+/// slices: no copy of `B`, which is the whole base matrix for the neighbour searches.
 pub fn matmul_nt_f32(a: &[f32], m: usize, b: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
-    let ta = Tensor::from_slice(a, (m, k), &Device::Cpu)?;
-    let tb = Tensor::from_slice(b, (n, k), &Device::Cpu)?;
-    let out = ta.matmul(&tb.t()?)?;
-    debug_assert_eq!(out.dtype(), DType::F32);
-    Ok(out.flatten_all()?.to_vec1::<f32>()?)
+    anyhow::ensure!(
+        a.len() == m * k && b.len() == n * k,
+        "internal: matmul_nt_f32 shapes"
+    );
+    let mut out = vec![0f32; m * n];
+    crate::nn::gemm::gemm_f32(m, n, k, &mut out, a, (k, 1), b, (1, k));
+    Ok(out)
 }
 
 /// Sample covariance (ddof 1) of the rows of `x` (`rows × cols`, f32): rows are centred in

@@ -8,7 +8,9 @@
 //! figures are drawn from ([`FigureData`]). This module holds the inputs, the outputs and the
 //! order of the stages; each measurement has a module of its own.
 
+pub mod collapse;
 pub mod drift;
+pub mod isoscore;
 pub mod isotropy;
 pub mod linalg;
 pub mod load;
@@ -112,6 +114,8 @@ pub struct Options {
     pub query_words: Vec<String>,
     /// Wake words listed as most moved by drift.
     pub most_moved: usize,
+    /// The collapse threshold and the k of the k-occurrence.
+    pub collapse: collapse::CollapseOptions,
 }
 
 impl Default for Options {
@@ -123,6 +127,7 @@ impl Default for Options {
             top_k: 5,
             query_words: Vec::new(),
             most_moved: 20,
+            collapse: collapse::CollapseOptions::default(),
         }
     }
 }
@@ -170,8 +175,13 @@ pub struct Geometry {
     pub seed: u64,
     pub norms: norms::Norms,
     pub isotropy: isotropy::IsotropyGroups,
+    pub isoscore: isoscore::IsoScores,
     pub neighbours: Vec<neighbours::NeighbourQuery>,
     pub pca: pca::PcaGroups,
+    /// Wake rows collapsed onto byte tokens (needs the tokenizer; with Wake rows).
+    pub collapse: Option<collapse::Collapse>,
+    /// k-occurrence of the base rows among the Wake rows' neighbours (with Wake rows).
+    pub hubness: Option<collapse::Hubness>,
     pub pairwise_cosine: Option<pairwise::Pairwise>,
     pub drift: Option<drift::Drift>,
     pub morphemes: Option<morph::MorphemeReport>,
@@ -202,7 +212,7 @@ pub fn process_cpu_seconds() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// Arrays the figures are drawn from (not serialized).
+/// Arrays the figures and the files beside summary.json are drawn from (not serialized).
 #[derive(Debug, Clone, Default)]
 pub struct FigureData {
     pub base_norms: Vec<f64>,
@@ -217,6 +227,8 @@ pub struct FigureData {
     pub pca_wake_ratios: Vec<f64>,
     pub drift_base_cos: Vec<f64>,
     pub drift_wake_cos: Vec<f64>,
+    /// Every collapsed Wake row, for `collapse.tsv`.
+    pub collapsed: Vec<collapse::Collapsed>,
 }
 
 /// Word/token strings for ids: Wake words from the layout, others from the tokenizer.
@@ -242,6 +254,26 @@ impl Vocabulary<'_> {
                 .unwrap_or_else(|_| format!("#{id}")),
             None => format!("#{id}"),
         }
+    }
+
+    /// The vocabulary's spelling of row `id` (`Ġthe`, `<0xE2>`), else [`Self::word`].
+    pub fn piece(&self, id: usize) -> String {
+        self.tokenizer
+            .and_then(|t| t.id_to_token(id as u32))
+            .unwrap_or_else(|| self.word(id))
+    }
+
+    /// Which of the first `base` rows are byte tokens (`vocab::tokenizer::byte_token_ids`);
+    /// `None` without a tokenizer.
+    pub fn byte_tokens(&self, base: usize) -> Option<Vec<bool>> {
+        let t = self.tokenizer?;
+        let mut is = vec![false; base];
+        for id in crate::vocab::tokenizer::byte_token_ids(t) {
+            if let Some(b) = is.get_mut(id as usize) {
+                *b = true;
+            }
+        }
+        Some(is)
     }
 
     /// The row of a query word: a Wake word by the layout, else the tokenizer's single token
@@ -324,6 +356,20 @@ pub fn analyze(
     watch.lap("neighbours");
     let pca = pca::groups(e, layout, &mut figures)?;
     watch.lap("pca");
+    let isoscore = isoscore::groups(
+        e,
+        &figures.pca_base_ratios,
+        has_wake_group(layout).then_some(&figures.pca_wake_ratios[..]),
+    )?;
+    watch.lap("isoscore");
+    let (collapse, hubness) = if layout.wake_count > 0 {
+        let c = collapse::crowding(e, layout, vocab, opts.collapse)?;
+        figures.collapsed = c.collapsed;
+        (c.collapse, Some(c.hubness))
+    } else {
+        (None, None)
+    };
+    watch.lap("collapse_hubness");
     let pairwise_cosine = match &samples.pairs {
         Some((base, wake)) => Some(pairwise::pairwise(e, base, wake, &mut figures)?),
         None => None,
@@ -352,8 +398,11 @@ pub fn analyze(
             seed: opts.seed,
             norms,
             isotropy,
+            isoscore,
             neighbours,
             pca,
+            collapse,
+            hubness,
             pairwise_cosine,
             drift,
             morphemes,

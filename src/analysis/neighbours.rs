@@ -111,7 +111,7 @@ pub fn nearest_base(
         e.dim,
     )?;
     Ok(dots
-        .chunks_exact(base_vocab)
+        .par_chunks_exact(base_vocab)
         .map(|row| {
             let mut best: Vec<(usize, f64)> = Vec::with_capacity(k + 1);
             for (j, (&d, n)) in row.iter().zip(&base_norms).enumerate() {

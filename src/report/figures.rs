@@ -826,6 +826,7 @@ mod tests {
             pca_wake_ratios: vec![0.5, 0.5],
             drift_base_cos: vec![],
             drift_wake_cos: vec![0.99, 0.98],
+            collapsed: vec![],
         };
         let f = embedding_figure(&d, "test").unwrap();
         assert!(f.png.starts_with(&[0x89, b'P', b'N', b'G']));

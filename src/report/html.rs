@@ -4,7 +4,9 @@
 
 use super::Summary;
 use crate::analysis::{
+    collapse::{Collapse, Hubness},
     drift::Drift,
+    isoscore::IsoScores,
     isotropy::IsotropyGroups,
     morph::{DeviceReport, MorphemeReport},
     neighbours::NeighbourQuery,
@@ -97,8 +99,9 @@ pub fn build(
         training(summary.loss.as_ref(), analysis_dir)?,
         geometry_figure(analysis_dir)?,
         norms(&g.norms)?,
-        isotropy(&g.isotropy)?,
+        isotropy(&g.isotropy, &g.isoscore)?,
         pca(&g.pca)?,
+        crowding(g.collapse.as_ref(), g.hubness.as_ref())?,
         pairwise(g.pairwise_cosine.as_ref())?,
         drift(g.drift.as_ref())?,
         neighbours(&g.neighbours)?,
@@ -276,12 +279,12 @@ fn norms(n: &Norms) -> Result<String> {
 }
 
 /// Isotropy of each group under both definitions.
-fn isotropy(iso: &IsotropyGroups) -> Result<String> {
-    let mut h = String::from("<h3>Isotropy</h3><table><tr><th>rows</th><th>n</th><th>Mu et al. 2018 (±c)</th><th>original partition ratio</th><th>mean cosine</th><th>mean cosine, centred</th></tr>");
-    for (name, i) in [
-        ("all", Some(&iso.all)),
-        ("base", Some(&iso.base)),
-        ("Wake", iso.wake.as_ref()),
+fn isotropy(iso: &IsotropyGroups, scores: &IsoScores) -> Result<String> {
+    let mut h = String::from("<h3>Isotropy</h3><table><tr><th>rows</th><th>n</th><th>Mu et al. 2018 (±c)</th><th>original partition ratio</th><th>mean cosine</th><th>mean cosine, centred</th><th>IsoScore (every row of the group)</th></tr>");
+    for (name, i, score) in [
+        ("all", Some(&iso.all), scores.all),
+        ("base", Some(&iso.base), scores.base),
+        ("Wake", iso.wake.as_ref(), scores.wake),
     ] {
         if let Some(i) = i {
             writeln!(
@@ -292,12 +295,70 @@ fn isotropy(iso: &IsotropyGroups) -> Result<String> {
                     num(i.mu2018),
                     num(i.partition_ratio),
                     num(i.mean_cos),
-                    num(i.mean_cos_centred)
+                    num(i.mean_cos_centred),
+                    score.map_or("–".into(), num)
                 ])
             )?;
         }
     }
     h.push_str("</table>\n");
+    Ok(h)
+}
+
+/// Wake rows collapsed onto byte tokens, and the hubs among their neighbours.
+fn crowding(c: Option<&Collapse>, hub: Option<&Hubness>) -> Result<String> {
+    let mut h = String::new();
+    if let Some(c) = c {
+        writeln!(
+            h,
+            "<h3>Collapse onto byte tokens</h3><p>{} of {} Wake rows ({:.1}%) have a byte token \
+             (one of {} in the base vocabulary) as their nearest base row at cosine &gt; {}; \
+             {} have one as nearest at any cosine. Every collapsed row is listed in \
+             <code>collapse.tsv</code>.</p>",
+            c.collapsed,
+            c.wake_rows,
+            100.0 * c.share,
+            c.byte_tokens,
+            c.threshold,
+            c.nearest_is_byte
+        )?;
+        if !c.top.is_empty() {
+            h.push_str("<table><tr><th>Wake word</th><th>byte token</th><th>cosine</th></tr>");
+            for r in &c.top {
+                writeln!(
+                    h,
+                    "<tr><td>{}</td><td><code>{}</code></td>{}</tr>",
+                    escape(&r.word),
+                    escape(&r.byte_piece),
+                    num_cells([num(r.cos)])
+                )?;
+            }
+            h.push_str("</table>\n");
+        }
+    }
+    if let Some(hb) = hub {
+        writeln!(
+            h,
+            "<h3>Hubness</h3><p>k-occurrence of the base rows among the {} nearest base rows \
+             of every Wake row: skewness {}, mean {}, largest {}; {:.1}% of base rows are \
+             nobody's neighbour.</p>",
+            hb.k,
+            num(hb.skewness),
+            num(hb.mean),
+            hb.max,
+            100.0 * hb.never_share
+        )?;
+        h.push_str("<table><tr><th>base token</th><th>id</th><th>k-occurrence</th></tr>");
+        for t in hb.top.iter().take(10) {
+            writeln!(
+                h,
+                "<tr><td><code>{}</code></td>{}</tr>",
+                escape(&t.word),
+                num_cells([t.id.to_string(), t.count.to_string()])
+            )?;
+        }
+        h.push_str("</table>\n");
+    }
     Ok(h)
 }
 

@@ -9,7 +9,9 @@ pub mod html;
 
 use crate::analysis::{
     self,
+    collapse::{Collapse, Hubness},
     drift::Drift,
+    isoscore::IsoScores,
     isotropy::IsotropyGroups,
     load::{self, Source},
     morph,
@@ -149,6 +151,10 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         trajectory: traj.map(|t| t.0),
         figures: names,
     };
+    if summary.geometry.collapse.is_some() {
+        let tsv = analysis::collapse::tsv(&result.figures.collapsed);
+        fs::write(&out.join("collapse.tsv"), tsv.as_bytes())?;
+    }
     let json = serde_json::to_string_pretty(&summary)?;
     fs::write(&out.join("summary.json"), json.as_bytes())?;
     Ok(AnalyzeOutput { dir: out, summary })
@@ -307,7 +313,9 @@ pub fn print_summary(s: &Summary) -> String {
         ),
         norm_lines(&g.norms),
         isotropy_lines(&g.isotropy),
+        isoscore_line(&g.isoscore),
         pca_line(&g.pca),
+        crowding_lines(g.collapse.as_ref(), g.hubness.as_ref()),
         pairwise_line(g.pairwise_cosine.as_ref()),
         drift_lines(g.drift.as_ref()),
         neighbour_lines(&g.neighbours),
@@ -356,6 +364,44 @@ fn isotropy_lines(iso: &IsotropyGroups) -> String {
                 i.mu2018, i.partition_ratio, i.mean_cos, i.n
             );
         }
+    }
+    o
+}
+
+fn isoscore_line(s: &IsoScores) -> String {
+    let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+    format!(
+        "IsoScore: all {}, base {}, Wake {}\n",
+        f(s.all),
+        f(s.base),
+        f(s.wake)
+    )
+}
+
+fn crowding_lines(c: Option<&Collapse>, h: Option<&Hubness>) -> String {
+    let mut o = String::new();
+    if let Some(c) = c {
+        let _ = writeln!(
+            o,
+            "collapse: {} of {} Wake rows ({:.1}%) have a byte token ({} in the base) as nearest base row at cos > {}; {} at any cosine",
+            c.collapsed,
+            c.wake_rows,
+            100.0 * c.share,
+            c.byte_tokens,
+            c.threshold,
+            c.nearest_is_byte
+        );
+    }
+    if let Some(h) = h {
+        let _ = writeln!(
+            o,
+            "hubness (k = {}): k-occurrence skewness {:.3}, max {} (mean {:.2}), {:.1}% of base rows never a neighbour",
+            h.k,
+            h.skewness,
+            h.max,
+            h.mean,
+            100.0 * h.never_share
+        );
     }
     o
 }

@@ -220,6 +220,26 @@ impl BaseTokenizer {
     }
 }
 
+/// The ids of the byte tokens of `t`: byte-fallback pieces (`<0x41>`) and, in a byte-level
+/// BPE, the single-byte pieces (one character of the byte alphabet). Added tokens are not.
+pub fn byte_token_ids(t: &Tokenizer) -> Vec<u32> {
+    let byte_level =
+        serde_json::to_value(t.get_pre_tokenizer()).is_ok_and(|v| contains_type(&v, "ByteLevel"));
+    let added: HashSet<u32> = t.get_added_tokens_decoder().into_keys().collect();
+    let mut ids: Vec<u32> = t
+        .get_model()
+        .get_vocab()
+        .into_iter()
+        .filter(|(piece, id)| {
+            !added.contains(id)
+                && (is_byte_piece(piece) || (byte_level && piece.chars().count() == 1))
+        })
+        .map(|(_, id)| id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 fn is_byte_piece(piece: &str) -> bool {
     piece.len() == 6 && piece.starts_with("<0x") && piece.ends_with('>')
 }

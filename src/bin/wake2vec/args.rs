@@ -5,7 +5,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use wake2vec::analysis::Options;
+use wake2vec::analysis::{collapse::CollapseOptions, Options};
 use wake2vec::hub::cache::{self, ModelSpec};
 use wake2vec::infer::generate::DEFAULT_PROMPT;
 use wake2vec::lexicon::Case;
@@ -622,9 +622,23 @@ pub struct AnalyzeArgs {
     /// Wake tokens drawn in the trajectory figure.
     #[arg(long, default_value_t = 200)]
     pub trajectory_tokens: usize,
+    /// A Wake row whose nearest base row is a byte token counts as collapsed above this cosine.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_cosine)]
+    pub collapse_threshold: f64,
+    /// Neighbours per Wake row for the hubness (k-occurrence) measure.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub hub_k: u64,
     /// Write summary.json only.
     #[arg(long)]
     pub no_figures: bool,
+}
+
+/// A cosine threshold in [-1, 1].
+fn parse_cosine(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (-1.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a cosine: give a number from -1 to 1")),
+    }
 }
 
 impl AnalyzeArgs {
@@ -640,6 +654,10 @@ impl AnalyzeArgs {
             options: Options {
                 seed: self.seed,
                 query_words: self.words.clone(),
+                collapse: CollapseOptions {
+                    threshold: self.collapse_threshold,
+                    k: self.hub_k as usize,
+                },
                 ..Options::default()
             },
             trajectory_tokens: self.trajectory_tokens,
