@@ -558,6 +558,7 @@ fn points(
 fn loss_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     log: &[LogLine],
+    phases: &[(u64, String)],
     title: &str,
 ) -> Result<()> {
     let root = titled(root, title, 28)?;
@@ -566,11 +567,43 @@ fn loss_panels<DB: DrawingBackend>(
     let bpb = points(log, None, |l| l.val_bpb);
     let xmax = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
     if bpb.is_empty() {
-        return loss_panel(&root, &train, &val, xmax);
+        return loss_panel(&root, &train, &val, phases, xmax);
     }
     let panels = root.split_evenly((1, 2));
-    loss_panel(&panels[0], &train, &val, xmax)?;
-    bpb_panel(&panels[1], &bpb, xmax)
+    loss_panel(&panels[0], &train, &val, phases, xmax)?;
+    bpb_panel(&panels[1], &bpb, phases, xmax)
+}
+
+/// A dashed vertical line where each phase after the first starts, with the phase's name.
+fn phase_marks<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
+    phases: &[(u64, String)],
+    (ylo, yhi): (f64, f64),
+) -> Result<()> {
+    for (i, (start, name)) in phases.iter().enumerate() {
+        let x = *start as f64;
+        if i > 0 {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(x, ylo), (x, yhi)],
+                    8,
+                    6,
+                    GREY.stroke_width(2),
+                ))
+                .map_err(pe)?;
+        }
+        chart
+            .draw_series(std::iter::once(
+                EmptyElement::at((x, yhi))
+                    + Text::new(
+                        name.clone(),
+                        (6, 4),
+                        (FAMILY, LABEL).into_font().color(&GREY),
+                    ),
+            ))
+            .map_err(pe)?;
+    }
+    Ok(())
 }
 
 /// Training loss per step (dots up to 400 steps) and validation loss (squares).
@@ -578,6 +611,7 @@ fn loss_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     train: &[(f64, f64)],
     val: &[(f64, f64)],
+    phases: &[(u64, String)],
     xmax: f64,
 ) -> Result<()> {
     let ys: Vec<f64> = train.iter().chain(val).map(|p| p.1).collect();
@@ -589,6 +623,7 @@ fn loss_panel<DB: DrawingBackend>(
         legend: Some(SeriesLabelPosition::UpperRight),
     };
     panel(area, frame, |chart| {
+        phase_marks(chart, phases, (ylo, yhi))?;
         if !train.is_empty() {
             chart
                 .draw_series(LineSeries::new(train.to_vec(), BASE.stroke_width(2)))
@@ -621,6 +656,7 @@ fn loss_panel<DB: DrawingBackend>(
 fn bpb_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     bpb: &[(f64, f64)],
+    phases: &[(u64, String)],
     xmax: f64,
 ) -> Result<()> {
     let (lo, hi) = range_of(&[&bpb.iter().map(|p| p.1).collect::<Vec<_>>()]);
@@ -631,6 +667,7 @@ fn bpb_panel<DB: DrawingBackend>(
         legend: None,
     };
     panel(area, frame, |chart| {
+        phase_marks(chart, phases, (lo, hi))?;
         chart
             .draw_series(LineSeries::new(bpb.to_vec(), CROSS.stroke_width(2)))
             .map_err(pe)?;
@@ -645,13 +682,14 @@ fn bpb_panel<DB: DrawingBackend>(
     })
 }
 
-/// Loss curves from `log.jsonl` (1600 × 700): train and validation loss, validation bits/byte.
-pub fn loss_figure(log: &[LogLine], title: &str) -> Result<Figure> {
+/// Loss curves from `log.jsonl` (1600 × 700): train and validation loss, validation bits/byte;
+/// `phases` (first step, name) of chained logs are marked where each starts.
+pub fn loss_figure(log: &[LogLine], phases: &[(u64, String)], title: &str) -> Result<Figure> {
     render_dual(
         (1600, 700),
         DualDraw {
-            svg: Box::new(|root| loss_panels(root, log, title)),
-            bmp: Box::new(|root| loss_panels(root, log, title)),
+            svg: Box::new(|root| loss_panels(root, log, phases, title)),
+            bmp: Box::new(|root| loss_panels(root, log, phases, title)),
         },
     )
 }
@@ -810,6 +848,34 @@ mod tests {
         let area: f64 = h.iter().map(|(l, r, d)| (r - l) * d).sum();
         assert!((area - 1.0).abs() < 1e-12);
         assert!(h.iter().all(|b| (b.2 - 1.0).abs() <= 0.011), "{h:?}");
+    }
+
+    #[test]
+    fn chained_logs_mark_where_each_phase_starts() {
+        let line = |kind: &str, step: u64, v: f64| LogLine {
+            kind: kind.into(),
+            phase: None,
+            step,
+            loss: (kind == "step").then_some(v),
+            lr: None,
+            val_loss: (kind == "eval").then_some(v),
+            val_bpb: (kind == "eval").then_some(v / 2.0),
+            train_loss: None,
+            elapsed_s: None,
+        };
+        let log: Vec<LogLine> = (1..=20)
+            .map(|s| line("step", s, 5.0 - s as f64 * 0.1))
+            .chain([line("eval", 10, 4.0), line("eval", 20, 3.5)])
+            .collect();
+        let phases = vec![(0, "p1".to_string()), (10, "p2-lora".to_string())];
+        let f = loss_figure(&log, &phases, "test").unwrap();
+        assert!(f.png.starts_with(&[0x89, b'P', b'N', b'G']));
+        // the labels of both panels, and a dashed line (one per panel) at the second phase
+        assert_eq!(f.svg.matches("\np2-lora\n").count(), 2);
+        assert_eq!(f.svg.matches("\np1\n").count(), 2);
+        let plain = loss_figure(&log, &[], "test").unwrap();
+        assert!(!plain.svg.contains("p2-lora"));
+        assert!(f.svg.len() > plain.svg.len());
     }
 
     #[test]

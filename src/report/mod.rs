@@ -129,12 +129,16 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     };
     let base_model = wake_json.and_then(|w| w.base_model);
     let label = figure_label(&source, base_model.as_deref());
-    let log = training_log(req, source.run_dir.as_deref())?;
+    let (log, phases) = match training_log(req, source.run_dir.as_deref())? {
+        Some((l, p)) => (Some(l), p),
+        None => (None, Vec::new()),
+    };
     let traj = trajectories(&snapshots, &vocab, req)?;
     let names = if req.no_figures {
         Vec::new()
     } else {
-        write_figures(&out, &label, &result.figures, log.as_deref(), traj.as_ref())?
+        let log = log.as_deref().map(|l| (l, &phases[..]));
+        write_figures(&out, &label, &result.figures, log, traj.as_ref())?
     };
     let summary = Summary {
         format: 1,
@@ -243,12 +247,16 @@ fn figure_label(source: &Source, base_model: Option<&str>) -> String {
     }
 }
 
-/// The training log: the `--log` files chained, else the run's `log.jsonl` when it exists.
-fn training_log(req: &AnalyzeRequest, run_dir: Option<&Path>) -> Result<Option<Vec<LogLine>>> {
+/// The training log: the `logs` chained (with where each starts), else the run's `log.jsonl`
+/// when it exists.
+fn training_log(
+    req: &AnalyzeRequest,
+    run_dir: Option<&Path>,
+) -> Result<Option<(Vec<LogLine>, Vec<(u64, String)>)>> {
     let log_path = run_dir.map(|r| RunDir::new(r).log());
     Ok(match &log_path {
         _ if !req.logs.is_empty() => Some(log::chain_logs(&req.logs)?),
-        Some(p) if p.is_file() => Some(log::load_log(p)?),
+        Some(p) if p.is_file() => Some((log::load_log(p)?, Vec::new())),
         _ => None,
     })
 }
@@ -276,20 +284,21 @@ fn trajectories(
     )?))
 }
 
-/// Writes the embedding figure, the loss figure (when the log has lines) and the trajectory
+/// Writes the embedding figure, the loss figure (when the log has lines; chained logs with
+/// their phases marked) and the trajectory
 /// figure (when there is one); returns the names of the files written.
 fn write_figures(
     out: &Path,
     label: &str,
     data: &analysis::FigureData,
-    log: Option<&[LogLine]>,
+    log: Option<(&[LogLine], &[(u64, String)])>,
     traj: Option<&(trajectory::Trajectory, trajectory::TrajectoryPlot)>,
 ) -> Result<Vec<String>> {
     let mut names = Vec::new();
     let f = figures::embedding_figure(data, &format!("Wake2Vec {label} — Embedding Analysis"))?;
     write_figure(out, "embedding_analysis", &f, &mut names)?;
-    if let Some(log) = log.filter(|l| !l.is_empty()) {
-        let f = figures::loss_figure(log, &format!("Wake2Vec {label} — Training"))?;
+    if let Some((log, phases)) = log.filter(|l| !l.0.is_empty()) {
+        let f = figures::loss_figure(log, phases, &format!("Wake2Vec {label} — Training"))?;
         write_figure(out, "loss", &f, &mut names)?;
     }
     if let Some((t, plot)) = traj {

@@ -58,17 +58,24 @@ pub struct LogLine {
 }
 
 /// Several training logs as one: each log's steps are shifted to continue after the previous
-/// log's last step (a pipeline's phases in order).
-pub fn chain_logs(paths: &[PathBuf]) -> Result<Vec<LogLine>> {
+/// log's last step (a pipeline's phases in order). Also where each log starts on the shared
+/// step axis, named by its directory (`p1`, `p2`, …).
+pub fn chain_logs(paths: &[PathBuf]) -> Result<(Vec<LogLine>, Vec<(u64, String)>)> {
     let mut out: Vec<LogLine> = Vec::new();
+    let mut starts = Vec::new();
     for p in paths {
         let offset = out.iter().map(|l| l.step).max().unwrap_or(0);
+        let name = p
+            .parent()
+            .and_then(|d| d.file_name())
+            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
+        starts.push((offset, name));
         out.extend(load_log(p)?.into_iter().map(|mut l| {
             l.step += offset;
             l
         }));
     }
-    Ok(out)
+    Ok((out, starts))
 }
 
 /// Reads `log.jsonl`; a torn last line (a run killed mid-write) is skipped, any other bad line
