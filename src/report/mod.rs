@@ -137,8 +137,8 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let names = if req.no_figures {
         Vec::new()
     } else {
-        let log = log.as_deref().map(|l| (l, &phases[..]));
-        write_figures(&out, &label, &result.figures, log, traj.as_ref())?
+        let (figs, log) = (&result.figures, log.as_deref());
+        write_figures(&out, &label, figs, log, &phases, traj.as_ref())?
     };
     let summary = Summary {
         format: 1,
@@ -252,7 +252,7 @@ fn figure_label(source: &Source, base_model: Option<&str>) -> String {
 fn training_log(
     req: &AnalyzeRequest,
     run_dir: Option<&Path>,
-) -> Result<Option<(Vec<LogLine>, Vec<(u64, String)>)>> {
+) -> Result<Option<(Vec<LogLine>, log::PhaseStarts)>> {
     let log_path = run_dir.map(|r| RunDir::new(r).log());
     Ok(match &log_path {
         _ if !req.logs.is_empty() => Some(log::chain_logs(&req.logs)?),
@@ -291,13 +291,14 @@ fn write_figures(
     out: &Path,
     label: &str,
     data: &analysis::FigureData,
-    log: Option<(&[LogLine], &[(u64, String)])>,
+    log: Option<&[LogLine]>,
+    phases: &[(u64, String)],
     traj: Option<&(trajectory::Trajectory, trajectory::TrajectoryPlot)>,
 ) -> Result<Vec<String>> {
     let mut names = Vec::new();
     let f = figures::embedding_figure(data, &format!("Wake2Vec {label} — Embedding Analysis"))?;
     write_figure(out, "embedding_analysis", &f, &mut names)?;
-    if let Some((log, phases)) = log.filter(|l| !l.0.is_empty()) {
+    if let Some(log) = log.filter(|l| !l.is_empty()) {
         let f = figures::loss_figure(log, phases, &format!("Wake2Vec {label} — Training"))?;
         write_figure(out, "loss", &f, &mut names)?;
     }

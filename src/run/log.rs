@@ -57,10 +57,13 @@ pub struct LogLine {
     pub elapsed_s: Option<f64>,
 }
 
+/// Where each of chained logs starts on the shared step axis, with its name.
+pub type PhaseStarts = Vec<(u64, String)>;
+
 /// Several training logs as one: each log's steps are shifted to continue after the previous
 /// log's last step (a pipeline's phases in order). Also where each log starts on the shared
 /// step axis, named by its directory (`p1`, `p2`, …).
-pub fn chain_logs(paths: &[PathBuf]) -> Result<(Vec<LogLine>, Vec<(u64, String)>)> {
+pub fn chain_logs(paths: &[PathBuf]) -> Result<(Vec<LogLine>, PhaseStarts)> {
     let mut out: Vec<LogLine> = Vec::new();
     let mut starts = Vec::new();
     for p in paths {
