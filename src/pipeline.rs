@@ -64,6 +64,12 @@ pub struct PipelineConfig {
     pub p1: toml::Table,
     pub p2: toml::Table,
     pub p3: toml::Table,
+    /// A control text the study never trains on (ordinary prose): bits per byte and the KL
+    /// divergence from the base model on it, for the base, the injected model and the end of
+    /// each phase (OUT/control.json). Empty: not measured.
+    pub control: PathBuf,
+    /// Control segments of about 1,000 bytes scored per model.
+    pub control_segments: usize,
     pub finish: FinishSettings,
 }
 
@@ -81,6 +87,8 @@ impl Default for PipelineConfig {
             p1: toml::Table::new(),
             p2: toml::Table::new(),
             p3: toml::Table::new(),
+            control: PathBuf::new(),
+            control_segments: 16,
             finish: FinishSettings::default(),
         }
     }
@@ -169,6 +177,15 @@ impl PipelineConfig {
         if !self.morphemes.as_os_str().is_empty() {
             MorphemeData::load(&self.morphemes)?;
         }
+        ensure!(
+            self.control.as_os_str().is_empty() || self.control.is_file(),
+            "the control text {} does not exist: set control = \"PATH\" (or --set control=PATH), or control = \"\" to skip it",
+            self.control.display()
+        );
+        ensure!(
+            self.control_segments >= 1,
+            "control_segments = 0: give 1 or more (16 is the default)"
+        );
         vocab::InitScheme::named(&self.inject.init)?;
         for phase in [Phase::P1, Phase::P2, Phase::P3] {
             let mut c = self.phase_config(phase, Path::new("OUT"))?;
@@ -298,6 +315,9 @@ pub fn run(config: Option<PipelineConfig>, out: &Path, progress: bool) -> Result
             c.lexicon = absolute(&c.lexicon)?;
             if !c.morphemes.as_os_str().is_empty() {
                 c.morphemes = absolute(&c.morphemes)?;
+            }
+            if !c.control.as_os_str().is_empty() {
+                c.control = absolute(&c.control)?;
             }
             if exists {
                 let old = read_config(&stored)?;
@@ -433,6 +453,9 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             final_dir.display()
         ));
     }
+    if !config.control.as_os_str().is_empty() && !out.join("control.json").is_file() {
+        measure_control(config, out, say)?;
+    }
     let analysis_dir = out.join("analysis");
     fs::ensure_dir(&analysis_dir)?;
     let summary_path = analysis_dir.join("summary.json");
@@ -447,6 +470,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             morphemes: config.groups(),
             trajectory_tokens: 0,
             logs: phase_logs(out),
+            control: Some(out.join("control.json")).filter(|p| p.is_file()),
             ..Default::default()
         };
         let summary = report::analyze_path(&req)?.summary;
@@ -481,6 +505,84 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
         say(format!("report: {}", report_path.display()));
     }
     Ok(())
+}
+
+/// OUT/control.json: the control text's bits per byte and KL from the base model for the base,
+/// the injected model, the end of Phases 1 and 2 (their last checkpoints, exported to a
+/// temporary directory and removed) and the final model.
+fn measure_control(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
+    use crate::infer::control::{self, ControlReport, ControlRow, ControlText};
+    let text = crate::corpus::read_text(&config.control)?;
+    let segments = ControlText::new(&text, config.control_segments)
+        .with_context(|| format!("control text {}", config.control.display()))?;
+    let compute = Compute::open(config.device, config.dtype)?;
+    let base_dir = cache::resolve(&config.model.parse()?, true)?;
+    let base = crate::model::LoadedModel::load_with(&base_dir, &compute)?;
+    let base_vocab = base.model.head().dim(0)?;
+    let mut rows = Vec::new();
+    let mut measure = |stage: &str, dir: &Path, shown: String| -> Result<()> {
+        let (bpb, kl) = if stage == "base" {
+            (
+                control::bits_per_byte(&base.model, &base.tokenizer, &segments)?,
+                None,
+            )
+        } else {
+            let m = crate::model::LoadedModel::load_with(dir, &compute)?;
+            let bpb = control::bits_per_byte(&m.model, &m.tokenizer, &segments)?;
+            let kl = control::kl_from_base(
+                &base.model,
+                &base.tokenizer,
+                &m.model,
+                base_vocab,
+                &segments,
+            )?;
+            (bpb, Some(kl))
+        };
+        say(format!(
+            "control [{stage}]: {:.4} bits/byte{}",
+            bpb.bits_per_byte,
+            kl.as_ref()
+                .map(|k| format!(
+                    ", KL {:.5} nats, moved mass {:.4}",
+                    k.kl_base_vocab, k.moved_mass
+                ))
+                .unwrap_or_default()
+        ));
+        rows.push(ControlRow {
+            stage: stage.into(),
+            model: shown,
+            bpb,
+            kl,
+        });
+        Ok(())
+    };
+    measure("base", &base_dir, config.model.clone())?;
+    measure("injected", &out.join("model"), "model".into())?;
+    for phase in ["p1", "p2"] {
+        let run = RunDir::new(out.join(phase));
+        let step = crate::run::select::checkpoint_step(&run, "last")?;
+        let tmp = fs::tmp_path(&out.join(format!("control-{phase}")));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot remove {}", tmp.display()))?;
+        }
+        train::export::export(run.root(), step, &tmp, true)?;
+        let measured = measure(phase, &tmp, format!("{phase} step {step}"));
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove {}", tmp.display()))?;
+        measured?;
+    }
+    measure("final", &out.join("final"), "final (p3)".into())?;
+    let report = ControlReport {
+        file: config.control.display().to_string(),
+        segments: segments.segments.len(),
+        text_bytes: segments.text_bytes,
+        rows,
+    };
+    fs::write(
+        &out.join("control.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )
 }
 
 /// The phases' logs in order, for one loss figure of the whole pipeline.

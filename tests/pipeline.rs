@@ -168,10 +168,51 @@ fn phase_2_keeps_the_wake_rows_and_exports_peft_and_merged_models() {
             "finish.report=false",
         ])
         .args(["--set", "finish.analysis=false"])
+        .args(["--set", &format!("control={SHARED}dubliners.txt")])
+        .args(["--set", "control_segments=3"])
         .status()
         .unwrap();
     assert!(status.success());
     let out = t.path("out");
+    // Forgetting on the control text: Phase 1 leaves the base distribution alone (all its
+    // change is mass moved onto the new rows); the adapters of Phases 2 and 3 move it.
+    let control = wake2vec::infer::control::ControlReport::load(&out.join("control.json")).unwrap();
+    let stages: Vec<&str> = control.rows.iter().map(|r| r.stage.as_str()).collect();
+    assert_eq!(stages, ["base", "injected", "p1", "p2", "final"]);
+    assert!(control.rows[0].kl.is_none() && control.segments == 3);
+    for r in &control.rows {
+        assert!(r.bpb.bits_per_byte.is_finite() && r.bpb.bits_per_byte > 0.0);
+        assert!(r.bpb.bytes > 500, "{r:?}");
+    }
+    for r in &control.rows[1..3] {
+        let kl = r.kl.as_ref().unwrap();
+        assert!(
+            kl.kl_base_vocab < 1e-6,
+            "{}: KL {}",
+            r.stage,
+            kl.kl_base_vocab
+        );
+        assert!(kl.moved_mass > 0.0);
+    }
+    for r in &control.rows[3..] {
+        let kl = r.kl.as_ref().unwrap();
+        assert!(
+            kl.kl_base_vocab > 1e-6,
+            "{}: KL {}",
+            r.stage,
+            kl.kl_base_vocab
+        );
+    }
+    assert_ne!(
+        control.rows[0].bpb, control.rows[1].bpb,
+        "injection changed nothing"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("control-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary exports left behind");
     let export = |run: &str, checkpoint: &str, dest: &str, merge: bool| {
         let mut c = bin(&t.0);
         c.args(["export", out.join(run).to_str().unwrap(), "--out", dest]);

@@ -16,6 +16,7 @@ use crate::analysis::{
     trajectory::Trajectory,
 };
 use crate::infer::battery;
+use crate::infer::control::ControlReport;
 use crate::infer::text_metrics::BatterySample;
 use crate::run::log::LossSummary;
 use anyhow::Result;
@@ -97,6 +98,7 @@ pub fn build(
         head(summary)?,
         configuration(summary, run_toml)?,
         training(summary.loss.as_ref(), analysis_dir)?,
+        control(summary.control.as_ref())?,
         geometry_figure(analysis_dir)?,
         norms(&g.norms)?,
         isotropy(&g.isotropy, &g.isoscore)?,
@@ -300,6 +302,42 @@ fn isotropy(iso: &IsotropyGroups, scores: &IsoScores) -> Result<String> {
                 ])
             )?;
         }
+    }
+    h.push_str("</table>\n");
+    Ok(h)
+}
+
+/// Forgetting: bits per byte and KL from the base on the control text, model by model.
+fn control(c: Option<&ControlReport>) -> Result<String> {
+    let Some(c) = c else {
+        return Ok(String::new());
+    };
+    let mut h = format!(
+        "<h2>Control text</h2><p class=\"muted\"><code>{}</code>: {} segments of about 1,000 \
+         bytes. Bits per byte under each model's own tokenizer; KL from the base model's \
+         next-token distribution on the base tokenization, over the base vocabulary \
+         (renormalized), and the probability mass moved onto the new rows.</p>\n\
+         <table><tr><th>model</th><th>bits/byte</th><th>Δ vs base</th><th>KL (nats/token)</th>\
+         <th>moved mass</th></tr>",
+        escape(&c.file),
+        c.segments
+    );
+    let base = c.rows.first().map(|r| r.bpb.bits_per_byte);
+    for r in &c.rows {
+        let delta = base.map_or("–".into(), |b| format!("{:+.4}", r.bpb.bits_per_byte - b));
+        let (kl, moved) = r.kl.as_ref().map_or(("–".into(), "–".into()), |k| {
+            (
+                format!("{:.5}", k.kl_base_vocab),
+                format!("{:.4}", k.moved_mass),
+            )
+        });
+        writeln!(
+            h,
+            "<tr><td>{} <span class=\"muted\">{}</span></td>{}</tr>",
+            escape(&r.stage),
+            escape(&r.model),
+            num_cells([format!("{:.4}", r.bpb.bits_per_byte), delta, kl, moved])
+        )?;
     }
     h.push_str("</table>\n");
     Ok(h)

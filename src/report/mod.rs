@@ -21,6 +21,7 @@ use crate::analysis::{
     pca::PcaGroups,
     trajectory, DriftReference, Embeddings, Geometry, Layout, Options, Vocabulary,
 };
+use crate::infer::control::ControlReport;
 use crate::run::dir::RunDir;
 use crate::run::log::{self, LogLine, LossSummary};
 use crate::util::fs;
@@ -51,6 +52,8 @@ pub struct AnalyzeRequest {
     /// Training logs to show instead of the run's own, one after the other (a pipeline's
     /// phases: each log's steps continue from the previous one's last).
     pub logs: Vec<PathBuf>,
+    /// A `control.json` (forgetting on a control text) to include.
+    pub control: Option<PathBuf>,
 }
 
 /// `summary.json` (schema: docs/analysis.md).
@@ -66,6 +69,8 @@ pub struct Summary {
     pub geometry: Geometry,
     pub loss: Option<LossSummary>,
     pub trajectory: Option<trajectory::Trajectory>,
+    /// Bits per byte and KL on the control text through the study (a pipeline's control.json).
+    pub control: Option<ControlReport>,
     /// Files written beside summary.json.
     pub figures: Vec<String>,
 }
@@ -153,6 +158,11 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         geometry: result.geometry,
         loss: log.as_deref().map(log::summarize_log),
         trajectory: traj.map(|t| t.0),
+        control: req
+            .control
+            .as_deref()
+            .map(ControlReport::load)
+            .transpose()?,
         figures: names,
     };
     if summary.geometry.collapse.is_some() {

@@ -111,10 +111,13 @@ pub enum Command {
     /// The tokenizer half of `inject`: reports token counts, round trip, in-word matches,
     /// identity with the base ids, and the corpus coverage of each --case choice.
     ExtendTokenizer(ExtendTokenizerArgs),
-    /// Mean validation loss of a model on a corpus with the training protocol.
+    /// Mean validation loss of a model on a corpus with the training protocol, and forgetting
+    /// on a control text.
     ///
-    /// The text is tokenized whole without special tokens, cut into non-overlapping blocks,
-    /// split 90/10 by block with a seeded shuffle; the validation blocks are scored.
+    /// The corpus is tokenized whole without special tokens, cut into non-overlapping blocks,
+    /// split 90/10 by block with a seeded shuffle; the validation blocks are scored. With
+    /// --control: bits per byte on that text and, with --base, the KL divergence from the base
+    /// model on it (docs/analysis.md, "Control text").
     Eval(EvalArgs),
 }
 
@@ -235,8 +238,17 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// The corpus (UTF-8 text, read verbatim).
+    #[arg(long, required_unless_present = "control")]
+    pub corpus: Option<PathBuf>,
+    /// A control text the model was not trained on (ordinary prose): bits per byte on it.
     #[arg(long)]
-    pub corpus: PathBuf,
+    pub control: Option<PathBuf>,
+    /// The base model the KL divergence on the control text is measured from.
+    #[arg(long, requires = "control")]
+    pub base: Option<ModelSpec>,
+    /// Control segments (about 1,000 bytes each, evenly spaced through the text) to score.
+    #[arg(long, default_value_t = wake2vec::infer::control::DEFAULT_SEGMENTS as u64, value_parser = clap::value_parser!(u64).range(1..=100000))]
+    pub control_segments: u64,
     /// Tokens per block.
     #[arg(long, default_value_t = 256)]
     pub block: usize,
@@ -663,6 +675,7 @@ impl AnalyzeArgs {
             trajectory_tokens: self.trajectory_tokens,
             no_figures: self.no_figures,
             logs: vec![],
+            control: None,
         }
     }
 }

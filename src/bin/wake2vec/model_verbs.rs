@@ -1,14 +1,14 @@
 //! The verbs that use a model: score, generate (and its battery), import-gguf, eval.
 
 use crate::args::{ComputeArgs, EvalArgs, GenerateArgs, ImportGgufArgs, ModelArg, ScoreArgs};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::io::Write;
 use wake2vec::corpus;
 use wake2vec::hub::{cache, gguf};
 use wake2vec::infer::generate::{self, Limits};
 use wake2vec::infer::sampling::{Sampler, SamplingParams};
 use wake2vec::infer::text_metrics::KnownWords;
-use wake2vec::infer::{battery, score};
+use wake2vec::infer::{battery, control, score};
 use wake2vec::model::LoadedModel;
 
 /// The model `--model` names, resolved and loaded onto `--device`.
@@ -222,35 +222,76 @@ pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
     Ok(())
 }
 
-/// `wake2vec eval`: the validation loss of a model on a corpus.
+/// `wake2vec eval`: the validation loss of a model on a corpus, and forgetting on a control text.
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let text = corpus::read_text(&args.corpus)?;
-    let m = load_model(&args.model, &args.compute)?;
-    let mut progress = |done: usize, total: usize| {
-        if done.is_multiple_of(10) || done == total {
-            eprint!("\r{done}/{total} validation blocks");
-        }
-    };
-    let r = wake2vec::infer::eval::validation_loss(
-        &m.model,
-        &m.tokenizer,
-        &text,
-        args.block,
-        args.val_fraction,
-        args.seed,
-        &mut progress,
-    )?;
-    eprintln!();
-    wake2vec::outln!(
-        "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token, {:.4} bits/byte",
-        args.corpus.display(),
-        r.tokens,
-        r.blocks,
-        r.block_len,
-        r.validation_blocks,
-        r.seed,
-        r.mean_loss,
-        r.bits_per_byte
+    let texts = (
+        args.corpus
+            .as_ref()
+            .map(|c| corpus::read_text(c))
+            .transpose()?,
+        args.control
+            .as_ref()
+            .map(|c| corpus::read_text(c))
+            .transpose()?,
     );
+    let base = args
+        .base
+        .as_ref()
+        .map(|b| load_model(&ModelArg { model: b.clone() }, &args.compute))
+        .transpose()?;
+    let m = load_model(&args.model, &args.compute)?;
+    if let (Some(path), Some(text)) = (&args.corpus, &texts.0) {
+        let mut progress = |done: usize, total: usize| {
+            if done.is_multiple_of(10) || done == total {
+                eprint!("\r{done}/{total} validation blocks");
+            }
+        };
+        let r = wake2vec::infer::eval::validation_loss(
+            &m.model,
+            &m.tokenizer,
+            text,
+            args.block,
+            args.val_fraction,
+            args.seed,
+            &mut progress,
+        )?;
+        eprintln!();
+        wake2vec::outln!(
+            "{}: {} tokens, {} blocks of {}, {} validation (seed {}): mean loss {:.4} nats/token, {:.4} bits/byte",
+            path.display(),
+            r.tokens,
+            r.blocks,
+            r.block_len,
+            r.validation_blocks,
+            r.seed,
+            r.mean_loss,
+            r.bits_per_byte
+        );
+    }
+    if let (Some(path), Some(text)) = (&args.control, &texts.1) {
+        let c = control::ControlText::new(text, args.control_segments as usize)
+            .with_context(|| format!("control text {}", path.display()))?;
+        let r = control::bits_per_byte(&m.model, &m.tokenizer, &c)?;
+        wake2vec::outln!(
+            "control {}: {} segments, {} tokens over {} bytes: {:.4} bits/byte ({:.4} nats/token)",
+            path.display(),
+            r.segments,
+            r.tokens,
+            r.bytes,
+            r.bits_per_byte,
+            r.mean_loss
+        );
+        if let Some(b) = &base {
+            let base_vocab = b.model.head().dim(0)?;
+            let kl = control::kl_from_base(&b.model, &b.tokenizer, &m.model, base_vocab, &c)?;
+            wake2vec::outln!(
+                "KL from the base on {} positions: {:.6} nats over the base vocabulary; mass moved onto new rows {:.6} (largest {:.4})",
+                kl.positions,
+                kl.kl_base_vocab,
+                kl.moved_mass,
+                kl.moved_mass_max
+            );
+        }
+    }
     Ok(())
 }
