@@ -18,6 +18,14 @@
 //!   root (with the word-start marker when there is no prefix). A missing affix gives its
 //!   weight to the root (`α·E(p) + (1−α)·E(r)`, or `E(r)` alone) instead of the original's
 //!   zero vector, which shrank those rows.
+//! - `hf-mean`: HF transformers' `resize_token_embeddings(mean_resizing=True)`
+//!   (`_init_added_embeddings_weights_with_mean`): `μ'` and `Σ = XᵀX/N` (biased) of the centred
+//!   rows over **every** row of the old matrix, padded rows included; when `1e-9·Σ` is positive
+//!   definite (its Cholesky factor `L` exists in f32, torch's `positive_definite` check) each
+//!   row is `μ' + L·z` (a draw of `N(μ', 1e-9·Σ)`, from our generator instead of torch's),
+//!   else every row is `μ'` (transformers' fallback). Either way the rows are all nearly equal.
+//! - `interpolation`: unsloth's `add_new_tokens(method="interpolation")`: `0.5·μ + 0.5·` the
+//!   mean of the word's base pieces (word-start form), no noise.
 //!
 //! Rows are drawn in word order, each from the same generator, so a seed fixes them all.
 
@@ -35,6 +43,8 @@ pub enum InitScheme {
     Spherical { radius_factor: f64 },
     SubwordMean { noise: f64 },
     Compositional { alpha: f64, noise: f64 },
+    HfMean,
+    Interpolation,
 }
 
 impl InitScheme {
@@ -48,11 +58,24 @@ impl InitScheme {
                 alpha: 0.25,
                 noise: 0.01,
             },
+            "hf-mean" => InitScheme::HfMean,
+            "interpolation" => InitScheme::Interpolation,
             other => bail!(
-                "unknown init scheme '{other}': expected mean-noise, spherical, subword-mean or compositional"
+                "unknown init scheme '{other}': expected {}",
+                Self::NAMES.join(", ")
             ),
         })
     }
+
+    /// Every scheme's name.
+    pub const NAMES: [&'static str; 6] = [
+        "mean-noise",
+        "spherical",
+        "subword-mean",
+        "compositional",
+        "hf-mean",
+        "interpolation",
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -60,6 +83,8 @@ impl InitScheme {
             InitScheme::Spherical { .. } => "spherical",
             InitScheme::SubwordMean { .. } => "subword-mean",
             InitScheme::Compositional { .. } => "compositional",
+            InitScheme::HfMean => "hf-mean",
+            InitScheme::Interpolation => "interpolation",
         }
     }
 
@@ -80,6 +105,7 @@ impl InitScheme {
             InitScheme::Compositional { alpha, noise } => {
                 (0.0..=0.5).contains(&alpha) && noise >= 0.0 && noise.is_finite()
             }
+            InitScheme::HfMean | InitScheme::Interpolation => true,
         };
         if !ok {
             bail!(
@@ -206,7 +232,94 @@ pub fn init_rows(
                 compositional_rows(&stats, &means, data, words, (alpha, noise), rng)?;
             Ok((rows, Some(counts)))
         }
+        InitScheme::HfMean => Ok((hf_mean_rows(m, words.len(), rng)?, None)),
+        InitScheme::Interpolation => {
+            let mut out = Vec::with_capacity(words.len() * m.dim);
+            for w in words {
+                let pieces = means.subword_mean(w, true)?;
+                out.extend(
+                    pieces
+                        .iter()
+                        .zip(&stats.mean)
+                        .map(|(p, mu)| (0.5 * mu + 0.5 * p) as f32),
+                );
+            }
+            Ok((out, None))
+        }
     }
+}
+
+/// `hf-mean`: `n` rows as transformers' `mean_resizing` makes them from every row of `m`.
+fn hf_mean_rows(m: Matrix, n: usize, rng: &mut Rng) -> Result<Vec<f32>> {
+    let (d, rows) = (m.dim, m.rows());
+    // transformers computes in f32; the sums here are f64, rounded to f32 where torch holds f32
+    let mut mean = vec![0f64; d];
+    for r in 0..rows {
+        mean.iter_mut()
+            .zip(m.row(r))
+            .for_each(|(a, &x)| *a += x as f64);
+    }
+    mean.iter_mut().for_each(|a| *a /= rows as f64);
+    let mut cov = vec![0f64; d * d];
+    let mut c = vec![0f64; d];
+    for r in 0..rows {
+        c.iter_mut()
+            .zip(m.row(r))
+            .zip(&mean)
+            .for_each(|((c, &x), mu)| *c = x as f64 - mu);
+        for i in 0..d {
+            let ci = c[i];
+            for (acc, cj) in cov[i * d..i * d + i + 1].iter_mut().zip(&c[..=i]) {
+                *acc += ci * cj;
+            }
+        }
+    }
+    let scaled: Vec<f32> = (0..d * d)
+        .map(|k| {
+            let (i, j) = (k / d, k % d);
+            let v = if j <= i { cov[k] } else { cov[j * d + i] };
+            (1e-9 * v / rows as f64) as f32
+        })
+        .collect();
+    let mean32: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+    let Some(l) = cholesky_f32(&scaled, d) else {
+        return Ok(mean32.repeat(n));
+    };
+    let mut out = Vec::with_capacity(n * d);
+    let mut z = vec![0f64; d];
+    for _ in 0..n {
+        rng.fill_normal(&mut z);
+        for i in 0..d {
+            let lz: f64 = l[i * d..i * d + i + 1]
+                .iter()
+                .zip(&z)
+                .map(|(&a, b)| a as f64 * b)
+                .sum();
+            out.push((mean32[i] as f64 + lz) as f32);
+        }
+    }
+    Ok(out)
+}
+
+/// The lower Cholesky factor of the symmetric `d × d` matrix `a` in f32, or `None` when `a` is
+/// not positive definite in f32 (a pivot ≤ 0 or not finite), as `torch.linalg.cholesky_ex`.
+fn cholesky_f32(a: &[f32], d: usize) -> Option<Vec<f32>> {
+    let mut l = vec![0f32; d * d];
+    for i in 0..d {
+        for j in 0..=i {
+            let dot: f32 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
+            let v = a[i * d + j] - dot;
+            if i == j {
+                if !(v > 0.0) || !v.is_finite() {
+                    return None;
+                }
+                l[i * d + i] = v.sqrt();
+            } else {
+                l[i * d + j] = v / l[j * d + j];
+            }
+        }
+    }
+    Some(l)
 }
 
 /// `mean-noise`: `μ + noise·σ ⊙ z` per word.
@@ -429,7 +542,7 @@ mod tests {
 
     #[test]
     fn names_and_validation() {
-        for name in ["mean-noise", "spherical", "subword-mean", "compositional"] {
+        for name in InitScheme::NAMES {
             assert_eq!(InitScheme::named(name).unwrap().name(), name);
         }
         assert!(InitScheme::named("xavier").is_err());
@@ -447,6 +560,92 @@ mod tests {
             json,
             serde_json::json!({"scheme": "spherical", "radius_factor": 1.5})
         );
+    }
+
+    #[test]
+    fn hf_mean_draws_around_the_mean_of_every_row_or_falls_back_to_it() {
+        // 400 rows in 3 dimensions with variances 1, 4, 9 (all rows, padding included)
+        let mut rng = Rng::new(7);
+        let mut data = vec![0f64; 400 * 3];
+        rng.fill_normal(&mut data);
+        let data: Vec<f32> = data
+            .iter()
+            .enumerate()
+            .map(|(i, z)| (z * (1 + i % 3) as f64 + 2.0) as f32)
+            .collect();
+        let m = Matrix {
+            data: &data,
+            dim: 3,
+        };
+        let rows = hf_mean_rows(m, 2000, &mut Rng::new(1)).unwrap();
+        let mean: Vec<f64> = (0..3)
+            .map(|j| {
+                data.iter()
+                    .skip(j)
+                    .step_by(3)
+                    .map(|&x| x as f64)
+                    .sum::<f64>()
+                    / 400.0
+            })
+            .collect();
+        for j in 0..3 {
+            let col: Vec<f64> = rows.iter().skip(j).step_by(3).map(|&x| x as f64).collect();
+            let (mu, var) = crate::analysis::stats::mean_var(&col, 1);
+            let pop: Vec<f64> = data.iter().skip(j).step_by(3).map(|&x| x as f64).collect();
+            let (_, want) = crate::analysis::stats::mean_var(&pop, 0);
+            assert!((mu - mean[j]).abs() < 1e-5, "mean {mu} vs {}", mean[j]);
+            // 1e-9 of the population variance, within sampling error (2,000 draws)
+            let ratio = var / (1e-9 * want);
+            assert!(
+                (0.85..1.15).contains(&ratio),
+                "dim {j}: variance ratio {ratio}"
+            );
+        }
+        // rank-deficient (the third dimension is constant): not positive definite, so every
+        // row is exactly the mean, as transformers falls back
+        let flat: Vec<f32> = data.chunks(3).flat_map(|r| [r[0], r[1], 0.5]).collect();
+        let m = Matrix {
+            data: &flat,
+            dim: 3,
+        };
+        let rows = hf_mean_rows(m, 4, &mut Rng::new(1)).unwrap();
+        let first = rows[..3].to_vec();
+        assert_eq!(first[2], 0.5);
+        assert!(rows.chunks(3).all(|r| r == &first[..]));
+    }
+
+    #[test]
+    fn interpolation_is_half_the_mean_and_half_the_pieces() {
+        let data = [1.0f32, 2.0, 3.0, 6.0, 5.0, 10.0];
+        let m = Matrix {
+            data: &data,
+            dim: 2,
+        };
+        let pieces = |_: &str, _: bool| -> Result<Vec<u32>> { Ok(vec![0, 2]) };
+        let (rows, _) = init_rows(
+            m,
+            &[0, 1, 2],
+            &["word".to_string()],
+            &pieces,
+            None,
+            InitScheme::Interpolation,
+            &mut Rng::new(3),
+        )
+        .unwrap();
+        // the global mean (3, 6) equals the mean of rows 0 and 2
+        assert_eq!(rows, [3.0, 6.0]);
+        let pieces = |_: &str, _: bool| -> Result<Vec<u32>> { Ok(vec![0]) };
+        let (rows, _) = init_rows(
+            m,
+            &[0, 1, 2],
+            &["word".to_string()],
+            &pieces,
+            None,
+            InitScheme::Interpolation,
+            &mut Rng::new(3),
+        )
+        .unwrap();
+        assert_eq!(rows, [2.0, 4.0]); // 0.5·(3, 6) + 0.5·(1, 2)
     }
 
     #[test]

@@ -269,8 +269,8 @@ pub struct InjectArgs {
     /// The lexicon: one word per line (blank lines and # comments skipped).
     #[arg(long)]
     pub lexicon: PathBuf,
-    /// Init scheme of the new rows: mean-noise, spherical, subword-mean, compositional
-    /// (docs/injection.md). mean-noise is the original's TinyLlama scheme and gave the lowest
+    /// Init scheme of the new rows: mean-noise, spherical, subword-mean, compositional, hf-mean
+    /// (transformers' mean_resizing), interpolation (unsloth's) (docs/injection.md). mean-noise is the original's TinyLlama scheme and gave the lowest
     /// Wake loss right after injection on SmolLM2.
     #[arg(long, default_value = "mean-noise")]
     pub init: String,

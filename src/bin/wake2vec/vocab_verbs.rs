@@ -185,6 +185,7 @@ fn scheme_of(args: &InjectArgs) -> Result<InitScheme> {
                 *noise = n;
             }
         }
+        InitScheme::HfMean | InitScheme::Interpolation => {}
     }
     let unused = |set: bool, flag: &str| -> Result<()> {
         if set {
@@ -197,7 +198,11 @@ fn scheme_of(args: &InjectArgs) -> Result<InitScheme> {
         "--radius-factor",
     )?;
     unused(
-        args.noise.is_some() && matches!(scheme, InitScheme::Spherical { .. }),
+        args.noise.is_some()
+            && matches!(
+                scheme,
+                InitScheme::Spherical { .. } | InitScheme::HfMean | InitScheme::Interpolation
+            ),
         "--noise",
     )?;
     unused(
