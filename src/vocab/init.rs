@@ -310,7 +310,7 @@ fn cholesky_f32(a: &[f32], d: usize) -> Option<Vec<f32>> {
             let dot: f32 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
             let v = a[i * d + j] - dot;
             if i == j {
-                if !(v > 0.0) || !v.is_finite() {
+                if v.is_nan() || v <= 0.0 || !v.is_finite() {
                     return None;
                 }
                 l[i * d + i] = v.sqrt();
@@ -588,12 +588,12 @@ mod tests {
                     / 400.0
             })
             .collect();
-        for j in 0..3 {
+        for (j, want_mu) in mean.iter().enumerate() {
             let col: Vec<f64> = rows.iter().skip(j).step_by(3).map(|&x| x as f64).collect();
             let (mu, var) = crate::analysis::stats::mean_var(&col, 1);
             let pop: Vec<f64> = data.iter().skip(j).step_by(3).map(|&x| x as f64).collect();
             let (_, want) = crate::analysis::stats::mean_var(&pop, 0);
-            assert!((mu - mean[j]).abs() < 1e-5, "mean {mu} vs {}", mean[j]);
+            assert!((mu - want_mu).abs() < 1e-5, "mean {mu} vs {want_mu}");
             // 1e-9 of the population variance, within sampling error (2,000 draws)
             let ratio = var / (1e-9 * want);
             assert!(
