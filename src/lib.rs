@@ -20,6 +20,7 @@ pub mod run;
 pub mod analysis;
 pub mod pipeline;
 pub mod report;
+pub mod study;
 pub mod train;
 
 pub mod bench;

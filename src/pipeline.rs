@@ -20,6 +20,7 @@
 
 use crate::hub::cache;
 use crate::infer::battery;
+use crate::infer::control::{self, ControlReport, ControlRow, ControlText};
 use crate::infer::text_metrics::KnownWords;
 use crate::lexicon::morphemes::MorphemeData;
 use crate::lexicon::{Case, Lexicon};
@@ -384,7 +385,7 @@ pub fn read_config(path: &Path) -> Result<PipelineConfig> {
         .with_context(|| format!("{} is not a valid pipeline.toml", path.display()))
 }
 
-fn inject(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
+pub(crate) fn inject(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
     let dest = out.join("model");
     if dest.join("wake2vec.json").is_file() {
         return Ok(());
@@ -507,76 +508,122 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
     Ok(())
 }
 
-/// OUT/control.json: the control text's bits per byte and KL from the base model for the base,
-/// the injected model, the end of Phases 1 and 2 (their last checkpoints, exported to a
-/// temporary directory and removed) and the final model.
-fn measure_control(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
-    use crate::infer::control::{self, ControlReport, ControlRow, ControlText};
-    let text = crate::corpus::read_text(&config.control)?;
-    let segments = ControlText::new(&text, config.control_segments)
-        .with_context(|| format!("control text {}", config.control.display()))?;
-    let compute = Compute::open(config.device, config.dtype)?;
-    let base_dir = cache::resolve(&config.model.parse()?, true)?;
-    let base = crate::model::LoadedModel::load_with(&base_dir, &compute)?;
-    let base_vocab = base.model.head().dim(0)?;
-    let mut rows = Vec::new();
-    let mut measure = |stage: &str, dir: &Path, shown: String| -> Result<()> {
-        let (bpb, kl) = if stage == "base" {
-            (
-                control::bits_per_byte(&base.model, &base.tokenizer, &segments)?,
+/// What a control measurement compares against: the base model and the control segments.
+pub(crate) struct ControlBase {
+    model: crate::model::LoadedModel,
+    /// The base model's output rows.
+    vocab: usize,
+    pub segments: ControlText,
+    compute: Compute,
+}
+
+impl ControlBase {
+    /// The base model of `config` and the segments of its control text.
+    pub(crate) fn load(config: &PipelineConfig) -> Result<Self> {
+        let text = crate::corpus::read_text(&config.control)?;
+        let segments = ControlText::new(&text, config.control_segments)
+            .with_context(|| format!("control text {}", config.control.display()))?;
+        let compute = Compute::open(config.device, config.dtype)?;
+        let base_dir = cache::resolve(&config.model.parse()?, true)?;
+        let model = crate::model::LoadedModel::load_with(&base_dir, &compute)?;
+        let vocab = model.model.head().dim(0)?;
+        Ok(Self {
+            model,
+            vocab,
+            segments,
+            compute,
+        })
+    }
+
+    /// Bits per byte of the model in `dir` (the base itself when `None`) and its KL from the
+    /// base, as the row `stage` naming the model `shown`.
+    pub(crate) fn measure(
+        &self,
+        stage: &str,
+        dir: Option<&Path>,
+        shown: &str,
+    ) -> Result<ControlRow> {
+        let (bpb, kl) = match dir {
+            None => (
+                control::bits_per_byte(&self.model.model, &self.model.tokenizer, &self.segments)?,
                 None,
-            )
-        } else {
-            let m = crate::model::LoadedModel::load_with(dir, &compute)?;
-            let bpb = control::bits_per_byte(&m.model, &m.tokenizer, &segments)?;
-            let kl = control::kl_from_base(
-                &base.model,
-                &base.tokenizer,
-                &m.model,
-                base_vocab,
-                &segments,
-            )?;
-            (bpb, Some(kl))
+            ),
+            Some(dir) => {
+                let m = crate::model::LoadedModel::load_with(dir, &self.compute)?;
+                let bpb = control::bits_per_byte(&m.model, &m.tokenizer, &self.segments)?;
+                let kl = control::kl_from_base(
+                    &self.model.model,
+                    &self.model.tokenizer,
+                    &m.model,
+                    self.vocab,
+                    &self.segments,
+                )?;
+                (bpb, Some(kl))
+            }
         };
-        say(format!(
-            "control [{stage}]: {:.4} bits/byte{}",
-            bpb.bits_per_byte,
-            kl.as_ref()
-                .map(|k| format!(
-                    ", KL {:.5} nats, moved mass {:.4}",
-                    k.kl_base_vocab, k.moved_mass
-                ))
-                .unwrap_or_default()
-        ));
-        rows.push(ControlRow {
+        Ok(ControlRow {
             stage: stage.into(),
-            model: shown,
+            model: shown.into(),
             bpb,
             kl,
-        });
-        Ok(())
-    };
-    measure("base", &base_dir, config.model.clone())?;
-    measure("injected", &out.join("model"), "model".into())?;
-    for phase in ["p1", "p2"] {
-        let run = RunDir::new(out.join(phase));
-        let step = crate::run::select::checkpoint_step(&run, "last")?;
-        let tmp = fs::tmp_path(&out.join(format!("control-{phase}")));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .with_context(|| format!("cannot remove {}", tmp.display()))?;
-        }
-        train::export::export(run.root(), step, &tmp, true)?;
-        let measured = measure(phase, &tmp, format!("{phase} step {step}"));
+        })
+    }
+}
+
+/// One line of a control measurement for the terminal.
+pub(crate) fn control_line(r: &ControlRow) -> String {
+    format!(
+        "control [{}]: {:.4} bits/byte{}",
+        r.stage,
+        r.bpb.bits_per_byte,
+        r.kl.as_ref()
+            .map(|k| format!(
+                ", KL {:.5} nats, moved mass {:.4}",
+                k.kl_base_vocab, k.moved_mass
+            ))
+            .unwrap_or_default()
+    )
+}
+
+/// Runs `f` on the last checkpoint of the run `run` exported (adapters merged) to a temporary
+/// directory beside it, which is removed afterwards.
+pub(crate) fn with_last_export<R>(
+    run: &Path,
+    f: impl FnOnce(&Path, u64) -> Result<R>,
+) -> Result<R> {
+    let step = crate::run::select::checkpoint_step(&RunDir::new(run), "last")?;
+    let tmp = fs::tmp_path(&run.with_extension("export"));
+    if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove {}", tmp.display()))?;
-        measured?;
     }
-    measure("final", &out.join("final"), "final (p3)".into())?;
+    train::export::export(run, step, &tmp, true)?;
+    let result = f(&tmp, step);
+    std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+    result
+}
+
+/// OUT/control.json: the control text's bits per byte and KL from the base model for the base,
+/// the injected model, the end of Phases 1 and 2 (their last checkpoints) and the final model.
+fn measure_control(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<()> {
+    let base = ControlBase::load(config)?;
+    let mut rows = Vec::new();
+    let mut keep = |r: ControlRow| {
+        say(control_line(&r));
+        rows.push(r);
+    };
+    keep(base.measure("base", None, &config.model)?);
+    keep(base.measure("injected", Some(&out.join("model")), "model")?);
+    for phase in ["p1", "p2"] {
+        keep(with_last_export(&out.join(phase), |dir, step| {
+            base.measure(phase, Some(dir), &format!("{phase} step {step}"))
+        })?);
+    }
+    keep(base.measure("final", Some(&out.join("final")), "final (p3)")?);
     let report = ControlReport {
         file: config.control.display().to_string(),
-        segments: segments.segments.len(),
-        text_bytes: segments.text_bytes,
+        segments: base.segments.segments.len(),
+        text_bytes: base.segments.text_bytes,
         rows,
     };
     fs::write(

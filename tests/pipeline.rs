@@ -210,7 +210,7 @@ fn phase_2_keeps_the_wake_rows_and_exports_peft_and_merged_models() {
     let leftovers: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("control-"))
+        .filter(|e| e.file_name().to_string_lossy().contains(".export"))
         .collect();
     assert!(leftovers.is_empty(), "temporary exports left behind");
     let export = |run: &str, checkpoint: &str, dest: &str, merge: bool| {

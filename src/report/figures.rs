@@ -694,6 +694,60 @@ pub fn loss_figure(log: &[LogLine], phases: &[(u64, String)], title: &str) -> Re
     )
 }
 
+/// Named curves on one panel (1200 × 700), one colour each: e.g. the validation bits per
+/// byte of each scheme of an init study.
+pub fn curves_figure(
+    series: &[(String, Vec<(f64, f64)>)],
+    title: &str,
+    descs: (&str, &str),
+) -> Result<Figure> {
+    render_dual(
+        (1200, 700),
+        DualDraw {
+            svg: Box::new(|root| curves_panel(root, series, title, descs)),
+            bmp: Box::new(|root| curves_panel(root, series, title, descs)),
+        },
+    )
+}
+
+fn curves_panel<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    series: &[(String, Vec<(f64, f64)>)],
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+) -> Result<()> {
+    let xs: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .collect();
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .collect();
+    let xmax = xs.iter().copied().fold(1.0, f64::max);
+    let (lo, hi) = range_of(&[&ys]);
+    let frame = Frame {
+        title,
+        x: Axis::new(0.0..xmax, x_desc, Some(&whole)),
+        y: Axis::new(lo..hi, y_desc, None),
+        legend: Some(SeriesLabelPosition::UpperRight),
+    };
+    panel(root, frame, |chart| {
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let c = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
+                .map_err(pe)?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(3)));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
+                .map_err(pe)?;
+        }
+        Ok(())
+    })
+}
+
 /// The token paths, and beside them the mean displacement by step.
 fn trajectory_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,

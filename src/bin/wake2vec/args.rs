@@ -64,6 +64,13 @@ pub enum Command {
     /// a checkpoint: run the same command again (or `run --resume OUT`) to continue.
     /// `wake2vec status OUT` says where it stands.
     Run(RunArgs),
+    /// Compare initialisation schemes of the new rows: inject each, measure, train N Phase 1
+    /// steps, measure again.
+    ///
+    /// Measured per scheme at step 0 and N: control-text bits per byte and KL from the base,
+    /// Wake validation bits per byte, IsoScore, collapse share, Wake–Wake cosine, norm gap.
+    /// Writes OUT/init_study.json and OUT/init_study.html; rerun (or --resume OUT) to continue.
+    InitStudy(InitStudyArgs),
     /// Train a phase, or continue a run with --resume.
     ///
     /// Phase 1 trains only the Wake rows of an injected model (its wake2vec.json says which);
@@ -573,6 +580,56 @@ pub struct RunArgs {
     /// Precision of the frozen weights for every phase: f32, bf16 or f16.
     #[arg(long, conflicts_with = "resume")]
     pub dtype: Option<WeightDtype>,
+    /// No progress bars or stage lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args)]
+pub struct InitStudyArgs {
+    /// `smollm2-135m`, an HF model directory, or a .gguf file.
+    #[arg(long, default_value = cache::DEFAULT_MODEL, required_unless_present = "resume")]
+    pub model: String,
+    /// The lexicon to inject.
+    #[arg(long, required_unless_present = "resume")]
+    pub lexicon: Option<PathBuf>,
+    /// The training text (Phase 1 and the Wake bits per byte).
+    #[arg(long, required_unless_present = "resume")]
+    pub corpus: Option<PathBuf>,
+    /// The control text (forgetting: bits per byte and KL from the base).
+    #[arg(long, required_unless_present = "resume")]
+    pub control: Option<PathBuf>,
+    /// Phase 1 optimizer steps per scheme.
+    #[arg(long, default_value_t = 40)]
+    pub steps: u64,
+    /// Schemes to compare (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "mean-noise,spherical,subword-mean,compositional,hf-mean,interpolation"
+    )]
+    pub schemes: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Phase 1 learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Validation blocks per evaluation.
+    #[arg(long, default_value_t = 16)]
+    pub eval_blocks: usize,
+    /// Control segments (about 1,000 bytes each) per measurement.
+    #[arg(long, default_value_t = 16)]
+    pub control_segments: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The study directory.
+    #[arg(long, conflicts_with = "resume", required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the study in this directory with the settings it holds.
+    #[arg(long, value_name = "OUT")]
+    pub resume: Option<PathBuf>,
     /// No progress bars or stage lines on stderr.
     #[arg(long)]
     pub quiet: bool,

@@ -77,6 +77,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Morphemes(cmd) => vocab_verbs::morphemes(cmd),
         Command::Train(args) => train_verbs::train(*args),
         Command::Run(args) => train_verbs::run(args),
+        Command::InitStudy(args) => train_verbs::init_study(args),
         Command::Export(args) => train_verbs::export(args),
         Command::Status(args) => train_verbs::status(args),
         Command::Analyze(args) => analysis_verbs::analyze(args),

@@ -1,10 +1,11 @@
 //! The verbs of training: train, run (the whole pipeline), export, status.
 
-use crate::args::{ExportArgs, RunArgs, StatusArgs, TrainArgs};
+use crate::args::{ExportArgs, InitStudyArgs, RunArgs, StatusArgs, TrainArgs};
 use anyhow::Result;
 use std::path::PathBuf;
 use wake2vec::hub::cache;
 use wake2vec::pipeline::{self, Finished, PipelineConfig};
+use wake2vec::study::{self, StudyConfig, StudyEnd};
 use wake2vec::train::{self, Outcome, TrainConfig, Trainer};
 
 /// `wake2vec train`: a new run, or a run continued with --resume.
@@ -155,6 +156,56 @@ pub fn status(args: StatusArgs) -> Result<()> {
         wake2vec::outln!("{}", serde_json::to_string_pretty(&st)?);
     } else {
         wake2vec::out!("{}", wake2vec::run::status::render(&st));
+    }
+    Ok(())
+}
+
+/// `wake2vec init-study`: the schemes side by side.
+pub fn init_study(args: InitStudyArgs) -> Result<()> {
+    train::tune_runtime();
+    train::install_interrupt_handler();
+    let (config, out) = match (args.resume, args.out) {
+        (Some(dir), _) => (None, dir),
+        (None, Some(out)) => {
+            let need = |p: Option<PathBuf>, flag: &str| {
+                p.ok_or_else(|| anyhow::anyhow!("{flag} is required to start a study"))
+            };
+            let config = StudyConfig {
+                model: args.model,
+                lexicon: need(args.lexicon, "--lexicon")?,
+                corpus: need(args.corpus, "--corpus")?,
+                control: need(args.control, "--control")?,
+                schemes: args.schemes,
+                steps: args.steps,
+                seq_len: args.seq_len,
+                grad_accum: args.grad_accum,
+                lr: args.lr,
+                eval_blocks: args.eval_blocks,
+                control_segments: args.control_segments,
+                seed: args.seed,
+            };
+            (Some(config), out)
+        }
+        (None, None) => unreachable!("clap requires --out or --resume"),
+    };
+    match study::run(config, &out, !args.quiet)? {
+        StudyEnd::Done(s) => {
+            for r in &s.schemes {
+                wake2vec::outln!(
+                    "{:<14} control {:.4} → {:.4} bits/byte, Wake {} → {} bits/byte",
+                    r.scheme,
+                    r.start.control.bpb.bits_per_byte,
+                    r.end.control.bpb.bits_per_byte,
+                    r.start.wake_bpb.map_or("–".into(), |v| format!("{v:.4}")),
+                    r.end.wake_bpb.map_or("–".into(), |v| format!("{v:.4}"))
+                );
+            }
+            wake2vec::outln!("wrote {}", out.join("init_study.html").display());
+        }
+        StudyEnd::Interrupted { scheme, step } => eprintln!(
+            "interrupted in {scheme} at step {step}: continue with `wake2vec init-study --resume {}`",
+            out.display()
+        ),
     }
     Ok(())
 }
