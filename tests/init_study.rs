@@ -51,6 +51,20 @@ fn schemes_are_measured_before_and_after_and_a_rerun_changes_nothing() {
             .unwrap()
     };
     let bad = study("hf-mean,xavier", "bad");
+    let no_model = Command::new(env!("CARGO_BIN_EXE_wake2vec"))
+        .current_dir(&t.0)
+        .args([
+            "init-study",
+            "--lexicon",
+            "lexicon.txt",
+            "--corpus",
+            "corpus.txt",
+        ])
+        .args(["--control", "absent.txt", "--out", "bad"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&no_model.stderr);
+    assert!(err.contains("--control absent.txt does not exist"), "{err}");
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unknown init scheme 'xavier'"), "{err}");

@@ -588,7 +588,7 @@ pub struct RunArgs {
 #[derive(Args)]
 pub struct InitStudyArgs {
     /// `smollm2-135m`, an HF model directory, or a .gguf file.
-    #[arg(long, default_value = cache::DEFAULT_MODEL, required_unless_present = "resume")]
+    #[arg(long, default_value = cache::DEFAULT_MODEL)]
     pub model: String,
     /// The lexicon to inject.
     #[arg(long, required_unless_present = "resume")]
