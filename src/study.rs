@@ -168,6 +168,10 @@ pub fn run(config: Option<StudyConfig>, out: &Path, progress: bool) -> Result<St
                     out.display()
                 );
             } else {
+                let model = Path::new(&c.model);
+                if model.is_dir() {
+                    fs::check_apart(out, model, "the model directory")?;
+                }
                 std::fs::create_dir_all(out)
                     .with_context(|| format!("cannot create {}", out.display()))?;
                 fs::write(&stored, toml::to_string(&c)?.as_bytes())?;
