@@ -127,6 +127,109 @@ fn sigkill_at_several_points_then_resume_gives_the_same_log_bit_for_bit() {
     }
 }
 
+/// `train_rows = "all"` (the seed's Phase 1 as run): SIGKILL and resume give the same log and
+/// final checkpoint bit for bit; the export's base rows moved, every other weight is unchanged;
+/// `analyze` of the run reports the base rows' drift from the run's model.
+fn every_row_trains_and_resumes_exactly(fixture: &str) {
+    let t = Temp::new(&format!("all-rows-{fixture}"));
+    if setup(&t.0, fixture, 300, 100, 30_000).is_none() {
+        return;
+    }
+    let args = |out: &str| {
+        let mut a = train_args(&t.0, out);
+        let steps = a.iter().position(|x| x == "--steps").unwrap() + 1;
+        a[steps] = "60".into();
+        a.extend(["--set".into(), "train_rows=all".into()]);
+        a
+    };
+    run_ok(bin().args(args("reference")));
+    let run = t.0.join("killed");
+    let mut child = bin()
+        .args(args("killed"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for target in [23usize, 41] {
+        wait_for(&mut child, &format!("step {target}"), || {
+            step_lines(&run) >= target
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        child = bin()
+            .args(["train", "--resume", run.to_str().unwrap(), "--quiet"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    assert_same_log(&t.0.join("reference"), &run);
+    for f in ["params.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(t.0.join("reference/checkpoints/step-60").join(f)).unwrap();
+        let b = std::fs::read(run.join("checkpoints/step-60").join(f)).unwrap();
+        assert!(a == b, "{fixture}: {f} of the final checkpoint differs");
+    }
+    let out = t.0.join("exported");
+    run_ok(bin().args([
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let cpu = candle_core::Device::Cpu;
+    let before = wake2vec::hub::weights::load_dir(&t.0.join("model"), &cpu).unwrap();
+    let after = wake2vec::hub::weights::load_dir(&out, &cpu).unwrap();
+    let values = |t: &candle_core::Tensor| -> Vec<f32> {
+        let t = t.to_dtype(candle_core::DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    for (name, b) in &before {
+        let (xb, xa) = (values(b), values(&after[name]));
+        if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            let cols = b.dim(1).unwrap();
+            let row = |x: &[f32], i: usize| x[i * cols..(i + 1) * cols].to_vec();
+            let moved = |r: std::ops::Range<usize>| {
+                let n = r.len();
+                (r.filter(|&i| row(&xb, i) != row(&xa, i)).count(), n)
+            };
+            for (part, range, least) in [("base", 0..300, 50), ("Wake", 300..400, 50)] {
+                let (m, n) = moved(range);
+                assert!(m > least, "{fixture} {name}: {m} of {n} {part} rows moved");
+            }
+        } else {
+            assert!(xb == xa, "{fixture}: {name} changed");
+        }
+    }
+    let analysis = t.0.join("analysis");
+    run_ok(bin().args([
+        "analyze",
+        run.to_str().unwrap(),
+        "--out",
+        analysis.to_str().unwrap(),
+        "--no-figures",
+    ]));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(analysis.join("summary.json")).unwrap()).unwrap();
+    let drift = &summary["drift"];
+    assert_eq!(drift["base"]["n"], 300, "{fixture}: {drift}");
+    let base_cos = drift["base"]["cos"]["mean"].as_f64().unwrap();
+    assert!(
+        base_cos < 1.0 - 1e-6,
+        "{fixture}: base rows' mean cosine to the run's model {base_cos}"
+    );
+}
+
+#[test]
+fn every_row_trains_and_resumes_exactly_untied() {
+    every_row_trains_and_resumes_exactly("tiny-llama");
+}
+
+#[test]
+fn every_row_trains_and_resumes_exactly_tied() {
+    every_row_trains_and_resumes_exactly("tiny-qwen2");
+}
+
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_resume_continues_exactly() {
     let t = Temp::new("resume-sigint");
@@ -458,14 +561,19 @@ fn frozen_is_frozen_untied_head() {
 
 /// The Wake-row gradient of the whole training loss (embedding lookup, 2 blocks, head, fused
 /// cross-entropy) against central differences along random directions, tied and untied.
-fn end_to_end_gradient(fixture: &str) {
+/// `every_row`: the block is the whole embedding (and head), as `train_rows = "all"` trains it.
+fn end_to_end_gradient(fixture: &str, every_row: bool) {
     use candle_core::{Tensor, Var};
     use wake2vec::train::wake_rows::WakeRows;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture);
     let model = wake2vec::model::Llama::load(&dir, &candle_core::Device::Cpu).unwrap();
-    let (start, count) = (300usize, 100usize);
+    let (start, count) = if every_row {
+        (0, model.embed.dim(0).unwrap())
+    } else {
+        (300usize, 100usize)
+    };
     let embed = Var::from_tensor(&model.embed.narrow(0, start, count).unwrap()).unwrap();
     let head = model
         .lm_head
@@ -593,12 +701,22 @@ fn end_to_end_gradient(fixture: &str) {
 
 #[test]
 fn wake_row_gradient_matches_finite_differences_tied() {
-    end_to_end_gradient("tiny-qwen2");
+    end_to_end_gradient("tiny-qwen2", false);
+}
+
+#[test]
+fn every_row_gradient_matches_finite_differences_tied() {
+    end_to_end_gradient("tiny-qwen2", true);
+}
+
+#[test]
+fn every_row_gradient_matches_finite_differences_untied() {
+    end_to_end_gradient("tiny-llama", true);
 }
 
 #[test]
 fn wake_row_gradient_matches_finite_differences_untied() {
-    end_to_end_gradient("tiny-llama");
+    end_to_end_gradient("tiny-llama", false);
 }
 
 #[test]

@@ -123,28 +123,40 @@ pub fn load_embeddings(model_dir: &Path) -> Result<Embeddings> {
     )
 }
 
-/// Replaces the Wake rows of `e` with a checkpoint's trained `wake_embed` (`[wake_count,
-/// hidden]`); returns false when the checkpoint holds no `wake_embed` (the Wake rows were not
-/// trained, e.g. a LoRA phase).
-pub fn apply_params(e: &mut Embeddings, layout: &Layout, params: &Path) -> Result<bool> {
-    let (w, _) = weights::load_file_filtered(params, |n| n == "wake_embed", &Device::Cpu)?;
-    let Some(t) = w.get("wake_embed") else {
-        return Ok(false);
+/// Which rows a checkpoint's trained parameters replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// None: the checkpoint holds no embedding rows (a LoRA phase).
+    Nothing,
+    /// The Wake rows (`wake_embed`, `[wake_count, hidden]`).
+    Wake,
+    /// Every row (`embed`, the whole matrix: Phase 1 with `train_rows = "all"`).
+    All,
+}
+
+/// Puts a checkpoint's trained rows into `e`: its `wake_embed` over the Wake rows, or its
+/// `embed` over the whole matrix.
+pub fn apply_params(e: &mut Embeddings, layout: &Layout, params: &Path) -> Result<Applied> {
+    let (w, _) =
+        weights::load_file_filtered(params, |n| n == "wake_embed" || n == "embed", &Device::Cpu)?;
+    let (t, applied, rows_wanted, start) = match (w.get("wake_embed"), w.get("embed")) {
+        (Some(t), _) => (t, Applied::Wake, layout.wake_count, layout.wake_start),
+        (None, Some(t)) => (t, Applied::All, e.rows, 0),
+        (None, None) => return Ok(Applied::Nothing),
     };
     let (rows, dim) = t.dims2()?;
-    if rows != layout.wake_count || dim != e.dim {
+    if rows != rows_wanted || dim != e.dim {
         bail!(
-            "{}: wake_embed is {rows} × {dim}, the model has {} Wake rows of width {}: the \
-             checkpoint does not belong to this model",
+            "{}: its trained rows are {rows} × {dim}, the model has {rows_wanted} such rows of \
+             width {}: the checkpoint does not belong to this model",
             params.display(),
-            layout.wake_count,
             e.dim
         );
     }
     let data = t.flatten_all()?.to_vec1::<f32>()?;
-    let start = layout.wake_start * e.dim;
+    let start = start * e.dim;
     e.data[start..start + data.len()].copy_from_slice(&data);
-    Ok(true)
+    Ok(applied)
 }
 
 /// Loads a drift reference: a model directory, a safetensors file holding `*embed_tokens.weight`

@@ -11,9 +11,9 @@ use crate::model::lora::{Lora, LoraConfig, LoraPass};
 use crate::model::{Llama, LoadedModel};
 use crate::nn::device::{Compute, WeightDtype};
 use crate::train::aux_loss::{AuxConfig, AuxLosses, MorphVariant};
-use crate::train::config::Phase;
+use crate::train::config::{Phase, TrainRows};
 use crate::train::optim::{AdamWConfig, Optimizer, OptimizerConfig};
-use crate::train::phase::{frozen_wake_rows, wake_params, wake_rows_of, Param};
+use crate::train::phase::{frozen_wake_rows, trained_range, wake_params, wake_rows_of, Param};
 use crate::train::step::{accumulate, add_aux, apply_update, zero_grads};
 use crate::util::rng::Rng;
 use crate::vocab::{Manifest, WakeRange};
@@ -144,12 +144,21 @@ pub fn phase(
     seq_len: usize,
     repeats: usize,
     baseline: bool,
+    rows: TrainRows,
 ) -> Result<()> {
+    anyhow::ensure!(
+        phase == Phase::P1 || rows == TrainRows::Wake,
+        "--train-rows all applies to phase 1 only"
+    );
     let bench = Bench::set_up(dir, compute, wake_rows, seq_len)?;
     let (model, wake) = (&bench.model, bench.manifest.wake);
     crate::outln!(
-        "phase {} step: {} layers, hidden {}, vocab {} ({} Wake rows), seq {seq_len}, batch 1, {} threads, {}",
+        "phase {} step{}: {} layers, hidden {}, vocab {} ({} Wake rows), seq {seq_len}, batch 1, {} threads, {}",
         phase.name(),
+        match rows {
+            TrainRows::Wake => "",
+            TrainRows::All => " training every row",
+        },
         model.config.num_layers,
         model.config.hidden_size,
         model.embed.dim(0)?,
@@ -160,19 +169,24 @@ pub fn phase(
     let load_peak = peak_rss_mib();
     let reset = reset_peak_rss();
 
-    let mut step = Step::new(&bench, phase)?;
+    let mut step = Step::new(&bench, phase, rows)?;
     let timings = step.measure(&bench, repeats)?;
     let ours_peak = peak_rss_mib();
     let ours_fb = timings.report(
         &bench,
         phase,
+        step.range.count,
         step.update,
         repeats,
         ours_peak,
         reset.then_some(load_peak),
     );
     // The plain candle baseline multiplies f32 activations by the weights as they are.
-    if baseline && phase == Phase::P1 && compute.dtype == WeightDtype::F32 {
+    if baseline
+        && phase == Phase::P1
+        && rows == TrainRows::Wake
+        && compute.dtype == WeightDtype::F32
+    {
         drop(step.params);
         reset_peak_rss();
         let (base_fb, base_peak) = plain_candle(model, wake, &bench.block, repeats)?;
@@ -243,6 +257,8 @@ struct Step {
     params: Vec<Param>,
     /// How many of `params` are Wake rows.
     n_wake: usize,
+    /// The rows they cover: the Wake rows, or every row.
+    range: WakeRange,
     lora: Option<Lora>,
     aux: Option<AuxLosses>,
     optimizer: Optimizer,
@@ -251,10 +267,11 @@ struct Step {
 }
 
 impl Step {
-    fn new(bench: &Bench, phase: Phase) -> Result<Self> {
+    fn new(bench: &Bench, phase: Phase, rows: TrainRows) -> Result<Self> {
         let (model, wake) = (&bench.model, bench.manifest.wake);
+        let range = trained_range(model, wake, rows)?;
         let mut params = if phase.trains_wake_rows() {
-            wake_params(model, wake)?
+            wake_params(model, wake, rows)?
         } else {
             vec![]
         };
@@ -288,6 +305,7 @@ impl Step {
         Ok(Self {
             params,
             n_wake,
+            range,
             lora,
             aux,
             optimizer,
@@ -304,7 +322,7 @@ impl Step {
         let mut timings = Timings::default();
         for r in 0..=repeats.max(1) {
             let wake_rows = if n_wake > 0 {
-                wake_rows_of(wake.start, &self.params[..n_wake], model.kernels)
+                wake_rows_of(self.range.start, &self.params[..n_wake], model.kernels)
             } else {
                 frozen.clone()
             };
@@ -378,6 +396,7 @@ impl Timings {
         self,
         bench: &Bench,
         phase: Phase,
+        trained_rows: usize,
         update: &str,
         repeats: usize,
         ours_peak: f64,
@@ -400,7 +419,7 @@ impl Timings {
             }
         );
         let rate = gemm_rate(seq_len, model.config.hidden_size);
-        let flops = step_flops(model, phase, bench.manifest.wake.count, seq_len);
+        let flops = step_flops(model, phase, trained_rows, seq_len);
         crate::outln!(
             "CPU time:           {:.3} s per step ({} threads); load average now {}",
             median(self.cpu),

@@ -97,7 +97,7 @@ fn write_figure(
 /// Runs `wake2vec analyze`.
 pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let source = load::resolve(&req.path)?;
-    let (emb, layout, wake_json) = load_matrix(&source, req.base_vocab)?;
+    let (emb, layout, wake_json, applied) = load_matrix(&source, req.base_vocab)?;
     let tokenizer = load_tokenizer(&source.model_dir)?;
     let vocab = Vocabulary {
         layout: &layout,
@@ -107,7 +107,9 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         Some(r) => RunDir::new(r).list_snapshots()?,
         None => Vec::new(),
     };
-    let reference = drift_reference(req.pre.as_deref(), snapshots.first(), &layout)?;
+    // A checkpoint that trained every row drifts from its run's model, base rows included.
+    let trained_all = (applied == load::Applied::All).then_some(source.model_dir.as_path());
+    let reference = drift_reference(req.pre.as_deref(), trained_all, snapshots.first(), &layout)?;
     let groups = load_groups(req)?;
     let result = analysis::analyze(
         &emb,
@@ -174,23 +176,26 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     Ok(AnalyzeOutput { dir: out, summary })
 }
 
-/// The embedding matrix with the checkpoint's trained Wake rows in place, its row layout
-/// (`base_vocab` overrides `wake2vec.json`), and `wake2vec.json` when it was read.
+/// The embedding matrix with the checkpoint's trained rows in place, its row layout
+/// (`base_vocab` overrides `wake2vec.json`), `wake2vec.json` when it was read, and which rows
+/// the checkpoint replaced.
 fn load_matrix(
     source: &Source,
     base_vocab: Option<usize>,
-) -> Result<(Embeddings, Layout, Option<Manifest>)> {
+) -> Result<(Embeddings, Layout, Option<Manifest>, load::Applied)> {
     let mut emb = load::load_embeddings(&source.model_dir)?;
     let (layout, wake_json) = load::load_layout(source, emb.rows, base_vocab)?;
+    let mut applied = load::Applied::Nothing;
     if let Some(p) = &source.params {
-        if !load::apply_params(&mut emb, &layout, p)? {
+        applied = load::apply_params(&mut emb, &layout, p)?;
+        if applied == load::Applied::Nothing {
             eprintln!(
-                "note: {} holds no wake_embed; the model's own Wake rows are analyzed",
+                "note: {} holds no trained embedding rows; the model's own Wake rows are analyzed",
                 p.display()
             );
         }
     }
-    Ok((emb, layout, wake_json))
+    Ok((emb, layout, wake_json, applied))
 }
 
 /// The model directory's `tokenizer.json`, when it has one (token ids are named `#ID` without).
@@ -205,14 +210,16 @@ fn load_tokenizer(model_dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
     Ok(Some(t))
 }
 
-/// What drift is measured against, with its name: `--pre`, else the run's first snapshot
-/// (when there are Wake rows), else nothing.
+/// What drift is measured against, with its name: `--pre`, else the run's model when the
+/// checkpoint trained every row (`trained_all`), else the run's first snapshot (when there are
+/// Wake rows), else nothing.
 fn drift_reference(
     pre: Option<&Path>,
+    trained_all: Option<&Path>,
     first_snapshot: Option<&(u64, PathBuf)>,
     layout: &Layout,
 ) -> Result<Option<(String, DriftReference)>> {
-    Ok(match (pre, first_snapshot) {
+    Ok(match (pre.or(trained_all), first_snapshot) {
         (Some(p), _) => Some((p.display().to_string(), load::load_reference(p)?)),
         (None, Some((step, p))) if layout.wake_count > 0 => Some((
             format!("snapshot step {step} ({})", p.display()),

@@ -49,6 +49,18 @@ impl Phase {
     }
 }
 
+/// Which embedding rows Phase 1 trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainRows {
+    /// The Wake rows only (the base rows stay as the model has them).
+    #[default]
+    Wake,
+    /// The whole embedding (and the untied head), as the seed's Phase 1 was run: its tied
+    /// matrix had every row trainable.
+    All,
+}
+
 /// Where a phase after the first starts: a checkpoint of an earlier run, chosen by a rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -88,6 +100,8 @@ pub struct TrainConfig {
     /// A lexicon file whose text is appended to the corpus (`corpus + "\n" + lexicon`), as some
     /// original runs did; empty for none.
     pub append_lexicon: PathBuf,
+    /// Phase 1: `wake` trains the Wake rows, `all` the whole embedding (and untied head).
+    pub train_rows: TrainRows,
     /// Tokens per block.
     pub seq_len: usize,
     /// Fraction of blocks that train; the rest validate.
@@ -141,6 +155,7 @@ impl Default for TrainConfig {
             model: PathBuf::new(),
             corpus: PathBuf::new(),
             append_lexicon: PathBuf::new(),
+            train_rows: TrainRows::Wake,
             seq_len: 256,
             split: 0.9,
             seed: 42,
@@ -310,6 +325,11 @@ impl TrainConfig {
                 if self.phase == Phase::P2 { "p1" } else { "p2" }
             ),
         }
+        ensure!(
+            self.phase == Phase::P1 || self.train_rows == TrainRows::Wake,
+            "train_rows = \"all\" applies to phase p1 only: remove it from this phase {} run",
+            self.phase.name()
+        );
         if self.phase.has_lora() {
             self.lora.validate()?;
         }
@@ -477,6 +497,27 @@ mod tests {
         );
         let back: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn train_rows_all_is_phase_1_only() {
+        let all = |phase: &str| {
+            let mut c = TrainConfig::resolve(
+                None,
+                None,
+                &[format!("phase={phase}"), "train_rows=all".into()],
+            )
+            .unwrap();
+            c.source.run = PathBuf::from(if phase == "p1" { "" } else { "p1" });
+            (c.model, c.corpus) = ("model".into(), "corpus.txt".into());
+            c
+        };
+        assert_eq!(all("p1").train_rows, TrainRows::All);
+        all("p1").validate().unwrap();
+        let err = all("p2").validate().unwrap_err();
+        assert!(format!("{err}").contains("phase p1 only"), "{err}");
+        let err = TrainConfig::resolve(None, None, &["train_rows=some".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("train_rows"), "{err:#}");
     }
 
     #[test]

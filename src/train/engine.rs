@@ -74,6 +74,8 @@ pub struct Trainer {
     params: Vec<Param>,
     /// How many of `params` are Wake blocks.
     wake_params: usize,
+    /// The first row the Wake blocks cover (0 when Phase 1 trains every row).
+    row_start: usize,
     /// Phase 2: the frozen Wake rows, read through the same path as when they trained, so the
     /// evaluation at step 0 equals the source checkpoint's.
     frozen_wake: Option<WakeRows>,
@@ -304,6 +306,7 @@ impl Trainer {
             manifest,
             params: trainables.params,
             wake_params: trainables.wake_params,
+            row_start: trainables.row_start,
             frozen_wake: trainables.frozen_wake,
             lora: trainables.lora,
             aux,
@@ -345,7 +348,7 @@ impl Trainer {
         match &self.frozen_wake {
             Some(w) => w.clone(),
             None => wake_rows_of(
-                self.manifest.wake.start,
+                self.row_start,
                 &self.params[..self.wake_params],
                 self.model.kernels,
             ),
@@ -668,13 +671,20 @@ impl Trainer {
         Ok(best.into_iter().chain(gap).collect())
     }
 
-    /// Writes the Wake rows to `snapshots/step-N.safetensors`.
+    /// Writes the Wake rows to `snapshots/step-N.safetensors` (only those when every row
+    /// trains).
     fn snapshot(&self) -> Result<()> {
         crate::util::fs::ensure_dir(&self.run.snapshots())?;
         let mut tensors = BTreeMap::new();
         let wake = &self.params[..self.wake_params];
+        let (first, count) = (
+            self.manifest.wake.start - self.row_start,
+            self.manifest.wake.count,
+        );
         for (p, name) in wake.iter().zip(["wake_rows", "wake_head_rows"]) {
-            tensors.insert(name.to_string(), p.buffer()?);
+            let (_, values) = p.buffer()?;
+            let rows = values[first * p.cols..(first + count) * p.cols].to_vec();
+            tensors.insert(name.to_string(), (vec![count, p.cols], rows));
         }
         let meta = HashMap::from([
             ("step".to_string(), self.state.step.to_string()),

@@ -25,7 +25,7 @@ pub mod schedule;
 pub mod step;
 pub mod wake_rows;
 
-pub use config::{Phase, TrainConfig};
+pub use config::{Phase, TrainConfig, TrainRows};
 pub use engine::{install_interrupt_handler, Outcome, Trainer};
 
 /// Named f32 buffers with their shapes (parameters, optimizer state) as checkpoints store them.

@@ -2,7 +2,7 @@
 //! matrices) and a later phase's starting state, taken from its source run's checkpoint.
 
 use super::checkpoint;
-use super::config::{Phase, TrainConfig};
+use super::config::{Phase, TrainConfig, TrainRows};
 use super::wake_rows::{GradSink, WakeRows};
 use super::Buffers;
 use crate::model::{Llama, Lora};
@@ -61,11 +61,39 @@ impl Param {
     }
 }
 
-/// The Wake rows of the embedding (and of an untied head) as trainable variables.
-pub(crate) fn wake_params(model: &Llama, wake: WakeRange) -> Result<Vec<Param>> {
+/// Checkpoint names of the trainable row blocks: the Wake rows of the embedding and of an
+/// untied head.
+pub(crate) const WAKE_BLOCKS: [&str; 2] = ["wake_embed", "wake_head"];
+/// Checkpoint names of the whole embedding and untied head (`train_rows = "all"`).
+pub(crate) const FULL_BLOCKS: [&str; 2] = ["embed", "head"];
+
+/// Whether a state's tensor is a row block (not a LoRA matrix).
+pub(crate) fn is_row_block(name: &str) -> bool {
+    WAKE_BLOCKS.contains(&name) || FULL_BLOCKS.contains(&name)
+}
+
+/// The rows Phase 1's blocks cover: the Wake rows, or every row for `train_rows = "all"`.
+pub(crate) fn trained_range(model: &Llama, wake: WakeRange, rows: TrainRows) -> Result<WakeRange> {
+    Ok(match rows {
+        TrainRows::Wake => wake,
+        TrainRows::All => WakeRange {
+            start: 0,
+            count: model.embed.dim(0)?,
+        },
+    })
+}
+
+/// The trained rows of the embedding (and of an untied head) as trainable variables: the Wake
+/// rows (`wake_embed`, `wake_head`), or the whole matrices (`embed`, `head`) for `all`.
+pub(crate) fn wake_params(model: &Llama, wake: WakeRange, rows: TrainRows) -> Result<Vec<Param>> {
+    let range = trained_range(model, wake, rows)?;
+    let names = match rows {
+        TrainRows::Wake => WAKE_BLOCKS,
+        TrainRows::All => FULL_BLOCKS,
+    };
     let make = |name: &str, matrix: &Tensor| -> Result<Param> {
         let rows = matrix
-            .narrow(0, wake.start, wake.count)?
+            .narrow(0, range.start, range.count)?
             .to_dtype(DType::F32)?;
         Param::new(
             name.into(),
@@ -73,9 +101,9 @@ pub(crate) fn wake_params(model: &Llama, wake: WakeRange) -> Result<Vec<Param>> 
             model.kernels,
         )
     };
-    let mut params = vec![make("wake_embed", &model.embed)?];
+    let mut params = vec![make(names[0], &model.embed)?];
     if let Some(head) = &model.lm_head {
-        params.push(make("wake_head", head)?);
+        params.push(make(names[1], head)?);
     }
     Ok(params)
 }
@@ -108,18 +136,27 @@ pub(crate) fn wake_rows_of(start: usize, params: &[Param], kernels: Kernels) -> 
     }
 }
 
-/// Puts the Wake rows of a starting state into the model's embedding (and untied head).
+/// Puts the row blocks of a starting state into the model's embedding (and untied head): its
+/// Wake rows, or the whole matrices when its Phase 1 trained every row.
 pub(crate) fn set_wake_rows(model: &mut Llama, wake: WakeRange, state: &Buffers) -> Result<()> {
     let tensors = tensors_of(state, model.embed.device())?;
+    let (names, start) = if tensors.contains_key(FULL_BLOCKS[0]) {
+        (FULL_BLOCKS, 0)
+    } else {
+        (WAKE_BLOCKS, wake.start)
+    };
     let rows = tensors
-        .get("wake_embed")
+        .get(names[0])
         .context("the starting state has no 'wake_embed'")?;
-    model.embed = replace_rows(&model.embed, wake.start, rows)?;
+    model.embed = replace_rows(&model.embed, start, rows)?;
     if let Some(head) = &model.lm_head {
-        let rows = tensors
-            .get("wake_head")
-            .context("the head is untied but the starting state has no 'wake_head'")?;
-        model.lm_head = Some(replace_rows(head, wake.start, rows)?);
+        let rows = tensors.get(names[1]).with_context(|| {
+            format!(
+                "the head is untied but the starting state has no '{}'",
+                names[1]
+            )
+        })?;
+        model.lm_head = Some(replace_rows(head, start, rows)?);
     }
     Ok(())
 }
@@ -131,7 +168,11 @@ pub(crate) fn replace_rows(full: &Tensor, start: usize, rows: &Tensor) -> Result
         start + count <= total,
         "{count} Wake rows at {start} do not fit a matrix of {total} rows"
     );
-    let mut parts = vec![full.narrow(0, 0, start)?, rows.to_dtype(full.dtype())?];
+    let rows = rows.to_dtype(full.dtype())?;
+    if count == total {
+        return Ok(rows);
+    }
+    let mut parts = vec![full.narrow(0, 0, start)?, rows];
     if start + count < total {
         parts.push(full.narrow(0, start + count, total - start - count)?);
     }
@@ -145,6 +186,8 @@ pub(crate) struct Trainables {
     pub(crate) params: Vec<Param>,
     /// How many of `params` are Wake blocks.
     pub(crate) wake_params: usize,
+    /// The first row the Wake blocks cover: the first Wake row, or 0 for `train_rows = "all"`.
+    pub(crate) row_start: usize,
     pub(crate) lora: Option<Lora>,
     /// Phase 2: the frozen Wake rows, read through the same path as when they trained, so the
     /// evaluation at step 0 equals the source checkpoint's.
@@ -169,7 +212,7 @@ impl Trainables {
             set_wake_rows(model, wake, &start)?;
         }
         let mut params = if config.phase.trains_wake_rows() {
-            wake_params(model, wake)?
+            wake_params(model, wake, config.train_rows)?
         } else {
             vec![]
         };
@@ -192,6 +235,7 @@ impl Trainables {
         Ok(Self {
             params,
             wake_params,
+            row_start: trained_range(model, wake, config.train_rows)?.start,
             lora,
             frozen_wake,
         })
@@ -213,10 +257,14 @@ pub fn phase_state(run: &Path, step: u64) -> Result<(TrainConfig, Buffers)> {
     let mut state = match config.phase {
         Phase::P1 => {
             let model = Llama::load(&config.model, &candle_core::Device::Cpu)?;
-            wake_params(&model, Manifest::load(&config.model)?.wake)?
-                .iter()
-                .map(|p| Ok((p.name.clone(), p.buffer()?)))
-                .collect::<Result<Buffers>>()?
+            wake_params(
+                &model,
+                Manifest::load(&config.model)?.wake,
+                config.train_rows,
+            )?
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.buffer()?)))
+            .collect::<Result<Buffers>>()?
         }
         _ => read_buffers(&run.start_state())?,
     };
@@ -305,6 +353,6 @@ pub(crate) fn tensors_of(buffers: &Buffers, device: &Device) -> Result<HashMap<S
 /// The LoRA matrices of a state (every tensor but the Wake blocks).
 pub(crate) fn lora_tensors(state: &Buffers, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut t = tensors_of(state, device)?;
-    t.retain(|name, _| !name.starts_with("wake_"));
+    t.retain(|name, _| !is_row_block(name));
     Ok(t)
 }

@@ -77,7 +77,10 @@ pub fn logits(model: &Llama, h: &Tensor, wake: Option<&WakeRows>) -> Result<Tens
             bail!("the head is untied but no trainable Wake head rows were given")
         }
     };
-    let mut parts = vec![frozen(&head.narrow(0, 0, start)?)?.forward(h)?];
+    let mut parts = Vec::with_capacity(3);
+    if start > 0 {
+        parts.push(frozen(&head.narrow(0, 0, start)?)?.forward(h)?);
+    }
     parts.push(if trainable.is_variable() {
         h.matmul(&trainable.t()?)?
     } else {

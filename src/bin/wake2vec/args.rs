@@ -73,8 +73,9 @@ pub enum Command {
     InitStudy(InitStudyArgs),
     /// Train a phase, or continue a run with --resume.
     ///
-    /// Phase 1 trains only the Wake rows of an injected model (its wake2vec.json says which);
-    /// every other weight stays bit-identical. Phase 2 trains LoRA adapters on top of a Phase 1
+    /// Phase 1 trains only the Wake rows of an injected model (its wake2vec.json says which;
+    /// `--set train_rows=all`: the whole embedding and untied head, as the seed ran it); every
+    /// other weight stays bit-identical. Phase 2 trains LoRA adapters on top of a Phase 1
     /// checkpoint (--source RUN --select RULE), its Wake rows frozen; Phase 3 trains the Wake
     /// rows and a Phase 2 checkpoint's adapters under the LM loss plus the auxiliary losses
     /// ([aux] in the config). Settings: the seed's defaults for the phase (Phase 1: Adafactor,
@@ -779,6 +780,9 @@ pub enum BenchCommand {
         /// Skip the baseline (plain candle forward+backward).
         #[arg(long)]
         no_baseline: bool,
+        /// Phase 1's trained rows: `wake`, or `all` (the whole embedding, as the seed ran it).
+        #[arg(long, default_value = "wake", value_parser = ["wake", "all"])]
+        train_rows: String,
     },
     /// Generation speed with the KV cache: tokens/s of the fast decoder against the tensor
     /// forward pass, and against the memory bandwidth needed to stream the weights.

@@ -5,7 +5,7 @@ use crate::model_verbs::load_model;
 use anyhow::{bail, Result};
 use wake2vec::bench;
 use wake2vec::hub::cache;
-use wake2vec::train::{self, Phase};
+use wake2vec::train::{self, Phase, TrainRows};
 
 /// `wake2vec bench train | generate | analyze`.
 pub fn bench(cmd: BenchCommand) -> Result<()> {
@@ -18,6 +18,7 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
             seq_len,
             repeats,
             no_baseline,
+            train_rows,
         } => {
             let phase = match phase {
                 1 => Phase::P1,
@@ -36,6 +37,10 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
                 seq_len,
                 repeats,
                 !no_baseline,
+                match train_rows.as_str() {
+                    "all" => TrainRows::All,
+                    _ => TrainRows::Wake,
+                },
             )
         }
         BenchCommand::Generate {
