@@ -119,6 +119,34 @@ pub struct ControlReport {
 }
 
 impl ControlReport {
+    /// One line: the control text's bits per byte at each stage, and the mass that moved onto
+    /// the new rows where measured.
+    pub fn summary_line(&self) -> String {
+        let stages: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let moved =
+                    r.kl.as_ref()
+                        .map(|k| format!(" (moved {:.4})", k.moved_mass));
+                format!(
+                    "{} {:.4}{}",
+                    r.stage,
+                    r.bpb.bits_per_byte,
+                    moved.unwrap_or_default()
+                )
+            })
+            .collect();
+        let name = std::path::Path::new(&self.file)
+            .file_name()
+            .map_or(self.file.clone(), |n| n.to_string_lossy().into_owned());
+        format!(
+            "control text {name} ({} segments), bits/byte: {}",
+            self.segments,
+            stages.join(" · ")
+        )
+    }
+
     /// Reads `control.json`.
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text = crate::util::fs::read_to_string(path)?;

@@ -16,6 +16,7 @@
 use super::dir::{step_name, RunDir};
 use super::log::{load_log, LogLine};
 use super::select::{self, EvalRecord};
+use crate::infer::control::ControlReport;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -122,6 +123,8 @@ pub struct RunStatus {
     /// The name of the current phase, or of a pipeline's stage after the phases (export,
     /// analysis, samples, report); `None` when everything present is done.
     pub current: Option<String>,
+    /// A pipeline's forgetting measurements (`control.json`), once written.
+    pub control: Option<ControlReport>,
 }
 
 /// Reads where the run or pipeline in `dir` stands.
@@ -176,9 +179,15 @@ pub fn status(dir: &Path) -> Result<RunStatus> {
                 .map(|(s, _)| *s)
         })
         .flatten();
+    let control = dir.join("control.json");
+    let control = control
+        .is_file()
+        .then(|| ControlReport::load(&control))
+        .transpose()?;
     Ok(RunStatus {
         dir: dir.to_path_buf(),
         kind,
+        control,
         current: current
             .map(|i| phases[i].name.clone())
             .or(finishing.map(String::from)),
@@ -428,6 +437,9 @@ pub fn render(st: &RunStatus) -> String {
             .map(|(cell, w)| format!("{cell}{}", " ".repeat(w - cell.chars().count())))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if let Some(c) = &st.control {
+        let _ = writeln!(out, "{}", c.summary_line());
     }
     match &st.current {
         Some(c) => {
@@ -683,6 +695,25 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("current: p2"), "{text}");
+        assert!(
+            st.control.is_none() && !text.contains("control text"),
+            "{text}"
+        );
+
+        // Forgetting, once measured, is shown under the table.
+        let row = |stage: &str, bpb: f64, moved: Option<f64>| {
+            json!({"stage": stage, "model": "m",
+                   "bpb": {"segments": 2, "tokens": 9, "bytes": 40, "bits_per_byte": bpb, "mean_loss": 1.0},
+                   "kl": moved.map(|m| json!({"positions": 9, "kl_base_vocab": 0.0, "moved_mass": m, "moved_mass_max": m}))})
+        };
+        let control = json!({"file": "/data/dubliners.txt", "segments": 2, "text_bytes": 40,
+                             "rows": [row("base", 1.25, None), row("injected", 7.5, Some(0.99))]});
+        std::fs::write(t.0.join("control.json"), control.to_string()).unwrap();
+        let text = render(&status(&t.0).unwrap());
+        assert!(
+            text.contains("control text dubliners.txt (2 segments), bits/byte: base 1.2500 · injected 7.5000 (moved 0.9900)"),
+            "{text}"
+        );
 
         // Without pipeline.toml, phase runs in p1/ still make a pipeline directory.
         std::fs::remove_file(t.0.join("pipeline.toml")).unwrap();
