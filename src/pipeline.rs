@@ -578,7 +578,7 @@ pub(crate) fn control_line(r: &ControlRow) -> String {
         r.bpb.bits_per_byte,
         r.kl.as_ref()
             .map(|k| format!(
-                ", KL {:.5} nats, moved mass {:.4}",
+                ", KL {:.2e} nats, moved mass {:.4}",
                 k.kl_base_vocab, k.moved_mass
             ))
             .unwrap_or_default()

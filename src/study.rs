@@ -345,7 +345,7 @@ pub fn page(study: &InitStudy) -> Result<String> {
             let kl = m.control.kl.as_ref();
             let cells = [
                 format!("{:.4}", m.control.bpb.bits_per_byte),
-                kl.map_or("–".into(), |k| format!("{:.5}", k.kl_base_vocab)),
+                kl.map_or("–".into(), |k| format!("{:.2e}", k.kl_base_vocab)),
                 kl.map_or("–".into(), |k| format!("{:.4}", k.moved_mass)),
                 f(m.wake_bpb),
                 f(m.isoscore_wake),

@@ -327,7 +327,7 @@ fn control(c: Option<&ControlReport>) -> Result<String> {
         let delta = base.map_or("–".into(), |b| format!("{:+.4}", r.bpb.bits_per_byte - b));
         let (kl, moved) = r.kl.as_ref().map_or(("–".into(), "–".into()), |k| {
             (
-                format!("{:.5}", k.kl_base_vocab),
+                format!("{:.2e}", k.kl_base_vocab),
                 format!("{:.4}", k.moved_mass),
             )
         });
