@@ -133,6 +133,89 @@ fn check_decoder(m: &LoadedModel, ids: &[u32]) {
     );
 }
 
+/// Batched decoding gives each sequence the logits of its single steps bit for bit (sequences
+/// at different positions, some leaving the batch early), and `generate_batch` the samples
+/// `generate` gives with the same samplers.
+fn check_batched_decoder(m: &LoadedModel, ids: &[u32]) {
+    use wake2vec::infer::generate::{generate, generate_batch, Decoder, Limits};
+    use wake2vec::infer::sampling::{Sampler, SamplingParams};
+    let device = candle_core::Device::Cpu;
+    let weights = DecodeWeights::new(&m.model).unwrap();
+    let prefixes = [3, 5, 8];
+    let mut single = Vec::new();
+    let mut batched = Vec::new();
+    for &p in &prefixes {
+        let mut cache = KvCache::default();
+        let input = Tensor::new(&ids[..p], &device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.model.forward(&input, Some(&mut cache)).unwrap();
+        single.push(weights.start(&cache, ids.len() + 8).unwrap());
+        batched.push(weights.start(&cache, ids.len() + 8).unwrap());
+    }
+    for step in 0..6 {
+        // The last sequence leaves the batch after three steps.
+        let active = if step < 3 { 3 } else { 2 };
+        let tokens: Vec<u32> = (0..active).map(|s| ids[prefixes[s] + step]).collect();
+        let mut states: Vec<_> = batched.iter_mut().take(active).collect();
+        let together = weights.step_batch(&mut states, &tokens).unwrap();
+        for s in 0..active {
+            let alone = weights.step(&mut single[s], tokens[s]).unwrap();
+            assert!(
+                alone == together[s],
+                "step {step}, sequence {s}: batched logits differ"
+            );
+        }
+    }
+    let decoder = Decoder::Fast(weights);
+    let limits = Limits {
+        max_new_tokens: 24,
+        stop_at_eos: true,
+    };
+    let samplers = || -> Vec<Sampler> {
+        [0.7f32, 1.0, 1.3, 1.6, 2.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &temperature)| {
+                let params = SamplingParams {
+                    temperature,
+                    ..SamplingParams::default()
+                };
+                Sampler::new(params, 42 + i as u64).unwrap()
+            })
+            .collect()
+    };
+    let prompt = "riverrun, past Eve";
+    let together = generate_batch(
+        &decoder,
+        &m.model,
+        &m.tokenizer,
+        prompt,
+        limits,
+        &mut samplers(),
+    )
+    .unwrap();
+    for (i, mut sampler) in samplers().into_iter().enumerate() {
+        let alone = generate(
+            &decoder,
+            &m.model,
+            &m.tokenizer,
+            prompt,
+            limits,
+            &mut sampler,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(alone.ids, together[i].ids, "sample {i}");
+        assert_eq!(alone.text, together[i].text, "sample {i}");
+        assert_eq!(
+            alone.stopped_on_eos, together[i].stopped_on_eos,
+            "sample {i}"
+        );
+    }
+}
+
 #[test]
 fn tiny_llama_untied_bf16_sharded_llama3_rope_matches_transformers() {
     let m = LoadedModel::load(&fixture("tiny-llama")).unwrap();
@@ -140,6 +223,7 @@ fn tiny_llama_untied_bf16_sharded_llama3_rope_matches_transformers() {
     let g = golden(&fixture("tiny-llama/golden.json"));
     check_against_golden(&m, &g);
     check_decoder(&m, &g.ids);
+    check_batched_decoder(&m, &g.ids);
 }
 
 #[test]
@@ -149,6 +233,7 @@ fn tiny_qwen2_tied_f16_biased_padded_matches_transformers() {
     let g = golden(&fixture("tiny-qwen2/golden.json"));
     check_against_golden(&m, &g);
     check_decoder(&m, &g.ids);
+    check_batched_decoder(&m, &g.ids);
 }
 
 /// End to end on the real default model: fetched with pip into the cache, imported from its

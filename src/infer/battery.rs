@@ -50,8 +50,9 @@ impl Settings {
     }
 }
 
-/// Runs the battery; `on_sample` sees each sample as it is finished. Sample `i` uses seed
-/// `seed + i`, so any one can be regenerated alone. `wake` is the model's Wake rows, when known.
+/// Runs the battery, its samples decoded together ([`generate::generate_batch`]);
+/// `on_sample` sees each sample once all are finished. Sample `i` uses seed `seed + i`, so any
+/// one can be regenerated alone. `wake` is the model's Wake rows, when known.
 pub fn run(
     m: &LoadedModel,
     settings: &Settings,
@@ -64,31 +65,37 @@ pub fn run(
         max_new_tokens: settings.max_new_tokens,
         stop_at_eos: true,
     };
-    let mut out = Vec::new();
-    for (i, (label, temperature)) in plan().into_iter().enumerate() {
-        let params = SamplingParams {
+    let plan = plan();
+    let params: Vec<SamplingParams> = plan
+        .iter()
+        .map(|&(_, temperature)| SamplingParams {
             temperature,
             ..settings.params
-        };
-        let s_seed = settings.seed + i as u64;
-        let mut sampler = Sampler::new(params, s_seed)?;
-        let s = generate::generate(
-            &weights,
-            &m.model,
-            &m.tokenizer,
-            &settings.prompt,
-            limits,
-            &mut sampler,
-            &mut |_| {},
-        )?;
+        })
+        .collect();
+    let mut samplers = params
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| Sampler::new(p, settings.seed + i as u64))
+        .collect::<Result<Vec<_>>>()?;
+    let samples = generate::generate_batch(
+        &weights,
+        &m.model,
+        &m.tokenizer,
+        &settings.prompt,
+        limits,
+        &mut samplers,
+    )?;
+    let mut out = Vec::new();
+    for (i, ((label, temperature), s)) in plan.into_iter().zip(samples).enumerate() {
         let metrics = text_metrics::metrics(&s.text, known, &s.ids, wake.clone());
         let sample = BatterySample {
             label,
             temperature,
-            top_p: params.top_p,
-            top_k: params.top_k,
-            repetition_penalty: params.repetition_penalty,
-            seed: s_seed,
+            top_p: params[i].top_p,
+            top_k: params[i].top_k,
+            repetition_penalty: params[i].repetition_penalty,
+            seed: settings.seed + i as u64,
             prompt: settings.prompt.clone(),
             text: s.text,
             tokens: s.ids.len(),

@@ -99,17 +99,8 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Sample> {
     let start = Instant::now();
-    let prompt_ids = encode_prompt(tokenizer, prompt)?;
-    check_context(
-        prompt_ids.len(),
-        limits.max_new_tokens,
-        model.max_positions(),
-    )?;
+    let (prompt_ids, mut cache, mut logits) = prefill(model, tokenizer, prompt, limits)?;
     let capacity = prompt_ids.len() + limits.max_new_tokens;
-    let mut cache = KvCache::default();
-    let input = Tensor::new(prompt_ids.as_slice(), model.embed.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input, Some(&mut cache))?.squeeze(0)?;
-    let mut logits: Vec<f32> = logits.get(prompt_ids.len() - 1)?.to_vec1()?;
     let mut state = match decoder {
         Decoder::Fast(weights) => {
             let state = weights.start(&cache, capacity)?;
@@ -164,6 +155,129 @@ pub fn generate(
         first_token_s,
         total_s,
     })
+}
+
+/// The prompt's ids, its key/value cache and the logits after its last token.
+fn prefill(
+    model: &Llama,
+    tokenizer: &tokenizers::Tokenizer,
+    prompt: &str,
+    limits: Limits,
+) -> Result<(Vec<u32>, KvCache, Vec<f32>)> {
+    let prompt_ids = encode_prompt(tokenizer, prompt)?;
+    check_context(
+        prompt_ids.len(),
+        limits.max_new_tokens,
+        model.max_positions(),
+    )?;
+    let mut cache = KvCache::default();
+    let input = Tensor::new(prompt_ids.as_slice(), model.embed.device())?.unsqueeze(0)?;
+    let logits = model.forward(&input, Some(&mut cache))?.squeeze(0)?;
+    let logits = logits.get(prompt_ids.len() - 1)?.to_vec1()?;
+    Ok((prompt_ids, cache, logits))
+}
+
+/// One continuation of `prompt` per sampler, decoded together: each decoding step reads the
+/// weights once for every sequence still going. Sample `i` is exactly what [`generate`] gives
+/// with `samplers[i]` (the fast decoder's batched step sums as its single step does); the
+/// tensor decoder generates them one after another.
+pub fn generate_batch(
+    decoder: &Decoder,
+    model: &Llama,
+    tokenizer: &tokenizers::Tokenizer,
+    prompt: &str,
+    limits: Limits,
+    samplers: &mut [Sampler],
+) -> Result<Vec<Sample>> {
+    let Decoder::Fast(weights) = decoder else {
+        return samplers
+            .iter_mut()
+            .map(|s| generate(decoder, model, tokenizer, prompt, limits, s, &mut |_| {}))
+            .collect();
+    };
+    /// One sequence of the batch.
+    struct Sequence {
+        state: crate::model::decode::DecodeState,
+        context: Vec<u32>,
+        ids: Vec<u32>,
+        logits: Vec<f32>,
+        done: bool,
+        stopped_on_eos: bool,
+        first_token_s: f64,
+        total_s: f64,
+    }
+    let start = Instant::now();
+    let (prompt_ids, cache, logits) = prefill(model, tokenizer, prompt, limits)?;
+    let capacity = prompt_ids.len() + limits.max_new_tokens;
+    let mut seqs = samplers
+        .iter()
+        .map(|_| {
+            Ok(Sequence {
+                state: weights.start(&cache, capacity)?,
+                context: prompt_ids.clone(),
+                ids: Vec::with_capacity(limits.max_new_tokens),
+                logits: logits.clone(),
+                done: limits.max_new_tokens == 0,
+                stopped_on_eos: false,
+                first_token_s: 0.0,
+                total_s: 0.0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    drop(cache);
+    loop {
+        for (seq, sampler) in seqs.iter_mut().zip(samplers.iter_mut()) {
+            if seq.done {
+                continue;
+            }
+            let token = sampler.next_token(&seq.logits, &seq.context);
+            if seq.ids.is_empty() {
+                seq.first_token_s = start.elapsed().as_secs_f64();
+            }
+            seq.ids.push(token);
+            seq.context.push(token);
+            if limits.stop_at_eos && model.config.eos_token_ids.contains(&token) {
+                seq.stopped_on_eos = true;
+            }
+            seq.done = seq.stopped_on_eos || seq.ids.len() >= limits.max_new_tokens;
+            if seq.done {
+                seq.total_s = start.elapsed().as_secs_f64();
+            }
+        }
+        let (mut states, tokens): (Vec<_>, Vec<u32>) = seqs
+            .iter_mut()
+            .filter(|s| !s.done)
+            .map(|s| {
+                let token = s.ids[s.ids.len() - 1];
+                (&mut s.state, token)
+            })
+            .unzip();
+        if tokens.is_empty() {
+            break;
+        }
+        let logits = weights.step_batch(&mut states, &tokens)?;
+        for (seq, l) in seqs.iter_mut().filter(|s| !s.done).zip(logits) {
+            seq.logits = l;
+        }
+    }
+    seqs.into_iter()
+        .map(|s| {
+            let text = tokenizer
+                .decode(&s.ids, true)
+                .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+            Ok(Sample {
+                prompt: prompt.to_string(),
+                prompt_tokens: prompt_ids.len(),
+                text,
+                stopped_on_eos: s.stopped_on_eos,
+                decode_tokens_per_s: (s.ids.len().saturating_sub(1)) as f64
+                    / (s.total_s - s.first_token_s).max(1e-9),
+                ids: s.ids,
+                first_token_s: s.first_token_s,
+                total_s: s.total_s,
+            })
+        })
+        .collect()
 }
 
 /// Sends the newly decoded text, holding back an incomplete UTF-8 sequence (decoded as U+FFFD)

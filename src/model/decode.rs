@@ -52,11 +52,15 @@ impl Arena {
         })
     }
 
-    /// `y = W·x (+ bias)`, the rows shared by the team.
-    fn apply(&self, team: &mut TeamLead, m: &Mat, x: &[f32], y: &mut [f32]) {
-        team.gemv(&self.buf[m.offset..m.offset + m.rows * m.cols], x, y);
+    /// `ys[s] = W·xs[s] (+ bias)` for each sequence `s` (`xs` `[batch, cols]`, `ys`
+    /// `[batch, rows]`), the rows shared by the team.
+    fn apply(&self, team: &mut TeamLead, m: &Mat, xs: &[f32], ys: &mut [f32]) {
+        let w = &self.buf[m.offset..m.offset + m.rows * m.cols];
+        team.gemv(w, xs, ys, xs.len() / m.cols);
         if let Some(b) = &m.bias {
-            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            for y in ys.chunks_exact_mut(m.rows) {
+                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
         }
     }
 }
@@ -197,73 +201,115 @@ impl<'a> DecodeWeights<'a> {
 
     /// Feeds one token at the state's next position; returns the logits for the position after.
     pub fn step(&self, state: &mut DecodeState, token: u32) -> Result<Vec<f32>> {
+        Ok(self.step_batch(&mut [state], &[token])?.remove(0))
+    }
+
+    /// [`DecodeWeights::step`] for several sequences at once: each weight is read once for all
+    /// of them. Sequence `s` gets exactly the logits `step` would give it alone: each of its
+    /// products sums in the same order (same rows per thread, same kernel).
+    pub fn step_batch(
+        &self,
+        states: &mut [&mut DecodeState],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.model.config;
-        if state.len >= state.capacity {
-            bail!("decode: the cache is full ({} positions)", state.capacity);
+        let n = states.len();
+        if tokens.len() != n {
+            bail!("decode: {} tokens for {n} sequences", tokens.len());
+        }
+        if let Some(full) = states.iter().find(|s| s.len >= s.capacity) {
+            bail!("decode: the cache is full ({} positions)", full.capacity);
         }
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
-        let (pos, cap) = (state.len, state.capacity);
-        let mut x: Vec<f32> = self.model.embed.get(token as usize)?.to_vec1()?;
-        let (cos, sin) = self.model.rope_row(pos)?;
-        let mut h = vec![0.0; d];
-        let mut qkv = vec![0.0; (nh + 2 * nkv) * hd];
-        let mut attn = vec![0.0; nh * hd];
-        let mut out = vec![0.0; d];
-        let mut gate_up = vec![0.0; 2 * c.intermediate_size];
-        let mut scores = vec![0.0; pos + 1];
+        let inter = c.intermediate_size;
+        let mut x = Vec::with_capacity(n * d);
+        let mut ropes = Vec::with_capacity(n);
+        for (state, &token) in states.iter().zip(tokens) {
+            x.extend(self.model.embed.get(token as usize)?.to_vec1::<f32>()?);
+            ropes.push(self.model.rope_row(state.len)?);
+        }
+        let qkv_width = (nh + 2 * nkv) * hd;
+        let mut h = vec![0.0; n * d];
+        let mut qkv = vec![0.0; n * qkv_width];
+        let mut attn = vec![0.0; n * nh * hd];
+        let mut out = vec![0.0; n * d];
+        let mut gate_up = vec![0.0; n * 2 * inter];
+        let mut act = vec![0.0; n * inter];
+        let longest = states.iter().map(|s| s.len + 1).max().unwrap_or(0);
+        let mut scores = vec![0.0; longest];
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = c.rms_norm_eps as f32;
+        let norm = |x: &[f32], w: &[f32], h: &mut [f32]| {
+            for (x, h) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
+                rms_norm(x, w, eps, h);
+            }
+        };
         let logits = Team::run(self.threads, |lead| {
-            for (b, lc) in self.blocks.iter().zip(state.cache.iter_mut()) {
-                rms_norm(&x, &b.input_norm, eps, &mut h);
+            for (layer, b) in self.blocks.iter().enumerate() {
+                norm(&x, &b.input_norm, &mut h);
                 self.arena.apply(lead, &b.qkv, &h, &mut qkv);
-                let (q, kv) = qkv.split_at_mut(nh * hd);
-                let (k, v) = kv.split_at_mut(nkv * hd);
-                q.chunks_exact_mut(hd)
-                    .for_each(|head| rope(head, &cos, &sin));
-                k.chunks_exact_mut(hd)
-                    .for_each(|head| rope(head, &cos, &sin));
-                for g in 0..nkv {
-                    let at = (g * cap + pos) * hd;
-                    lc.k[at..at + hd].copy_from_slice(&k[g * hd..(g + 1) * hd]);
-                    lc.v[at..at + hd].copy_from_slice(&v[g * hd..(g + 1) * hd]);
-                }
-                for head in 0..nh {
-                    let g = head / (nh / nkv);
-                    let keys = &lc.k[g * cap * hd..];
-                    let vals = &lc.v[g * cap * hd..];
-                    let qh = &q[head * hd..(head + 1) * hd];
-                    for (p, s) in scores.iter_mut().enumerate() {
-                        *s = dot(qh, &keys[p * hd..(p + 1) * hd]) * scale;
+                for (s, state) in states.iter_mut().enumerate() {
+                    let (pos, cap) = (state.len, state.capacity);
+                    let lc = &mut state.cache[layer];
+                    let (cos, sin) = &ropes[s];
+                    let (q, kv) = qkv[s * qkv_width..(s + 1) * qkv_width].split_at_mut(nh * hd);
+                    let (k, v) = kv.split_at_mut(nkv * hd);
+                    q.chunks_exact_mut(hd).for_each(|head| rope(head, cos, sin));
+                    k.chunks_exact_mut(hd).for_each(|head| rope(head, cos, sin));
+                    for g in 0..nkv {
+                        let at = (g * cap + pos) * hd;
+                        lc.k[at..at + hd].copy_from_slice(&k[g * hd..(g + 1) * hd]);
+                        lc.v[at..at + hd].copy_from_slice(&v[g * hd..(g + 1) * hd]);
                     }
-                    softmax(&mut scores);
-                    let oh = &mut attn[head * hd..(head + 1) * hd];
-                    oh.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
-                        oh.iter_mut()
-                            .zip(&vals[p * hd..(p + 1) * hd])
-                            .for_each(|(o, v)| *o += w * v);
+                    let scores = &mut scores[..pos + 1];
+                    for head in 0..nh {
+                        let g = head / (nh / nkv);
+                        let keys = &lc.k[g * cap * hd..];
+                        let vals = &lc.v[g * cap * hd..];
+                        let qh = &q[head * hd..(head + 1) * hd];
+                        for (p, s) in scores.iter_mut().enumerate() {
+                            *s = dot(qh, &keys[p * hd..(p + 1) * hd]) * scale;
+                        }
+                        softmax(scores);
+                        let at = (s * nh + head) * hd;
+                        let oh = &mut attn[at..at + hd];
+                        oh.fill(0.0);
+                        for (p, &w) in scores.iter().enumerate() {
+                            oh.iter_mut()
+                                .zip(&vals[p * hd..(p + 1) * hd])
+                                .for_each(|(o, v)| *o += w * v);
+                        }
                     }
                 }
                 self.arena.apply(lead, &b.o, &attn, &mut out);
                 x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
-                rms_norm(&x, &b.post_norm, eps, &mut h);
+                norm(&x, &b.post_norm, &mut h);
                 self.arena.apply(lead, &b.gate_up, &h, &mut gate_up);
-                let (gate, up) = gate_up.split_at_mut(c.intermediate_size);
-                gate.iter_mut()
-                    .zip(up.iter())
-                    .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-                self.arena.apply(lead, &b.down, gate, &mut out);
+                for (gu, a) in gate_up
+                    .chunks_exact(2 * inter)
+                    .zip(act.chunks_exact_mut(inter))
+                {
+                    let (gate, up) = gu.split_at(inter);
+                    a.iter_mut()
+                        .zip(gate.iter().zip(up))
+                        .for_each(|(a, (g, u))| *a = *g / (1.0 + (-*g).exp()) * u);
+                }
+                self.arena.apply(lead, &b.down, &act, &mut out);
                 x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
             }
-            rms_norm(&x, &self.norm, eps, &mut h);
-            let mut logits = vec![0.0; self.head.rows];
+            norm(&x, &self.norm, &mut h);
+            let mut logits = vec![0.0; n * self.head.rows];
             self.arena.apply(lead, &self.head, &h, &mut logits);
             logits
         });
-        state.len += 1;
-        Ok(logits)
+        for state in states.iter_mut() {
+            state.len += 1;
+        }
+        Ok(logits
+            .chunks_exact(self.head.rows)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 
@@ -311,6 +357,8 @@ struct Team {
     y: AtomicPtr<f32>,
     rows: AtomicUsize,
     cols: AtomicUsize,
+    /// Sequences in the published product (`x` holds that many vectors, `y` that many outputs).
+    batch: AtomicUsize,
 }
 
 const STOP: usize = usize::MAX;
@@ -333,6 +381,7 @@ impl Team {
             y: AtomicPtr::default(),
             rows: AtomicUsize::new(0),
             cols: AtomicUsize::new(0),
+            batch: AtomicUsize::new(0),
         };
         std::thread::scope(|s| {
             for part in 1..team.parts {
@@ -378,35 +427,54 @@ impl Team {
     /// # Safety
     /// The published pointers must be valid for the published shape.
     unsafe fn part(&self, part: usize) {
-        let (rows, cols) = (
+        let (rows, cols, batch) = (
             self.rows.load(Ordering::Relaxed),
             self.cols.load(Ordering::Relaxed),
+            self.batch.load(Ordering::Relaxed),
         );
         let (start, end) = self.range(part, rows);
-        let w = std::slice::from_raw_parts(
-            self.w.load(Ordering::Relaxed).add(start * cols),
-            (end - start) * cols,
+        let (w, x, y) = (
+            self.w.load(Ordering::Relaxed),
+            self.x.load(Ordering::Relaxed),
+            self.y.load(Ordering::Relaxed),
         );
-        let x = std::slice::from_raw_parts(self.x.load(Ordering::Relaxed), cols);
-        let y =
-            std::slice::from_raw_parts_mut(self.y.load(Ordering::Relaxed).add(start), end - start);
-        rows_dot(w, x, y);
+        // Blocks of rows small enough to stay in cache while every sequence reads them; block
+        // edges fall on multiples of ROWS from `start`, so each row is summed as without blocks.
+        for first in (start..end).step_by(BLOCK_ROWS) {
+            let last = (first + BLOCK_ROWS).min(end);
+            let w = std::slice::from_raw_parts(w.add(first * cols), (last - first) * cols);
+            for s in 0..batch {
+                let x = std::slice::from_raw_parts(x.add(s * cols), cols);
+                let y = std::slice::from_raw_parts_mut(y.add(s * rows + first), last - first);
+                rows_dot(w, x, y);
+            }
+        }
     }
 }
 
 impl TeamLead<'_> {
-    /// `y = W·x` for row-major `W` `[y.len(), x.len()]`.
-    fn gemv(&mut self, w: &[f32], x: &[f32], y: &mut [f32]) {
+    /// `ys[s] = W·xs[s]` for row-major `W` `[rows, cols]`, `xs` `[batch, cols]`, `ys`
+    /// `[batch, rows]`.
+    fn gemv(&mut self, w: &[f32], xs: &[f32], ys: &mut [f32], batch: usize) {
         let team = self.team;
-        if team.parts == 1 {
-            return rows_dot(w, x, y);
-        }
-        assert_eq!(w.len(), y.len() * x.len(), "gemv: shape mismatch");
+        let (rows, cols) = (ys.len() / batch.max(1), xs.len() / batch.max(1));
+        assert!(
+            batch > 0
+                && w.len() == rows * cols
+                && xs.len() == batch * cols
+                && ys.len() == batch * rows,
+            "gemv: shape mismatch"
+        );
         team.w.store(w.as_ptr().cast_mut(), Ordering::Relaxed);
-        team.x.store(x.as_ptr().cast_mut(), Ordering::Relaxed);
-        team.y.store(y.as_mut_ptr(), Ordering::Relaxed);
-        team.rows.store(y.len(), Ordering::Relaxed);
-        team.cols.store(x.len(), Ordering::Relaxed);
+        team.x.store(xs.as_ptr().cast_mut(), Ordering::Relaxed);
+        team.y.store(ys.as_mut_ptr(), Ordering::Relaxed);
+        team.rows.store(rows, Ordering::Relaxed);
+        team.cols.store(cols, Ordering::Relaxed);
+        team.batch.store(batch, Ordering::Relaxed);
+        if team.parts == 1 {
+            // SAFETY: pointers just stored from live slices of the checked shapes.
+            return unsafe { team.part(0) };
+        }
         self.count += 1;
         team.published.store(self.count, Ordering::Release);
         // SAFETY: pointers just published from live slices; part 0 is ours alone.
@@ -428,6 +496,9 @@ impl Drop for TeamLead<'_> {
 /// Rows handled together: their independent accumulators hide FMA latency and keep several
 /// memory streams in flight.
 const ROWS: usize = 4;
+/// Rows of a weight block that every sequence of a batched product reads before the next
+/// block (a multiple of [`ROWS`]; 64 rows of 576 floats = 147 KB).
+const BLOCK_ROWS: usize = 16 * ROWS;
 /// Floats per accumulator group in the portable kernel.
 const LANES: usize = 16;
 
@@ -521,13 +592,34 @@ mod tests {
     }
 
     #[test]
+    fn batched_products_equal_single_ones_bit_for_bit() {
+        for (rows, cols) in [(37, 45), (301, 64)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.013).sin()).collect();
+            let xs: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.07).cos()).collect();
+            for threads in [1, 2, 3] {
+                let mut ys = vec![0.0; 3 * rows];
+                Team::run(threads, |lead| lead.gemv(&w, &xs, &mut ys, 3));
+                for s in 0..3 {
+                    let mut y = vec![0.0; rows];
+                    let x = &xs[s * cols..(s + 1) * cols];
+                    Team::run(threads, |lead| lead.gemv(&w, x, &mut y, 1));
+                    assert!(
+                        y == ys[s * rows..(s + 1) * rows],
+                        "{rows}x{cols}, threads {threads}, sequence {s}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn gemv_matches_rows() {
         let (rows, cols) = (37, 45);
         let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.013).sin()).collect();
         let x: Vec<f32> = (0..cols).map(|i| i as f32 * 0.1).collect();
         for threads in [1, 2, 3] {
             let mut y = vec![0.0; rows];
-            Team::run(threads, |lead| lead.gemv(&w, &x, &mut y));
+            Team::run(threads, |lead| lead.gemv(&w, &x, &mut y, 1));
             for r in 0..rows {
                 let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
                 assert!((y[r] - want).abs() < 1e-4, "threads {threads} row {r}");
