@@ -135,7 +135,8 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Runs the benchmark and prints the table.
+/// Runs the benchmark and prints the table (one argument per `bench train` flag).
+#[allow(clippy::too_many_arguments)]
 pub fn phase(
     dir: &Path,
     compute: &Compute,
@@ -175,8 +176,7 @@ pub fn phase(
     let ours_fb = timings.report(
         &bench,
         phase,
-        step.range.count,
-        step.update,
+        &step,
         repeats,
         ours_peak,
         reset.then_some(load_peak),
@@ -396,13 +396,13 @@ impl Timings {
         self,
         bench: &Bench,
         phase: Phase,
-        trained_rows: usize,
-        update: &str,
+        trained: &Step,
         repeats: usize,
         ours_peak: f64,
         load_peak: Option<f64>,
     ) -> f64 {
         let (model, seq_len) = (&bench.model, bench.block.len());
+        let (update, trained_rows) = (trained.update, trained.range.count);
         let step = median(self.total);
         let ours_fb = median(self.fb);
         crate::outln!(
