@@ -94,36 +94,44 @@ fn sigkill_at_several_points_then_resume_gives_the_same_log_bit_for_bit() {
     }
     run_ok(bin().args(train_args(&t.0, "reference")));
     let run = t.0.join("killed");
-    let mut child = bin()
-        .args(train_args(&t.0, "killed"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut kills = 0;
-    for target in [37usize, 101, 170] {
-        wait_for(&mut child, &format!("step {target}"), || {
-            step_lines(&run) >= target
-        });
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        child = bin()
-            .args(["train", "--resume", run.to_str().unwrap(), "--quiet"])
+    kill_and_resume(&train_args(&t.0, "killed"), &run, &[37, 101, 170]);
+    assert_same_log(&t.0.join("reference"), &run);
+    assert_same_final_checkpoint(&t.0.join("reference"), &run, 240);
+}
+
+/// Starts `wake2vec <args>` writing `run`, SIGKILLs it once its log reaches each target step and
+/// resumes it, then waits for the last resume to finish successfully.
+fn kill_and_resume(args: &[String], run: &Path, targets: &[usize]) {
+    let spawn = |args: &[&str]| {
+        bin()
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .unwrap()
+    };
+    let mut child = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    for &target in targets {
+        wait_for(&mut child, &format!("step {target}"), || {
+            step_lines(run) >= target
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        child = spawn(&["train", "--resume", run.to_str().unwrap(), "--quiet"]);
     }
-    let status = child.wait().unwrap();
-    assert!(status.success());
-    assert_eq!(kills, 3);
-    assert_same_log(&t.0.join("reference"), &run);
-    // The last checkpoints agree too: same parameters and optimizer state bytes.
+    assert!(child.wait().unwrap().success(), "the last resume failed");
+}
+
+/// The final checkpoints of two runs hold the same parameter and optimizer-state bytes.
+fn assert_same_final_checkpoint(a: &Path, b: &Path, step: u64) {
     for f in ["params.safetensors", "optimizer.safetensors"] {
-        let a = std::fs::read(t.0.join("reference/checkpoints/step-240").join(f)).unwrap();
-        let b = std::fs::read(run.join("checkpoints/step-240").join(f)).unwrap();
-        assert!(a == b, "{f} of the final checkpoint differs");
+        let at = |run: &Path| std::fs::read(run.join(format!("checkpoints/step-{step}/{f}")));
+        assert!(
+            at(a).unwrap() == at(b).unwrap(),
+            "{f} of the final checkpoint differs: {} vs {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -144,32 +152,9 @@ fn every_row_trains_and_resumes_exactly(fixture: &str) {
     };
     run_ok(bin().args(args("reference")));
     let run = t.0.join("killed");
-    let mut child = bin()
-        .args(args("killed"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for target in [23usize, 41] {
-        wait_for(&mut child, &format!("step {target}"), || {
-            step_lines(&run) >= target
-        });
-        child.kill().unwrap();
-        child.wait().unwrap();
-        child = bin()
-            .args(["train", "--resume", run.to_str().unwrap(), "--quiet"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-    }
-    assert!(child.wait().unwrap().success());
+    kill_and_resume(&args("killed"), &run, &[23, 41]);
     assert_same_log(&t.0.join("reference"), &run);
-    for f in ["params.safetensors", "optimizer.safetensors"] {
-        let a = std::fs::read(t.0.join("reference/checkpoints/step-60").join(f)).unwrap();
-        let b = std::fs::read(run.join("checkpoints/step-60").join(f)).unwrap();
-        assert!(a == b, "{fixture}: {f} of the final checkpoint differs");
-    }
+    assert_same_final_checkpoint(&t.0.join("reference"), &run, 60);
     let out = t.0.join("exported");
     run_ok(bin().args([
         "export",

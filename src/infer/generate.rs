@@ -99,7 +99,7 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Sample> {
     let start = Instant::now();
-    let (prompt_ids, mut cache, mut logits) = prefill(model, tokenizer, prompt, limits)?;
+    let (prompt_ids, mut cache, logits) = prefill(model, tokenizer, prompt, limits)?;
     let capacity = prompt_ids.len() + limits.max_new_tokens;
     let mut state = match decoder {
         Decoder::Fast(weights) => {
@@ -109,25 +109,16 @@ pub fn generate(
         }
         Decoder::Tensor(_) => None,
     };
-    let mut context = prompt_ids.clone();
-    let mut ids = Vec::with_capacity(limits.max_new_tokens);
+    let mut seq = Sequence::new(&prompt_ids, logits, limits);
     let mut streamed = String::new();
-    let mut first_token_s = 0.0;
-    let mut stopped_on_eos = false;
-    while ids.len() < limits.max_new_tokens {
-        let token = sampler.next_token(&logits, &context);
-        if ids.is_empty() {
-            first_token_s = start.elapsed().as_secs_f64();
-        }
-        ids.push(token);
-        context.push(token);
-        if limits.stop_at_eos && model.config.eos_token_ids.contains(&token) {
-            stopped_on_eos = true;
+    while !seq.done {
+        let token = seq.advance(sampler, model, limits, start);
+        if seq.stopped_on_eos {
             break;
         }
-        stream(tokenizer, &ids, &mut streamed, on_text)?;
-        if ids.len() < limits.max_new_tokens {
-            logits = match (decoder, state.as_mut()) {
+        stream(tokenizer, &seq.ids, &mut streamed, on_text)?;
+        if !seq.done {
+            seq.logits = match (decoder, state.as_mut()) {
                 (Decoder::Fast(weights), Some(state)) => weights.step(state, token)?,
                 _ => {
                     let input = Tensor::new(&[token], model.embed.device())?.unsqueeze(0)?;
@@ -137,24 +128,86 @@ pub fn generate(
             };
         }
     }
-    let total_s = start.elapsed().as_secs_f64();
-    let text = tokenizer
-        .decode(&ids, true)
-        .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
-    if let Some(rest) = text.strip_prefix(streamed.as_str()) {
+    let sample = seq.into_sample(tokenizer, prompt, prompt_ids.len())?;
+    if let Some(rest) = sample.text.strip_prefix(streamed.as_str()) {
         on_text(rest);
     }
-    Ok(Sample {
-        prompt: prompt.to_string(),
-        prompt_tokens: prompt_ids.len(),
-        text,
-        stopped_on_eos,
-        decode_tokens_per_s: (ids.len().saturating_sub(1)) as f64
-            / (total_s - first_token_s).max(1e-9),
-        ids,
-        first_token_s,
-        total_s,
-    })
+    Ok(sample)
+}
+
+/// A continuation being decoded: its tokens so far and the logits for its next one.
+struct Sequence {
+    /// The prompt and the new tokens (what the repetition penalty sees).
+    context: Vec<u32>,
+    /// The new tokens.
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    done: bool,
+    stopped_on_eos: bool,
+    first_token_s: f64,
+    total_s: f64,
+}
+
+impl Sequence {
+    /// Before the first new token: the prompt and the logits after it.
+    fn new(prompt_ids: &[u32], logits: Vec<f32>, limits: Limits) -> Self {
+        Self {
+            context: prompt_ids.to_vec(),
+            ids: Vec::with_capacity(limits.max_new_tokens),
+            logits,
+            done: limits.max_new_tokens == 0,
+            stopped_on_eos: false,
+            first_token_s: 0.0,
+            total_s: 0.0,
+        }
+    }
+
+    /// Samples the next token from the logits and appends it; the sequence is done at an
+    /// end-of-sequence token (when `limits` stop there) or at the token limit. Times are
+    /// seconds since `start`.
+    fn advance(
+        &mut self,
+        sampler: &mut Sampler,
+        model: &Llama,
+        limits: Limits,
+        start: Instant,
+    ) -> u32 {
+        let token = sampler.next_token(&self.logits, &self.context);
+        if self.ids.is_empty() {
+            self.first_token_s = start.elapsed().as_secs_f64();
+        }
+        self.ids.push(token);
+        self.context.push(token);
+        self.stopped_on_eos = limits.stop_at_eos && model.config.eos_token_ids.contains(&token);
+        self.done = self.stopped_on_eos || self.ids.len() >= limits.max_new_tokens;
+        if self.done {
+            self.total_s = start.elapsed().as_secs_f64();
+        }
+        token
+    }
+
+    /// The finished sample, its text decoded without special tokens.
+    fn into_sample(
+        self,
+        tokenizer: &tokenizers::Tokenizer,
+        prompt: &str,
+        prompt_tokens: usize,
+    ) -> Result<Sample> {
+        let text = tokenizer
+            .decode(&self.ids, true)
+            .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+        Ok(Sample {
+            prompt: prompt.to_string(),
+            prompt_tokens,
+            text,
+            stopped_on_eos: self.stopped_on_eos,
+            decode_tokens_per_s: (self.ids.len().saturating_sub(1)) as f64
+                / (self.total_s - self.first_token_s).max(1e-9),
+            ids: self.ids,
+            first_token_s: self.first_token_s,
+            total_s: self.total_s,
+        })
+    }
 }
 
 /// The prompt's ids, its key/value cache and the logits after its last token.
@@ -195,88 +248,36 @@ pub fn generate_batch(
             .map(|s| generate(decoder, model, tokenizer, prompt, limits, s, &mut |_| {}))
             .collect();
     };
-    /// One sequence of the batch.
-    struct Sequence {
-        state: crate::model::decode::DecodeState,
-        context: Vec<u32>,
-        ids: Vec<u32>,
-        logits: Vec<f32>,
-        done: bool,
-        stopped_on_eos: bool,
-        first_token_s: f64,
-        total_s: f64,
-    }
     let start = Instant::now();
     let (prompt_ids, cache, logits) = prefill(model, tokenizer, prompt, limits)?;
     let capacity = prompt_ids.len() + limits.max_new_tokens;
-    let mut seqs = samplers
-        .iter()
-        .map(|_| {
-            Ok(Sequence {
-                state: weights.start(&cache, capacity)?,
-                context: prompt_ids.clone(),
-                ids: Vec::with_capacity(limits.max_new_tokens),
-                logits: logits.clone(),
-                done: limits.max_new_tokens == 0,
-                stopped_on_eos: false,
-                first_token_s: 0.0,
-                total_s: 0.0,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut seqs = Vec::with_capacity(samplers.len());
+    for _ in 0..samplers.len() {
+        let state = weights.start(&cache, capacity)?;
+        seqs.push((Sequence::new(&prompt_ids, logits.clone(), limits), state));
+    }
     drop(cache);
     loop {
-        for (seq, sampler) in seqs.iter_mut().zip(samplers.iter_mut()) {
-            if seq.done {
-                continue;
-            }
-            let token = sampler.next_token(&seq.logits, &seq.context);
-            if seq.ids.is_empty() {
-                seq.first_token_s = start.elapsed().as_secs_f64();
-            }
-            seq.ids.push(token);
-            seq.context.push(token);
-            if limits.stop_at_eos && model.config.eos_token_ids.contains(&token) {
-                seq.stopped_on_eos = true;
-            }
-            seq.done = seq.stopped_on_eos || seq.ids.len() >= limits.max_new_tokens;
-            if seq.done {
-                seq.total_s = start.elapsed().as_secs_f64();
+        for ((seq, _), sampler) in seqs.iter_mut().zip(samplers.iter_mut()) {
+            if !seq.done {
+                seq.advance(sampler, model, limits, start);
             }
         }
         let (mut states, tokens): (Vec<_>, Vec<u32>) = seqs
             .iter_mut()
-            .filter(|s| !s.done)
-            .map(|s| {
-                let token = s.ids[s.ids.len() - 1];
-                (&mut s.state, token)
-            })
+            .filter(|(seq, _)| !seq.done)
+            .map(|(seq, state)| (state, seq.ids[seq.ids.len() - 1]))
             .unzip();
         if tokens.is_empty() {
             break;
         }
         let logits = weights.step_batch(&mut states, &tokens)?;
-        for (seq, l) in seqs.iter_mut().filter(|s| !s.done).zip(logits) {
+        for ((seq, _), l) in seqs.iter_mut().filter(|(seq, _)| !seq.done).zip(logits) {
             seq.logits = l;
         }
     }
     seqs.into_iter()
-        .map(|s| {
-            let text = tokenizer
-                .decode(&s.ids, true)
-                .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
-            Ok(Sample {
-                prompt: prompt.to_string(),
-                prompt_tokens: prompt_ids.len(),
-                text,
-                stopped_on_eos: s.stopped_on_eos,
-                decode_tokens_per_s: (s.ids.len().saturating_sub(1)) as f64
-                    / (s.total_s - s.first_token_s).max(1e-9),
-                ids: s.ids,
-                first_token_s: s.first_token_s,
-                total_s: s.total_s,
-            })
-        })
+        .map(|(seq, _)| seq.into_sample(tokenizer, prompt, prompt_ids.len()))
         .collect()
 }
 

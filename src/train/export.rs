@@ -1,7 +1,7 @@
 //! `wake2vec export`: a run's model at one of its checkpoints as an HF directory, the adapters
 //! merged or in PEFT's format beside it.
 
-use super::phase::{lora_tensors, phase_state, replace_rows, tensors_of, FULL_BLOCKS, WAKE_BLOCKS};
+use super::phase::{lora_tensors, phase_state, replace_rows, row_blocks, tensors_of};
 use crate::model::{Llama, Lora};
 use crate::util::fs::absolute;
 use crate::vocab::Manifest;
@@ -23,13 +23,14 @@ pub fn export(run: &Path, step: u64, out: &Path, merge: bool) -> Result<()> {
     let wake = Manifest::load(&config.model)?.wake;
     let tensors = tensors_of(&state, &device)?;
     // The Wake rows, or the whole matrices when Phase 1 trained every row.
-    let blocks = WAKE_BLOCKS.iter().map(|n| (*n, wake.start));
-    let blocks = blocks.chain(FULL_BLOCKS.iter().map(|n| (*n, 0)));
-    let keys = ["model.embed_tokens.weight", "lm_head.weight"];
-    for ((name, start), key) in blocks.zip(keys.iter().cycle()) {
+    let (names, start) = row_blocks(&tensors, wake);
+    for (name, key) in names
+        .into_iter()
+        .zip(["model.embed_tokens.weight", "lm_head.weight"])
+    {
         if let Some(rows) = tensors.get(name) {
             let full = weights
-                .get(*key)
+                .get(key)
                 .with_context(|| format!("the model has no '{key}'"))?;
             let merged = replace_rows(full, start, rows)?;
             weights.insert(key.to_string(), merged);

@@ -136,15 +136,24 @@ pub(crate) fn wake_rows_of(start: usize, params: &[Param], kernels: Kernels) -> 
     }
 }
 
+/// The row blocks a state holds and the first row they replace: the whole matrices (`embed`,
+/// `head`, from row 0) when its Phase 1 trained every row, else the Wake rows.
+pub(crate) fn row_blocks(
+    tensors: &HashMap<String, Tensor>,
+    wake: WakeRange,
+) -> ([&'static str; 2], usize) {
+    if tensors.contains_key(FULL_BLOCKS[0]) {
+        (FULL_BLOCKS, 0)
+    } else {
+        (WAKE_BLOCKS, wake.start)
+    }
+}
+
 /// Puts the row blocks of a starting state into the model's embedding (and untied head): its
 /// Wake rows, or the whole matrices when its Phase 1 trained every row.
 pub(crate) fn set_wake_rows(model: &mut Llama, wake: WakeRange, state: &Buffers) -> Result<()> {
     let tensors = tensors_of(state, model.embed.device())?;
-    let (names, start) = if tensors.contains_key(FULL_BLOCKS[0]) {
-        (FULL_BLOCKS, 0)
-    } else {
-        (WAKE_BLOCKS, wake.start)
-    };
+    let (names, start) = row_blocks(&tensors, wake);
     let rows = tensors
         .get(names[0])
         .context("the starting state has no 'wake_embed'")?;
