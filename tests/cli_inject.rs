@@ -258,6 +258,25 @@ fn inject_then_score_and_generate() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let sample: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(sample["ids"].as_array().unwrap().len(), 8);
+    // Several samples are decoded together; sample i is the text of seed 5 + i drawn alone.
+    let sampled = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", &model, "--prompt", "riverrun"];
+        args.extend(["--max-new-tokens", "12", "--temperature", "1.3", "--json"]);
+        let o = run(&[args.as_slice(), extra].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines = String::from_utf8(o.stdout).unwrap();
+        lines
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ids"].clone())
+            .collect::<Vec<_>>()
+    };
+    let together = sampled(&["--num-samples", "3", "--seed", "5"]);
+    assert_eq!(together.len(), 3);
+    for (i, ids) in together.iter().enumerate() {
+        let seed = (5 + i).to_string();
+        assert_eq!(sampled(&["--seed", &seed]), [ids.clone()], "sample {i}");
+    }
+    assert_ne!(together[0], together[1], "seeds 5 and 6 drew the same text");
 
     let o = run(&[
         "eval",

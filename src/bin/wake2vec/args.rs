@@ -208,9 +208,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// How many samples to draw, one after another.
-    #[arg(long, default_value_t = 1)]
-    pub num_samples: usize,
+    /// How many samples to draw; several are decoded together, sample i seeded with seed + i
+    /// (the text `--num-samples 1 --seed <seed + i>` gives), and printed once all are finished.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_samples: u64,
     /// Print the samples as JSON lines instead of streaming text.
     #[arg(long)]
     pub json: bool,

@@ -103,7 +103,6 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if args.battery {
         return run_battery(&args, params);
     }
-    let mut sampler = Sampler::new(params, args.seed)?;
     let m = load_model(&args.model, &args.compute)?;
     // Checked before the prompt is echoed, so a prompt that cannot run prints nothing.
     let prompt_tokens = generate::encode_prompt(&m.tokenizer, &args.prompt)?.len();
@@ -113,46 +112,86 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         stop_at_eos: true,
     };
-    for i in 0..args.num_samples {
-        if wake2vec::util::out::closed() {
-            break;
-        }
+    if args.num_samples > 1 {
+        return generate_together(&args, &weights, &m, params, limits);
+    }
+    let mut sampler = Sampler::new(params, args.seed)?;
+    if !args.json {
+        wake2vec::out!("{}", args.prompt);
+    }
+    let mut stream = |t: &str| {
         if !args.json {
-            if args.num_samples > 1 {
-                wake2vec::outln!("--- sample {} of {} ---", i + 1, args.num_samples);
-            }
-            wake2vec::out!("{}", args.prompt);
+            wake2vec::out!("{t}");
         }
-        let mut stream = |t: &str| {
-            if !args.json {
-                wake2vec::out!("{t}");
-            }
-        };
-        let s = generate::generate(
-            &weights,
-            &m.model,
-            &m.tokenizer,
-            &args.prompt,
-            limits,
-            &mut sampler,
-            &mut stream,
-        )?;
+    };
+    let s = generate::generate(
+        &weights,
+        &m.model,
+        &m.tokenizer,
+        &args.prompt,
+        limits,
+        &mut sampler,
+        &mut stream,
+    )?;
+    if args.json {
+        wake2vec::outln!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    wake2vec::outln!();
+    eprintln!(
+        "[{} new tokens{}, {:.1} tokens/s]",
+        s.ids.len(),
+        if s.stopped_on_eos {
+            ", stopped at end of sequence"
+        } else {
+            ""
+        },
+        s.decode_tokens_per_s
+    );
+    Ok(())
+}
+
+/// `--num-samples N > 1`: the samples decoded together, sample `i` seeded `seed + i` (the text
+/// `--num-samples 1 --seed seed+i` gives), printed once all are finished.
+fn generate_together(
+    args: &GenerateArgs,
+    weights: &generate::Decoder,
+    m: &LoadedModel,
+    params: SamplingParams,
+    limits: Limits,
+) -> Result<()> {
+    let mut samplers = (0..args.num_samples)
+        .map(|i| Sampler::new(params, args.seed + i))
+        .collect::<Result<Vec<_>>>()?;
+    let start = std::time::Instant::now();
+    let samples = generate::generate_batch(
+        weights,
+        &m.model,
+        &m.tokenizer,
+        &args.prompt,
+        limits,
+        &mut samplers,
+    )?;
+    let seconds = start.elapsed().as_secs_f64();
+    for (i, s) in samples.iter().enumerate() {
         if args.json {
-            wake2vec::outln!("{}", serde_json::to_string(&s)?);
+            wake2vec::outln!("{}", serde_json::to_string(s)?);
             continue;
         }
-        wake2vec::outln!();
-        eprintln!(
-            "[{} new tokens{}, {:.1} tokens/s]",
-            s.ids.len(),
-            if s.stopped_on_eos {
-                ", stopped at end of sequence"
-            } else {
-                ""
-            },
-            s.decode_tokens_per_s
+        wake2vec::outln!(
+            "--- sample {} of {} (seed {}) ---",
+            i + 1,
+            args.num_samples,
+            args.seed + i as u64
         );
+        wake2vec::outln!("{}{}", args.prompt, s.text);
     }
+    let tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
+    eprintln!(
+        "[{} samples, {tokens} new tokens in {seconds:.1} s, {:.1} tokens/s together]",
+        samples.len(),
+        tokens as f64 / seconds
+    );
     Ok(())
 }
 
