@@ -4,6 +4,7 @@
 pub mod train;
 
 use crate::analysis::{self, linalg, Embeddings, Geometry, Layout, Options, Vocabulary};
+use crate::infer::battery;
 use crate::infer::generate::{self, Limits, DEFAULT_PROMPT};
 use crate::infer::sampling::{Sampler, SamplingParams};
 use crate::model::{KvCache, LoadedModel};
@@ -20,7 +21,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         temperature: 0.0,
         ..SamplingParams::default()
     };
-    let weights = generate::Decoder::new(&m.model)?;
+    let decoder = generate::Decoder::new(&m.model)?;
     let limits = Limits {
         max_new_tokens: new_tokens,
         stop_at_eos: false,
@@ -29,7 +30,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
     for run in 0..repeats.max(1) {
         let mut sampler = Sampler::new(greedy, 0)?;
         let s = generate::generate(
-            &weights,
+            &decoder,
             &m.model,
             &m.tokenizer,
             DEFAULT_PROMPT,
@@ -46,7 +47,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         );
         best = best.max(s.decode_tokens_per_s);
     }
-    let generate::Decoder::Fast(weights) = &weights else {
+    let generate::Decoder::Fast(weights) = &decoder else {
         // The generic kernels (a GPU, or bf16/f16 weights) decode through the tensor path; its
         // baseline is a peer on the same device (e.g. transformers' generate), run beside this.
         crate::outln!(
@@ -76,8 +77,75 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         rayon::current_num_threads(),
         100.0 * best / roofline
     );
+    let (sequential, together) = battery_seconds(&decoder, m, new_tokens)?;
+    crate::outln!(
+        "battery:           {} samples x {new_tokens} tokens decoded together in {together:.2} s, \
+         one after another in {sequential:.2} s -> {:.2}x (same texts)",
+        battery::plan().len(),
+        sequential / together
+    );
     crate::outln!("peak memory:       {:.0} MiB", peak_rss_mib());
     Ok(())
+}
+
+/// Seconds for the battery's samples (its temperatures and seeds, `new_tokens` each) decoded one
+/// after another and decoded together; fails if the two give different texts.
+fn battery_seconds(
+    weights: &generate::Decoder,
+    m: &LoadedModel,
+    new_tokens: usize,
+) -> Result<(f64, f64)> {
+    let limits = Limits {
+        max_new_tokens: new_tokens,
+        stop_at_eos: false,
+    };
+    let samplers = || {
+        battery::plan()
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, temperature))| {
+                let params = SamplingParams {
+                    temperature,
+                    ..SamplingParams::default()
+                };
+                Sampler::new(params, 42 + i as u64)
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let start = Instant::now();
+    let alone = samplers()?
+        .iter_mut()
+        .map(|s| {
+            let prompt = DEFAULT_PROMPT;
+            generate::generate(
+                weights,
+                &m.model,
+                &m.tokenizer,
+                prompt,
+                limits,
+                s,
+                &mut |_| {},
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sequential = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let together = generate::generate_batch(
+        weights,
+        &m.model,
+        &m.tokenizer,
+        DEFAULT_PROMPT,
+        limits,
+        &mut samplers()?,
+    )?;
+    let batched = start.elapsed().as_secs_f64();
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        anyhow::ensure!(
+            a.ids == b.ids,
+            "battery sample {i}: decoding together gave other tokens than decoding alone"
+        );
+    }
+    Ok((sequential, batched))
 }
 
 /// Greedy KV-cached decoding through [`crate::model::Llama::forward`], one token at a time.
