@@ -15,38 +15,11 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Generation speed: the fast decoder against the tensor forward pass (both KV-cached, greedy,
-/// fixed length), and against the memory bandwidth needed to stream the weights once a token.
+/// fixed length), and against the memory bandwidth needed to stream the weights once a token;
+/// with bf16 weights, also against the f32 decoder on the same weights widened.
 pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<()> {
-    let greedy = SamplingParams {
-        temperature: 0.0,
-        ..SamplingParams::default()
-    };
     let decoder = generate::Decoder::new(&m.model)?;
-    let limits = Limits {
-        max_new_tokens: new_tokens,
-        stop_at_eos: false,
-    };
-    let mut best = 0f64;
-    for run in 0..repeats.max(1) {
-        let mut sampler = Sampler::new(greedy, 0)?;
-        let s = generate::generate(
-            &decoder,
-            &m.model,
-            &m.tokenizer,
-            DEFAULT_PROMPT,
-            limits,
-            &mut sampler,
-            &mut |_| {},
-        )?;
-        crate::outln!(
-            "run {run}: {} tokens in {:.2} s, first token {:.0} ms, decode {:.1} tokens/s",
-            s.ids.len(),
-            s.total_s,
-            s.first_token_s * 1e3,
-            s.decode_tokens_per_s
-        );
-        best = best.max(s.decode_tokens_per_s);
-    }
+    let best = decode_tokens_per_s(&decoder, m, new_tokens, repeats)?;
     let generate::Decoder::Fast(weights) = &decoder else {
         // The tensor path (a GPU, f16 weights, forced generic kernels) decodes here; its
         // baseline is a peer on the same device (e.g. transformers' generate), run beside this.
@@ -65,6 +38,22 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
     crate::outln!(
         "fast decoder:      {best:.1} tokens/s (best of {repeats}, {new_tokens} new tokens)"
     );
+    if weights.precision() != "f32" {
+        let mut wide = m.model.clone();
+        wide.set_compute(&crate::nn::device::Compute::cpu())?;
+        let wide = LoadedModel {
+            model: wide,
+            tokenizer: m.tokenizer.clone(),
+        };
+        let f32_decoder = generate::Decoder::new(&wide.model)?;
+        crate::outln!("the f32 decoder on the same weights widened to f32:");
+        let f32_best = decode_tokens_per_s(&f32_decoder, &wide, new_tokens, repeats)?;
+        crate::outln!(
+            "f32 decoder:       {f32_best:.1} tokens/s  -> {} decoder is {:.2}x",
+            weights.precision(),
+            best / f32_best
+        );
+    }
     crate::outln!(
         "tensor forward:    {tensor_path:.1} tokens/s ({baseline_tokens} new tokens)  -> fast decoder is {:.2}x",
         best / tensor_path
@@ -87,6 +76,46 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
     );
     crate::outln!("peak memory:       {:.0} MiB", peak_rss_mib());
     Ok(())
+}
+
+/// Greedy fixed-length decoding of `new_tokens` after the default prompt, `repeats` times, each
+/// run printed; the best tokens/s.
+fn decode_tokens_per_s(
+    decoder: &generate::Decoder,
+    m: &LoadedModel,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<f64> {
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let limits = Limits {
+        max_new_tokens: new_tokens,
+        stop_at_eos: false,
+    };
+    let mut best = 0f64;
+    for run in 0..repeats.max(1) {
+        let mut sampler = Sampler::new(greedy, 0)?;
+        let s = generate::generate(
+            decoder,
+            &m.model,
+            &m.tokenizer,
+            DEFAULT_PROMPT,
+            limits,
+            &mut sampler,
+            &mut |_| {},
+        )?;
+        crate::outln!(
+            "run {run}: {} tokens in {:.2} s, first token {:.0} ms, decode {:.1} tokens/s",
+            s.ids.len(),
+            s.total_s,
+            s.first_token_s * 1e3,
+            s.decode_tokens_per_s
+        );
+        best = best.max(s.decode_tokens_per_s);
+    }
+    Ok(best)
 }
 
 /// Seconds for the battery's samples (its temperatures and seeds, `new_tokens` each) decoded one
