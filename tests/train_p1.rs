@@ -99,6 +99,27 @@ fn sigkill_at_several_points_then_resume_gives_the_same_log_bit_for_bit() {
     assert_same_final_checkpoint(&t.0.join("reference"), &run, 240);
 }
 
+/// The same with bf16 frozen weights (the generic kernels on the CPU).
+#[test]
+fn sigkill_then_resume_gives_the_same_log_bit_for_bit_with_bf16_weights() {
+    let t = Temp::new("resume-kill-bf16");
+    if setup(&t.0, "tiny-llama", 300, 100, 60_000).is_none() {
+        return;
+    }
+    let args = |out: &str| {
+        let mut a = train_args(&t.0, out);
+        a.extend(["--dtype".to_string(), "bf16".to_string()]);
+        a
+    };
+    run_ok(bin().args(args("reference")));
+    let run = t.0.join("killed");
+    kill_and_resume(&args("killed"), &run, &[37, 101, 170]);
+    assert_same_log(&t.0.join("reference"), &run);
+    assert_same_final_checkpoint(&t.0.join("reference"), &run, 240);
+    let toml = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(toml.contains("dtype = \"bf16\""), "{toml}");
+}
+
 /// Starts `wake2vec <args>` writing `run`, SIGKILLs it once its log reaches each target step and
 /// resumes it, then waits for the last resume to finish successfully.
 fn kill_and_resume(args: &[String], run: &Path, targets: &[usize]) {
