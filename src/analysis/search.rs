@@ -59,16 +59,14 @@ pub struct SearchIndex {
 
 /// The base rows `0..base_vocab` and the Wake rows: where neighbours are looked for.
 pub fn candidate_ranges(layout: &Layout) -> Vec<Range<usize>> {
-    let mut r = vec![0..layout.base_vocab];
-    let wake = layout.wake();
-    if !wake.is_empty() {
-        if wake.start == layout.base_vocab {
-            r[0] = 0..wake.end;
-        } else {
-            r.push(wake);
-        }
+    let (base, wake) = (0..layout.base_vocab, layout.wake());
+    if wake.is_empty() {
+        std::iter::once(base).collect()
+    } else if wake.start == base.end {
+        std::iter::once(0..wake.end).collect()
+    } else {
+        [base, wake].into()
     }
-    r
 }
 
 /// `k` rows of `0..n` drawn with `seed`, in increasing order (all of them when `k ≥ n`).
@@ -234,13 +232,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.queries.len(), 6);
-        // the first query is row 8 (w0): neighbours rows 7 and 9 (10°), then 6 or 10 (20°)
+        // the first query is row 8 (w0): neighbours rows 7 and 9 (10°), then 6 or 10 (20°; which
+        // of a tie comes first depends on f32 rounding)
         let q = s.queries[0];
         assert_eq!(s.words[q], "w0");
         assert!(q >= s.n_base);
-        let nb: Vec<usize> = s.neighbours[0].iter().map(|&i| s.ids[i]).collect();
+        let mut nb: Vec<usize> = s.neighbours[0].iter().map(|&i| s.ids[i]).collect();
+        nb[..2].sort_unstable();
         assert_eq!(nb[..2], [7, 9]);
-        assert_eq!(nb[2], 6);
+        assert!([6, 10].contains(&nb[2]), "{nb:?}");
         assert_eq!(s.cos_milli[0][0], 985);
         for (i, &id) in s.ids.iter().enumerate() {
             assert_eq!(i >= s.n_base, id >= 8);

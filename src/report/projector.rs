@@ -54,7 +54,8 @@ pub struct ProjectorOutput {
     pub corpus: Option<PathBuf>,
 }
 
-/// A TSV cell: backslash, tab, newline and carriage return written as `\\`, `\t`, `\n`, `\r`.
+/// A TSV cell: backslash, tab, newline and carriage return written as `\\`, `\t`, `\n`, `\r`,
+/// other control characters as `\xNN` (a byte token can decode to one).
 pub fn escape_tsv(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
@@ -63,6 +64,10 @@ pub fn escape_tsv(s: &str) -> String {
             '\t' => o.push_str("\\t"),
             '\n' => o.push_str("\\n"),
             '\r' => o.push_str("\\r"),
+            // the C0 and C1 controls and DEL, all below U+0100
+            c if c.is_control() => {
+                let _ = write!(o, "\\x{:02x}", c as u32);
+            }
             c => o.push(c),
         }
     }
@@ -142,7 +147,8 @@ pub fn export(req: &ProjectorRequest) -> Result<ProjectorOutput> {
         search::sample_rows(layout.base_vocab, req.base.unwrap_or(usize::MAX), req.seed);
     let mut rows = base_rows.clone();
     rows.extend(layout.wake());
-    let nearest = search::top_k(&emb, &rows, &[0..layout.base_vocab], 1, &mut |_| {})?;
+    let base = std::iter::once(0..layout.base_vocab).collect::<Vec<_>>();
+    let nearest = search::top_k(&emb, &rows, &base, 1, &mut |_| {})?;
 
     let mut meta = String::with_capacity(rows.len() * 64);
     meta.push_str(METADATA_HEADER);
@@ -259,6 +265,7 @@ mod tests {
     #[test]
     fn tsv_cells_keep_one_line() {
         assert_eq!(escape_tsv("a\tb\nc\\d\r"), "a\\tb\\nc\\\\d\\r");
+        assert_eq!(escape_tsv("\u{0}\u{7f}\u{85}é"), "\\x00\\x7f\\x85é");
         let c = word_counts("riverrun, past Eve and Adam's, riverrun");
         assert_eq!(c["riverrun"], 2);
         assert_eq!(c["Adam's"], 1);
