@@ -446,3 +446,49 @@ fn the_report_search_box_lists_the_neighbours_of_search_json() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("all 3 words match"), "{text}");
 }
+
+#[test]
+fn export_projector_of_a_run_counts_the_runs_corpus() {
+    let dir = Scratch::new("projector-run");
+    let (model, words) = injected_model(&dir);
+    let run = dir.path("run");
+    let ck = run.join("checkpoints/step-4");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in std::fs::read_dir(&model).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+    }
+    // run.toml names the corpus relative to the run directory
+    std::fs::write(run.join("corpus.txt"), format!("{0} {0} {0}", words[4])).unwrap();
+    std::fs::write(
+        run.join("run.toml"),
+        format!(
+            "model = {:?}\ncorpus = \"corpus.txt\"\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.path("proj");
+    let o = ok(&wake2vec(
+        &dir,
+        &[
+            "export-projector",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--base",
+            "0",
+        ],
+    ));
+    assert!(o.contains("corpus_freq from"), "{o}");
+    let meta = lines(&out.join("metadata.tsv"));
+    assert_eq!(meta.len() - 1, words.len(), "Wake rows only with --base 0");
+    let line = meta
+        .iter()
+        .find(|l| l.starts_with(&format!("{}\t", words[4])))
+        .unwrap();
+    assert!(line.ends_with("\t3"), "{line}");
+    assert!(meta[1..]
+        .iter()
+        .all(|l| l.split('\t').nth(1) == Some("wake")));
+}
