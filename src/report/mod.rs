@@ -117,7 +117,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let trained_all = (applied == load::Applied::All).then_some(source.model_dir.as_path());
     let reference = drift_reference(req.pre.as_deref(), trained_all, snapshots.first(), &layout)?;
     let groups = load_groups(req)?;
-    let result = analysis::analyze(
+    let mut result = analysis::analyze(
         &emb,
         &layout,
         &vocab,
@@ -125,10 +125,18 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         reference.as_ref().map(|(n, r)| (n.as_str(), r)),
         &groups,
     )?;
+    let (clock, cpu) = (std::time::Instant::now(), analysis::process_cpu_seconds());
     let search = match req.search {
         Some(o) if o.k > 0 => Some(analysis::search::build(&emb, &layout, &vocab, o)?),
         _ => None,
     };
+    if search.is_some() {
+        result.geometry.timings_s.push(analysis::Timing {
+            stage: "search".into(),
+            seconds: clock.elapsed().as_secs_f64(),
+            cpu_seconds: analysis::process_cpu_seconds() - cpu,
+        });
+    }
     drop(emb);
 
     let out = match &req.out {
