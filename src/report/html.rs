@@ -631,8 +631,14 @@ const SEARCH_JS: &str = r##"(function () {
     body.textContent = "";
     if (v.trim() === "") { status.textContent = ""; return; }
     if (i === undefined) {
+      var key = v.trim().toLowerCase(), near = [];
+      for (var [k, j] of loose) {
+        if (k.startsWith(key)) near.push(d.words[d.queries[j]].trim());
+        if (near.length === 8) break;
+      }
       status.textContent = "\u201c" + v + "\u201d is not among the " + d.queries.length +
-        " words searched (every Wake word and a sample of base tokens).";
+        " words searched (every Wake word and a sample of base tokens)." +
+        (near.length ? " Words starting so: " + near.join(", ") : "");
       return;
     }
     var q = d.queries[i];
