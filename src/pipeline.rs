@@ -472,6 +472,7 @@ fn finish(config: &PipelineConfig, out: &Path, say: &dyn Fn(String)) -> Result<(
             trajectory_tokens: 0,
             logs: phase_logs(out),
             control: Some(out.join("control.json")).filter(|p| p.is_file()),
+            search: Some(Default::default()),
             ..Default::default()
         };
         let summary = report::analyze_path(&req)?.summary;

@@ -20,6 +20,7 @@ pub mod norms;
 pub mod npy_random;
 pub mod pairwise;
 pub mod pca;
+pub mod search;
 pub mod stats;
 pub mod trajectory;
 

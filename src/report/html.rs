@@ -1,6 +1,7 @@
-//! `report.html`: one self-contained page (figures inlined as SVG, no scripts, no external
-//! resources) with the configuration, loss curves, analysis figures and tables, neighbour
-//! tables and the generated samples with their metrics.
+//! `report.html`: one self-contained page (figures inlined as SVG, no external resources) with
+//! the configuration, loss curves, analysis figures and tables, neighbour tables, the neighbour
+//! search box (the analysis's `search.json` inlined as a JSON script element, with a small
+//! inline script) and the generated samples with their metrics.
 
 use super::Summary;
 use crate::analysis::{
@@ -107,6 +108,7 @@ pub fn build(
         pairwise(g.pairwise_cosine.as_ref())?,
         drift(g.drift.as_ref())?,
         neighbours(&g.neighbours)?,
+        search_box(analysis_dir)?,
         trajectories(summary.trajectory.as_ref(), analysis_dir)?,
         morphemes(g.morphemes.as_ref())?,
         devices(g.devices.as_ref())?,
@@ -606,6 +608,91 @@ fn devices(d: Option<&DeviceReport>) -> Result<String> {
         )?;
     }
     h.push_str("</table>\n");
+    Ok(h)
+}
+
+/// The search box's script: finds the typed word among the queries of the inlined
+/// `search.json` (exactly, else trimmed and lower-cased; Wake rows first) and lists its
+/// neighbours as table rows (word, group, cosine).
+const SEARCH_JS: &str = r##"(function () {
+  var d = JSON.parse(document.getElementById("w2v-search").textContent);
+  var exact = new Map(), loose = new Map();
+  d.queries.forEach(function (w, i) {
+    var word = d.words[w], key = word.trim().toLowerCase();
+    if (!exact.has(word)) exact.set(word, i);
+    if (!loose.has(key)) loose.set(key, i);
+  });
+  var box = document.getElementById("w2v-q"), status = document.getElementById("w2v-status");
+  var body = document.querySelector("#w2v-results tbody");
+  var group = function (w) { return w < d.n_base ? "base" : "wake"; };
+  function show() {
+    var v = box.value;
+    var i = exact.has(v) ? exact.get(v) : loose.get(v.trim().toLowerCase());
+    body.textContent = "";
+    if (v.trim() === "") { status.textContent = ""; return; }
+    if (i === undefined) {
+      var key = v.trim().toLowerCase(), near = [];
+      for (var [k, j] of loose) {
+        if (k.startsWith(key)) near.push(d.words[d.queries[j]].trim());
+        if (near.length === 8) break;
+      }
+      status.textContent = "\u201c" + v + "\u201d is not among the " + d.queries.length +
+        " words searched (every Wake word and a sample of base tokens)." +
+        (near.length ? " Words starting so: " + near.join(", ") : "");
+      return;
+    }
+    var q = d.queries[i];
+    status.textContent = "Nearest " + d.neighbours[i].length + " rows of \u201c" + d.words[q] +
+      "\u201d (" + group(q) + "), by cosine:";
+    d.neighbours[i].forEach(function (w, j) {
+      var tr = document.createElement("tr");
+      [String(j + 1), d.words[w], group(w), (d.cos_milli[i][j] / 1000).toFixed(3)].forEach(
+        function (t, c) {
+          var td = document.createElement("td");
+          td.textContent = t;
+          if (c === 0 || c === 3) td.className = "n";
+          tr.appendChild(td);
+        });
+      tr.setAttribute("data-word", d.words[w]);
+      body.appendChild(tr);
+    });
+  }
+  box.addEventListener("input", show);
+  show();
+})();"##;
+
+/// The neighbour search box, when the analysis wrote `search.json`: its lists inlined as a JSON
+/// script element (`<` written `\u003c`, so no text can close the element) and [`SEARCH_JS`].
+fn search_box(analysis_dir: &Path) -> Result<String> {
+    let path = analysis_dir.join(super::SEARCH_JSON);
+    if !path.is_file() {
+        return Ok(String::new());
+    }
+    let json = crate::util::fs::read_to_string(&path)?;
+    let index: crate::analysis::search::SearchIndex = serde_json::from_str(&json).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a search list file ({e}): rerun `wake2vec analyze`",
+            path.display()
+        )
+    })?;
+    let mut h = String::new();
+    writeln!(
+        h,
+        "<h2>Neighbour search</h2>\n<p class=\"muted\">Type a Wake word or a base token: its {} \
+         nearest rows by cosine among the base and Wake rows. Searchable: every Wake word and {} \
+         sampled base tokens ({} words).</p>\n<p><input id=\"w2v-q\" type=\"search\" size=\"40\" \
+         placeholder=\"riverrun\" autocomplete=\"off\" aria-label=\"word\"></p>\n\
+         <p id=\"w2v-status\" class=\"muted\"></p>\n<table id=\"w2v-results\"><thead><tr><th>#</th>\
+         <th>word</th><th>group</th><th>cosine</th></tr></thead><tbody></tbody></table>",
+        index.k,
+        index.queries.iter().filter(|&&q| q < index.n_base).count(),
+        index.queries.len()
+    )?;
+    writeln!(
+        h,
+        "<script type=\"application/json\" id=\"w2v-search\">{}</script>\n<script>{SEARCH_JS}</script>",
+        json.trim().replace('<', "\\u003c")
+    )?;
     Ok(h)
 }
 

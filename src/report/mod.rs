@@ -6,6 +6,7 @@
 
 pub mod figures;
 pub mod html;
+pub mod projector;
 
 use crate::analysis::{
     self,
@@ -31,6 +32,9 @@ use serde::Serialize;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
+/// The search lists' file in the analysis directory (docs/analysis.md, "Search lists").
+pub const SEARCH_JSON: &str = "search.json";
+
 /// Inputs of `wake2vec analyze`.
 #[derive(Debug, Clone, Default)]
 pub struct AnalyzeRequest {
@@ -54,6 +58,8 @@ pub struct AnalyzeRequest {
     pub logs: Vec<PathBuf>,
     /// A `control.json` (forgetting on a control text) to include.
     pub control: Option<PathBuf>,
+    /// Neighbour lists for the report's search box (`search.json`); `None`: none written.
+    pub search: Option<analysis::search::SearchOptions>,
 }
 
 /// `summary.json` (schema: docs/analysis.md).
@@ -111,7 +117,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
     let trained_all = (applied == load::Applied::All).then_some(source.model_dir.as_path());
     let reference = drift_reference(req.pre.as_deref(), trained_all, snapshots.first(), &layout)?;
     let groups = load_groups(req)?;
-    let result = analysis::analyze(
+    let mut result = analysis::analyze(
         &emb,
         &layout,
         &vocab,
@@ -119,6 +125,18 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         reference.as_ref().map(|(n, r)| (n.as_str(), r)),
         &groups,
     )?;
+    let (clock, cpu) = (std::time::Instant::now(), analysis::process_cpu_seconds());
+    let search = match req.search {
+        Some(o) if o.k > 0 => Some(analysis::search::build(&emb, &layout, &vocab, o)?),
+        _ => None,
+    };
+    if search.is_some() {
+        result.geometry.timings_s.push(analysis::Timing {
+            stage: "search".into(),
+            seconds: clock.elapsed().as_secs_f64(),
+            cpu_seconds: analysis::process_cpu_seconds() - cpu,
+        });
+    }
     drop(emb);
 
     let out = match &req.out {
@@ -171,6 +189,14 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
         let tsv = analysis::collapse::tsv(&result.figures.collapsed);
         fs::write(&out.join("collapse.tsv"), tsv.as_bytes())?;
     }
+    let search_path = out.join(SEARCH_JSON);
+    match &search {
+        Some(s) => fs::write(&search_path, serde_json::to_string(s)?.as_bytes())?,
+        // a search.json of an earlier analysis would not match this one
+        None if search_path.is_file() => std::fs::remove_file(&search_path)
+            .with_context(|| format!("cannot remove the stale {}", search_path.display()))?,
+        None => {}
+    }
     let json = serde_json::to_string_pretty(&summary)?;
     fs::write(&out.join("summary.json"), json.as_bytes())?;
     Ok(AnalyzeOutput { dir: out, summary })
@@ -179,7 +205,7 @@ pub fn analyze_path(req: &AnalyzeRequest) -> Result<AnalyzeOutput> {
 /// The embedding matrix with the checkpoint's trained rows in place, its row layout
 /// (`base_vocab` overrides `wake2vec.json`), `wake2vec.json` when it was read, and which rows
 /// the checkpoint replaced.
-fn load_matrix(
+pub(crate) fn load_matrix(
     source: &Source,
     base_vocab: Option<usize>,
 ) -> Result<(Embeddings, Layout, Option<Manifest>, load::Applied)> {
@@ -199,7 +225,7 @@ fn load_matrix(
 }
 
 /// The model directory's `tokenizer.json`, when it has one (token ids are named `#ID` without).
-fn load_tokenizer(model_dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
+pub(crate) fn load_tokenizer(model_dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
     let path = model_dir.join("tokenizer.json");
     if !path.is_file() {
         return Ok(None);

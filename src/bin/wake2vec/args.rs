@@ -54,6 +54,11 @@ pub enum Command {
     /// curves, analysis figures and tables, neighbours, and the samples of `generate --battery`
     /// (PATH/samples.jsonl) with their metrics. Runs the analysis first.
     Report(ReportArgs),
+    /// Write the TensorBoard Embedding Projector files for the Wake rows and a sample of the
+    /// base rows: tensors.bytes (little-endian f32; --tsv: tensors.tsv), metadata.tsv (word,
+    /// group, norm, nearest base token and its cosine, morpheme split, corpus frequency),
+    /// projector_config.pbtxt (TensorBoard) and projector_config.json (standalone projector).
+    ExportProjector(ExportProjectorArgs),
     /// Run the whole study: inject the lexicon, train Phases 1, 2 and 3 (each later phase from
     /// the checkpoint its selection rule picks), export the final model with the adapters
     /// merged, analyze it, run the generation battery and write report.html.
@@ -702,6 +707,13 @@ pub struct AnalyzeArgs {
     /// Write summary.json only.
     #[arg(long)]
     pub no_figures: bool,
+    /// Neighbours listed per word in search.json and the report's search box (0: no search
+    /// lists).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub search_k: u64,
+    /// Base tokens sampled into the search lists (every Wake word is in them).
+    #[arg(long, default_value_t = 2000)]
+    pub search_base: usize,
 }
 
 /// A cosine threshold in [-1, 1].
@@ -735,6 +747,11 @@ impl AnalyzeArgs {
             no_figures: self.no_figures,
             logs: vec![],
             control: None,
+            search: Some(wake2vec::analysis::search::SearchOptions {
+                k: self.search_k as usize,
+                base: self.search_base,
+                seed: self.seed,
+            }),
         }
     }
 }
@@ -749,6 +766,44 @@ pub struct ReportArgs {
     /// Where to write the page (default PATH/report.html).
     #[arg(long = "html")]
     pub html: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ExportProjectorArgs {
+    /// A model directory with Wake rows (wake2vec.json) or a run directory.
+    pub path: PathBuf,
+    /// The directory to write (absent or empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write tensors.tsv (tab-separated text) instead of tensors.bytes.
+    #[arg(long)]
+    pub tsv: bool,
+    /// Base rows to include: a number (a seeded sample) or `all`.
+    #[arg(long, default_value = "5000", value_parser = parse_base_rows)]
+    pub base: BaseRows,
+    /// Corpus whose word counts fill corpus_freq (default: a run's corpus; else empty).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Morpheme data for the morphemes column (default: affixes mined from the Wake words).
+    #[arg(long)]
+    pub morphemes: Option<PathBuf>,
+    /// Seed of the base-row sample.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// `--base N` or `--base all`.
+#[derive(Clone, Copy)]
+pub struct BaseRows(pub Option<usize>);
+
+fn parse_base_rows(s: &str) -> Result<BaseRows, String> {
+    match s {
+        "all" => Ok(BaseRows(None)),
+        _ => s
+            .parse()
+            .map(|n| BaseRows(Some(n)))
+            .map_err(|_| format!("'{s}' is not a number of base rows: give N or `all`")),
+    }
 }
 
 // Speed: bench.

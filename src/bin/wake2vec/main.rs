@@ -82,6 +82,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => train_verbs::status(args),
         Command::Analyze(args) => analysis_verbs::analyze(args),
         Command::Report(args) => analysis_verbs::report(args),
+        Command::ExportProjector(args) => analysis_verbs::export_projector(args),
         Command::Bench(cmd) => bench_verbs::bench(cmd),
     }
 }
