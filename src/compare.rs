@@ -178,7 +178,12 @@ pub fn compare(req: &Request) -> Result<Comparison> {
         if req.analyze {
             for (i, (input, entry)) in inputs.iter().zip(&mut entries).enumerate() {
                 if entry.geometry.is_none() {
-                    analyze_entry(input, entry, tmp, &format!("{}-{}", i + 1, slug(&input.label)))?;
+                    analyze_entry(
+                        input,
+                        entry,
+                        tmp,
+                        &format!("{}-{}", i + 1, slug(&input.label)),
+                    )?;
                 }
             }
         }
@@ -191,7 +196,10 @@ pub fn compare(req: &Request) -> Result<Comparison> {
         };
         let json = serde_json::to_string_pretty(&comparison)?;
         fs::write(&tmp.join("compare.json"), json.as_bytes())?;
-        fs::write(&tmp.join("compare.html"), page(&comparison, tmp)?.as_bytes())?;
+        fs::write(
+            &tmp.join("compare.html"),
+            page(&comparison, tmp)?.as_bytes(),
+        )?;
         Ok(comparison)
     })
 }
@@ -225,7 +233,11 @@ fn check_inputs(req: &Request) -> Result<Vec<Input>> {
             Some(l) => l.trim().to_string(),
             None => dir_name(&path),
         };
-        ensure!(!label.is_empty(), "--label {i}: give a non-empty name");
+        ensure!(
+            !label.is_empty(),
+            "--label number {} is empty: give each input a name",
+            i + 1
+        );
         inputs.push(Input {
             label,
             path,
@@ -555,8 +567,13 @@ fn analyze_entry(input: &Input, entry: &mut Entry, tmp: &Path, name: &str) -> Re
         .with_context(|| format!("--analyze {}", input.path.display()))?
         .summary;
     let summary_path = out.join("summary.json");
-    entry.geometry = Some(geometry_of(&serde_json::to_value(&summary)?, &summary_path)?);
-    entry.missing.retain(|m| !m.starts_with("analysis/summary.json"));
+    entry.geometry = Some(geometry_of(
+        &serde_json::to_value(&summary)?,
+        &summary_path,
+    )?);
+    entry
+        .missing
+        .retain(|m| !m.starts_with("analysis/summary.json"));
     // Recorded relative to the comparison's directory, which is renamed when it is done.
     entry.geometry_from = Some(Path::new("analysis").join(name).join("summary.json"));
     Ok(())
@@ -566,8 +583,12 @@ fn analyze_entry(input: &Input, entry: &mut Entry, tmp: &Path, name: &str) -> Re
 fn write_figures(dir: &Path, entries: &[Entry]) -> Result<Vec<String>> {
     let mut names = Vec::new();
     let plots: [(&str, &str, &str, fn(&Curves) -> &[(u64, f64)]); 2] = [
-        ("val_loss", "Validation loss", "loss (nats/token)", |c| &c.val_loss),
-        ("val_bpb", "Validation bits per byte", "bits / byte", |c| &c.val_bpb),
+        ("val_loss", "Validation loss", "loss (nats/token)", |c| {
+            &c.val_loss
+        }),
+        ("val_bpb", "Validation bits per byte", "bits / byte", |c| {
+            &c.val_bpb
+        }),
     ];
     for (stem, title, y, values) in plots {
         let series: Vec<(String, Vec<(f64, f64)>)> = entries
@@ -610,7 +631,7 @@ padding:1.5em 2em;color:#1d1d1f}h2{border-bottom:2px solid #ddd;padding-bottom:.
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #d0d0d0;\
 padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}\
 td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#666}\
-figure{margin:1em 0}figure svg{max-width:100%;height:auto;border:1px solid #eee}\
+.figs{display:flex;gap:1em}.figs figure{flex:1;min-width:0}figure{margin:1em 0}figure svg{max-width:100%;height:auto;border:1px solid #eee}\
 figcaption{color:#555;font-size:.9em}";
 
 /// One table: a header row, then one row per entry (label first, then `cells`, numeric).
@@ -684,16 +705,37 @@ fn page(c: &Comparison, dir: &Path) -> Result<String> {
             num(l.best_val_bpb),
         ]
     });
+    h.push_str("<div class=\"figs\">\n");
     for (stem, caption) in [
-        ("val_loss", "Validation loss of each entry (a pipeline's phases one after the other)."),
-        ("val_bpb", "Validation bits per byte of each entry."),
+        ("val_loss", "Validation loss (nats/token)."),
+        ("val_bpb", "Validation bits per byte."),
     ] {
         let path = dir.join(format!("{stem}.svg"));
         if path.is_file() {
             let svg = fs::read_to_string(&path)?;
             let svg = &svg[svg.find("<svg").unwrap_or(0)..];
-            writeln!(h, "<figure>{svg}<figcaption>{caption}</figcaption></figure>")?;
+            writeln!(
+                h,
+                "<figure>{svg}<figcaption>{caption}</figcaption></figure>"
+            )?;
         }
+    }
+    h.push_str("</div>\n");
+    for e in &c.entries {
+        let Some(curves) = e.curves.as_ref().filter(|c| c.phases.len() > 1) else {
+            continue;
+        };
+        let starts: Vec<String> = curves
+            .phases
+            .iter()
+            .map(|(step, name)| format!("{name} at step {step}"))
+            .collect();
+        writeln!(
+            h,
+            "<p class=\"muted\">{}: phases one after the other on the step axis, {}.</p>",
+            escape(&e.label),
+            starts.join(", ")
+        )?;
     }
     h.push_str("<h2>Control text (forgetting)</h2>\n");
     let heads = [
@@ -712,7 +754,8 @@ fn page(c: &Comparison, dir: &Path) -> Result<String> {
             num(k.base_bpb),
             k.last_stage.clone(),
             num(Some(k.last_bpb)),
-            k.change_from_base.map_or("–".into(), |d| format!("{d:+.4}")),
+            k.change_from_base
+                .map_or("–".into(), |d| format!("{d:+.4}")),
             num(k.last_kl),
             num(k.last_moved_mass),
         ],
@@ -913,7 +956,11 @@ mod tests {
         };
         let b = battery_of(&[sample(Some(0.2), 0.5), sample(None, 1.0)]);
         assert_eq!((b.samples, b.mean_tokens), (2, 10.0));
-        assert_eq!(b.wake_token_share, Some(0.2), "over the samples that know it");
+        assert_eq!(
+            b.wake_token_share,
+            Some(0.2),
+            "over the samples that know it"
+        );
         assert_eq!(b.distinct_1, 0.75);
     }
 }

@@ -86,16 +86,31 @@ fn compare_shows_each_runs_own_records_and_refuses_bad_input() {
     for init in inits {
         let cfg = format!("{init}.toml");
         let run = wake2vec(&t.0, &["run", &cfg, "--out", init, "--quiet"]);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
     }
     let out = wake2vec(
         &t.0,
         &[
-            "compare", "mean-noise", "spherical", "--out", "cmp", "--label", "noise", "--label",
+            "compare",
+            "mean-noise",
+            "spherical",
+            "--out",
+            "cmp",
+            "--label",
+            "noise",
+            "--label",
             "sphere",
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c = json(&t.path("cmp/compare.json"));
     assert_eq!(c["format"], 1);
     assert_eq!(
@@ -128,7 +143,10 @@ fn compare_shows_each_runs_own_records_and_refuses_bad_input() {
             e["loss"]["best_val_bpb"].as_f64(),
             all_bpb.iter().copied().reduce(f64::min)
         );
-        assert_eq!(e["curves"]["val_bpb"].as_array().unwrap().len(), all_bpb.len());
+        assert_eq!(
+            e["curves"]["val_bpb"].as_array().unwrap().len(),
+            all_bpb.len()
+        );
         assert_eq!(e["curves"]["phases"][2][1], "p3");
         // Control: the base row and the last stage of control.json.
         let control = json(&run.join("control.json"));
@@ -144,11 +162,20 @@ fn compare_shows_each_runs_own_records_and_refuses_bad_input() {
         let s = json(&run.join("analysis/summary.json"));
         let g = &e["geometry"];
         assert_eq!(g["isoscore_wake"], s["isoscore"]["wake"]);
-        assert_eq!(g["isotropy_wake"]["mu2018"], s["isotropy"]["wake"]["mu2018"]);
-        assert_eq!(g["cohens_d_pooled"], s["norms"]["tests"]["cohens_d"]["pooled"]);
+        assert_eq!(
+            g["isotropy_wake"]["mu2018"],
+            s["isotropy"]["wake"]["mu2018"]
+        );
+        assert_eq!(
+            g["cohens_d_pooled"],
+            s["norms"]["tests"]["cohens_d"]["pooled"]
+        );
         assert_eq!(g["pca_dim90_wake"], s["pca"]["wake"]["k90"]);
         assert_eq!(g["collapse_share"], s["collapse"]["share"]);
-        assert!(e["geometry_from"].as_str().unwrap().ends_with("analysis/summary.json"));
+        assert!(e["geometry_from"]
+            .as_str()
+            .unwrap()
+            .ends_with("analysis/summary.json"));
         // Battery: the mean over samples.jsonl.
         let samples: Vec<Value> = std::fs::read_to_string(run.join("samples.jsonl"))
             .unwrap()
@@ -169,25 +196,47 @@ fn compare_shows_each_runs_own_records_and_refuses_bad_input() {
     );
     let html = std::fs::read_to_string(t.path("cmp/compare.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("sphere"));
-    assert!(!html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http"));
+    assert!(
+        !html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http")
+    );
 
     // A model directory has gaps, not an error; --analyze fills its geometry inside --out.
     let out = wake2vec(
         &t.0,
-        &["compare", "mean-noise/model", "spherical", "--out", "cmp2", "--analyze"],
+        &[
+            "compare",
+            "mean-noise/model",
+            "spherical",
+            "--out",
+            "cmp2",
+            "--analyze",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c = json(&t.path("cmp2/compare.json"));
     let m = &c["entries"][0];
-    assert_eq!((&m["kind"], &m["label"], &m["init"]), (&"model".into(), &"model".into(), &"mean-noise".into()));
+    assert_eq!(
+        (&m["kind"], &m["label"], &m["init"]),
+        (&"model".into(), &"model".into(), &"mean-noise".into())
+    );
     assert!(m["loss"].is_null() && m["control"].is_null() && m["battery"].is_null());
     let missing = m["missing"].to_string();
-    assert!(missing.contains("training log") && missing.contains("samples.jsonl"), "{missing}");
+    assert!(
+        missing.contains("training log") && missing.contains("samples.jsonl"),
+        "{missing}"
+    );
     assert!(!missing.contains("summary.json"), "{missing}");
     assert_eq!(m["geometry_from"], "analysis/1-model/summary.json");
     let s = json(&t.path("cmp2/analysis/1-model/summary.json"));
     assert_eq!(m["geometry"]["isoscore_wake"], s["isoscore"]["wake"]);
-    assert!(!t.path("mean-noise/model/analysis").exists(), "nothing written into an input");
+    assert!(
+        !t.path("mean-noise/model/analysis").exists(),
+        "nothing written into an input"
+    );
 
     // Bad input: one line naming the path and the fix; nothing written.
     std::fs::create_dir_all(t.path("plain")).unwrap();
@@ -203,12 +252,24 @@ fn compare_shows_each_runs_own_records_and_refuses_bad_input() {
         &dest,
     );
     refused(
-        &wake2vec(&t.0, &["compare", "mean-noise", "spherical", "--out", "spherical/cmp"]),
+        &wake2vec(
+            &t.0,
+            &[
+                "compare",
+                "mean-noise",
+                "spherical",
+                "--out",
+                "spherical/cmp",
+            ],
+        ),
         "inside the input",
         &t.path("spherical/cmp"),
     );
     refused(
-        &wake2vec(&t.0, &["compare", "mean-noise", "spherical", "--out", "cmp"]),
+        &wake2vec(
+            &t.0,
+            &["compare", "mean-noise", "spherical", "--out", "cmp"],
+        ),
         "not an empty directory",
         &dest,
     );
