@@ -579,10 +579,13 @@ fn analyze_entry(input: &Input, entry: &mut Entry, tmp: &Path, name: &str) -> Re
     Ok(())
 }
 
+/// One curve of an entry's [`Curves`].
+type Pick = fn(&Curves) -> &[(u64, f64)];
+
 /// The overlaid validation loss and bits-per-byte figures, when an entry has curves.
 fn write_figures(dir: &Path, entries: &[Entry]) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    let plots: [(&str, &str, &str, fn(&Curves) -> &[(u64, f64)]); 2] = [
+    let plots: [(&str, &str, &str, Pick); 2] = [
         ("val_loss", "Validation loss", "loss (nats/token)", |c| {
             &c.val_loss
         }),

@@ -274,7 +274,11 @@ fn inject_then_score_and_generate() {
     assert_eq!(together.len(), 3);
     for (i, ids) in together.iter().enumerate() {
         let seed = (5 + i).to_string();
-        assert_eq!(sampled(&["--seed", &seed]), [ids.clone()], "sample {i}");
+        assert_eq!(
+            sampled(&["--seed", &seed]),
+            std::slice::from_ref(ids),
+            "sample {i}"
+        );
     }
     assert_ne!(together[0], together[1], "seeds 5 and 6 drew the same text");
 
