@@ -129,6 +129,8 @@ pub struct Isotropy {
 /// The geometry table's numbers, from a summary.json (docs/analysis.md).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Geometry {
+    /// What the analysis was given (a pipeline's `final/`, a run directory, a model).
+    pub analyzed: Option<PathBuf>,
     /// The run checkpoint analyzed, when it was one.
     pub checkpoint: Option<String>,
     pub wake_count: Option<u64>,
@@ -492,6 +494,10 @@ fn geometry_of(v: &Value, from: &Path) -> Result<Geometry> {
     };
     let (base, wake) = (f("/norms/base/mean"), f("/norms/wake/mean"));
     Ok(Geometry {
+        analyzed: v
+            .pointer("/source/input")
+            .and_then(Value::as_str)
+            .map(PathBuf::from),
         checkpoint: v
             .pointer("/source/checkpoint")
             .and_then(Value::as_str)
@@ -770,7 +776,7 @@ fn page(c: &Comparison, dir: &Path) -> Result<String> {
          PCA components reaching 90% of the variance (docs/analysis.md).</p>\n",
     );
     let heads = [
-        "checkpoint",
+        "analyzed",
         "norm gap",
         "d pooled",
         "d unweighted",
@@ -786,7 +792,11 @@ fn page(c: &Comparison, dir: &Path) -> Result<String> {
     table(&mut h, &heads, &c.entries, |e| match &e.geometry {
         None => vec!["–".into(); 12],
         Some(g) => vec![
-            g.checkpoint.clone().unwrap_or_else(|| "–".into()),
+            [g.analyzed.as_deref().map(dir_name), g.checkpoint.clone()]
+                .into_iter()
+                .flatten()
+                .reduce(|a, b| format!("{a} {b}"))
+                .unwrap_or_else(|| "–".into()),
             num(g.norm_gap),
             num(g.cohens_d_pooled),
             num(g.cohens_d_unweighted),
@@ -887,7 +897,7 @@ mod tests {
     #[test]
     fn geometry_control_and_battery_are_read_as_recorded() {
         let v = serde_json::json!({
-            "format": 1, "source": {"checkpoint": "step-40"}, "wake_count": 3,
+            "format": 1, "source": {"input": "/r/p1", "checkpoint": "step-40"}, "wake_count": 3,
             "norms": {"base": {"mean": 1.0}, "wake": {"mean": 1.5},
                       "tests": {"cohens_d": {"pooled": 2.0, "unweighted": 2.1}}},
             "isotropy": {"wake": {"mu2018": 0.5, "partition_ratio": 0.4, "mean_cos": 0.3},
@@ -899,6 +909,7 @@ mod tests {
         let g = geometry_of(&v, Path::new("s.json")).unwrap();
         assert_eq!(g.norm_gap, Some(0.5));
         assert_eq!(g.checkpoint.as_deref(), Some("step-40"));
+        assert_eq!(g.analyzed.as_deref(), Some(Path::new("/r/p1")));
         assert_eq!(g.isotropy_wake.partition_ratio, Some(0.4));
         assert_eq!(g.isotropy_all.mean_cos, None);
         assert_eq!((g.isoscore_wake, g.isoscore_all), (Some(0.1), None));
