@@ -611,7 +611,7 @@ fn write_figures(dir: &Path, entries: &[Entry]) -> Result<Vec<String>> {
         if series.is_empty() {
             continue;
         }
-        let fig = figures::curves_figure(&series, title, ("optimizer step", y))?;
+        let fig = figures::curves_figure(&series, title, ("optimizer step", y), (800, 520))?;
         for (ext, bytes) in [("svg", fig.svg.as_bytes()), ("png", &fig.png[..])] {
             let name = format!("{stem}.{ext}");
             fs::write(&dir.join(&name), bytes)?;
