@@ -730,6 +730,8 @@ fn page(c: &Comparison, dir: &Path) -> Result<String> {
         }
     }
     h.push_str("</div>\n");
+    // Where each phase starts, once for the entries whose phases start alike.
+    let mut notes: Vec<(String, Vec<&str>)> = Vec::new();
     for e in &c.entries {
         let Some(curves) = e.curves.as_ref().filter(|c| c.phases.len() > 1) else {
             continue;
@@ -739,11 +741,17 @@ fn page(c: &Comparison, dir: &Path) -> Result<String> {
             .iter()
             .map(|(step, name)| format!("{name} at step {step}"))
             .collect();
+        let starts = starts.join(", ");
+        match notes.iter_mut().find(|n| n.0 == starts) {
+            Some(n) => n.1.push(&e.label),
+            None => notes.push((starts, vec![&e.label])),
+        }
+    }
+    for (starts, labels) in notes {
         writeln!(
             h,
-            "<p class=\"muted\">{}: phases one after the other on the step axis, {}.</p>",
-            escape(&e.label),
-            starts.join(", ")
+            "<p class=\"muted\">{}: phases one after the other on the step axis, {starts}.</p>",
+            escape(&labels.join(", "))
         )?;
     }
     h.push_str("<h2>Control text (forgetting)</h2>\n");
