@@ -23,4 +23,6 @@ pub mod report;
 pub mod study;
 pub mod train;
 
+pub mod compare;
+
 pub mod bench;

@@ -379,6 +379,7 @@ pub fn page(study: &InitStudy) -> Result<String> {
         &series,
         "Wake validation bits per byte",
         ("Phase 1 step", "bits / byte"),
+        (1200, 700),
     )?;
     writeln!(h, "<figure>{}</figure>\n</body></html>", fig.svg)?;
     Ok(h)

@@ -694,15 +694,16 @@ pub fn loss_figure(log: &[LogLine], phases: &[(u64, String)], title: &str) -> Re
     )
 }
 
-/// Named curves on one panel (1200 × 700), one colour each: e.g. the validation bits per
-/// byte of each scheme of an init study.
+/// Named curves on one panel of `size` pixels (1200 × 700 for a page of its own), one colour
+/// each: e.g. the validation bits per byte of each scheme of an init study.
 pub fn curves_figure(
     series: &[(String, Vec<(f64, f64)>)],
     title: &str,
     descs: (&str, &str),
+    size: (u32, u32),
 ) -> Result<Figure> {
     render_dual(
-        (1200, 700),
+        size,
         DualDraw {
             svg: Box::new(|root| curves_panel(root, series, title, descs)),
             bmp: Box::new(|root| curves_panel(root, series, title, descs)),

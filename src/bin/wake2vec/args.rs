@@ -59,6 +59,14 @@ pub enum Command {
     /// group, norm, nearest base token and its cosine, morpheme split, corpus frequency),
     /// projector_config.pbtxt (TensorBoard) and projector_config.json (standalone projector).
     ExportProjector(ExportProjectorArgs),
+    /// Two or more runs or models side by side: validation loss and bits per byte, control-text
+    /// bits per byte and its change from the base, the embedding geometry of summary.json, the
+    /// generation battery's text metrics, and the validation curves overlaid.
+    ///
+    /// Each input is a pipeline directory (`wake2vec run`), a run directory (`wake2vec train`) or
+    /// a model directory; what one lacks is listed as missing. Writes a new directory: compare.json,
+    /// val_loss.{png,svg}, val_bpb.{png,svg} and one self-contained compare.html.
+    Compare(CompareArgs),
     /// Run the whole study: inject the lexicon, train Phases 1, 2 and 3 (each later phase from
     /// the checkpoint its selection rule picks), export the final model with the adapters
     /// merged, analyze it, run the generation battery and write report.html.
@@ -754,6 +762,22 @@ impl AnalyzeArgs {
             }),
         }
     }
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Pipeline, run or model directories (two or more).
+    #[arg(value_name = "RUN_OR_MODEL", required = true, num_args = 2..)]
+    pub inputs: Vec<PathBuf>,
+    /// The directory to write (new or empty, outside every input).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A name for each input, in order (default: the directory names); repeat once per input.
+    #[arg(long = "label", value_name = "NAME")]
+    pub labels: Vec<String>,
+    /// Compute the geometry of inputs without analysis/summary.json (into OUT/analysis/).
+    #[arg(long)]
+    pub analyze: bool,
 }
 
 #[derive(Args)]

@@ -4,6 +4,7 @@
 mod analysis_verbs;
 mod args;
 mod bench_verbs;
+mod compare_verbs;
 mod model_verbs;
 mod train_verbs;
 mod vocab_verbs;
@@ -83,6 +84,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Analyze(args) => analysis_verbs::analyze(args),
         Command::Report(args) => analysis_verbs::report(args),
         Command::ExportProjector(args) => analysis_verbs::export_projector(args),
+        Command::Compare(args) => compare_verbs::compare(args),
         Command::Bench(cmd) => bench_verbs::bench(cmd),
     }
 }
