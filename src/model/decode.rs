@@ -577,8 +577,8 @@ impl TeamLead<'_> {
 
 /// Spins until `ready` gives a value; after [`SPINS`] tries it yields the core between tries,
 /// so that on a machine with more busy threads than cores the thread being waited for runs.
-/// Measured on SmolLM2 with 2 cores and ~5 other busy threads: 1.4 tokens/s with pure spinning
-/// and fixed parts, 14.0 with yielding and claimed parts.
+/// Measured on SmolLM2 with 2 cores and 5 other busy threads: 2.5–2.9 tokens/s with pure
+/// spinning and fixed parts, 9.9–10.7 with yielding and claimed parts (idle: 46–48 either way).
 fn wait_for<R>(mut ready: impl FnMut() -> Option<R>) -> R {
     let mut tries = 0u32;
     loop {
