@@ -21,7 +21,8 @@ use candle_core::{DType, Tensor};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
-/// A row-major `[rows, cols]` matrix inside the decoder's weight arena, with an optional bias.
+/// A `[rows, cols]` matrix inside the decoder's weight arena (in [`pack`]'s order), with an
+/// optional bias.
 struct Mat {
     offset: usize,
     rows: usize,
@@ -81,19 +82,24 @@ impl Arena {
         let cols = parts[0].weight.dim(1)?;
         let mut rows = 0;
         let mut bias = Vec::new();
+        let (mut narrow, mut wide) = (Vec::new(), Vec::new());
         for p in parts {
             let w = p.weight.flatten_all()?;
             if bf16 {
-                self.bf16
-                    .extend(w.to_vec1::<half::bf16>()?.iter().map(|v| v.to_bits()));
+                narrow.extend(w.to_vec1::<half::bf16>()?.iter().map(|v| v.to_bits()));
             } else {
-                self.f32.extend(w.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                wide.extend(w.to_dtype(DType::F32)?.to_vec1::<f32>()?);
             }
             rows += p.weight.dim(0)?;
             match &p.bias {
                 Some(b) => bias.extend(b.to_vec1::<f32>()?),
                 None => bias.resize(rows, 0.0),
             }
+        }
+        if bf16 {
+            pack(&narrow, rows, cols, &mut self.bf16);
+        } else {
+            pack(&wide, rows, cols, &mut self.f32);
         }
         let bias = parts.iter().any(|p| p.bias.is_some()).then_some(bias);
         Ok(Mat {
@@ -613,14 +619,11 @@ const ROWS: usize = 4;
 const BLOCK_ROWS: usize = 16 * ROWS;
 /// Floats per accumulator group in the portable kernel.
 const LANES: usize = 16;
+/// Columns the AVX2 kernel takes per step (two 8-float vectors per row).
+const CHUNK: usize = 16;
 
 /// A stored weight value: f32, or bf16 as its bits.
 trait Weight: Copy {
-    /// How many groups of rows ahead the kernel prefetches (0: none). Each row is a short
-    /// stream (18 cache lines of bf16 on SmolLM2), too short for the hardware prefetcher to
-    /// ramp up: for bf16, 2 groups ahead decoded SmolLM2 at 61–65 tokens/s against 53–57
-    /// without (1 and 4 groups: less); f32 rows gained nothing.
-    const PREFETCH_GROUPS: usize;
     /// The value as f32 (exact).
     fn widen(self) -> f32;
     /// A row as f32 values (borrowed when already f32).
@@ -634,7 +637,6 @@ trait Weight: Copy {
 }
 
 impl Weight for f32 {
-    const PREFETCH_GROUPS: usize = 0;
     fn widen(self) -> f32 {
         self
     }
@@ -649,7 +651,6 @@ impl Weight for f32 {
 }
 
 impl Weight for u16 {
-    const PREFETCH_GROUPS: usize = 2;
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self) << 16)
     }
@@ -665,7 +666,48 @@ impl Weight for u16 {
     }
 }
 
-/// `ys[r] = W[r]·x` for the rows of `w` (`[ys.len(), x.len()]`).
+/// Appends `w` (`[rows, cols]`, row-major) to `out` in the kernel's order: each whole group
+/// of [`ROWS`] rows as chunks of [`CHUNK`] columns, the group's rows one after another within a
+/// chunk, then each row's last `cols % CHUNK` values; rows after the last whole group as they
+/// are. A group keeps its span (`ROWS × cols` values from its first row's offset), so row
+/// ranges and offsets are those of the row-major matrix, and the kernel reads one stream per
+/// group instead of four short ones.
+fn pack<T: Copy>(w: &[T], rows: usize, cols: usize, out: &mut Vec<T>) {
+    let body = cols / CHUNK * CHUNK;
+    let groups = rows / ROWS;
+    for group in w[..groups * ROWS * cols].chunks_exact(ROWS * cols) {
+        for c in (0..body).step_by(CHUNK) {
+            for k in 0..ROWS {
+                out.extend_from_slice(&group[k * cols + c..k * cols + c + CHUNK]);
+            }
+        }
+        for k in 0..ROWS {
+            out.extend_from_slice(&group[k * cols + body..(k + 1) * cols]);
+        }
+    }
+    out.extend_from_slice(&w[groups * ROWS * cols..rows * cols]);
+}
+
+/// Row `r` of a matrix stored by [`pack`] with `rows` rows of `cols` values.
+fn packed_row<T: Copy>(w: &[T], rows: usize, cols: usize, r: usize) -> Cow<'_, [T]>
+where
+    [T]: ToOwned<Owned = Vec<T>>,
+{
+    if r >= rows / ROWS * ROWS {
+        return Cow::Borrowed(&w[r * cols..(r + 1) * cols]);
+    }
+    let (body, k) = (cols / CHUNK * CHUNK, r % ROWS);
+    let group = &w[(r - k) * cols..(r - k + ROWS) * cols];
+    let mut row = Vec::with_capacity(cols);
+    for c in (0..body).step_by(CHUNK) {
+        row.extend_from_slice(&group[c * ROWS + k * CHUNK..][..CHUNK]);
+    }
+    let tail = cols - body;
+    row.extend_from_slice(&group[body * ROWS + k * tail..][..tail]);
+    Cow::Owned(row)
+}
+
+/// `ys[r] = W[r]·x` for the rows of `w` (`[ys.len(), x.len()]`, stored by [`pack`]).
 fn rows_dot(w: Weights, x: &[f32], ys: &mut [f32]) {
     match w {
         Weights::F32(w) => rows_dot_as(w, x, ys),
@@ -684,12 +726,13 @@ fn rows_dot_as<T: Weight>(w: &[T], x: &[f32], ys: &mut [f32]) {
             return unsafe { rows_dot_avx2(w, x, ys) };
         }
     }
+    let (rows, cols) = (ys.len(), x.len());
     for (r, y) in ys.iter_mut().enumerate() {
-        *y = dot(&T::widen_row(&w[r * x.len()..(r + 1) * x.len()]), x);
+        *y = dot(&T::widen_row(&packed_row(w, rows, cols, r)), x);
     }
 }
 
-/// AVX2 + FMA kernel: four rows at a time, two 8-float accumulators per row.
+/// AVX2 + FMA kernel: a group of four rows at a time, two 8-float accumulators per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_dot_avx2<T: Weight>(w: &[T], x: &[f32], ys: &mut [f32]) {
@@ -701,31 +744,30 @@ unsafe fn rows_dot_avx2<T: Weight>(w: &[T], x: &[f32], ys: &mut [f32]) {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
     let cols = x.len();
-    let body = cols / 16 * 16;
+    let body = cols / CHUNK * CHUNK;
+    let tail = cols - body;
     let xp = x.as_ptr();
     let groups = ys.len() / ROWS;
     for g in 0..groups {
-        let r: [*const T; ROWS] = std::array::from_fn(|k| w.as_ptr().add((g * ROWS + k) * cols));
+        let p = w.as_ptr().add(g * ROWS * cols);
         let mut lo = [_mm256_setzero_ps(); ROWS];
         let mut hi = [_mm256_setzero_ps(); ROWS];
         let mut i = 0;
         while i < body {
             let x0 = _mm256_loadu_ps(xp.add(i));
             let x1 = _mm256_loadu_ps(xp.add(i + 8));
+            let chunk = p.add(i * ROWS);
             for k in 0..ROWS {
-                if T::PREFETCH_GROUPS > 0 {
-                    let ahead = r[k].wrapping_add(T::PREFETCH_GROUPS * ROWS * cols + i);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                }
-                lo[k] = _mm256_fmadd_ps(T::load8(r[k].add(i)), x0, lo[k]);
-                hi[k] = _mm256_fmadd_ps(T::load8(r[k].add(i + 8)), x1, hi[k]);
+                lo[k] = _mm256_fmadd_ps(T::load8(chunk.add(k * CHUNK)), x0, lo[k]);
+                hi[k] = _mm256_fmadd_ps(T::load8(chunk.add(k * CHUNK + 8)), x1, hi[k]);
             }
-            i += 16;
+            i += CHUNK;
         }
+        let tails = p.add(body * ROWS);
         for k in 0..ROWS {
             let mut sum = hsum(_mm256_add_ps(lo[k], hi[k]));
-            for j in body..cols {
-                sum += (*r[k].add(j)).widen() * *xp.add(j);
+            for j in 0..tail {
+                sum += (*tails.add(k * tail + j)).widen() * *xp.add(body + j);
             }
             ys[g * ROWS + k] = sum;
         }
@@ -756,6 +798,38 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    fn row_major(rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols).map(|i| (i as f32 * 0.013).sin()).collect()
+    }
+
+    fn packed(rows: usize, cols: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        pack(&row_major(rows, cols), rows, cols, &mut out);
+        out
+    }
+
+    #[test]
+    fn packing_keeps_every_row_and_each_group_in_its_span() {
+        for (rows, cols) in [(37, 45), (8, 32), (3, 5), (9, 16), (4, 1)] {
+            let w = row_major(rows, cols);
+            let p = packed(rows, cols);
+            assert_eq!(p.len(), w.len());
+            for r in 0..rows {
+                assert!(
+                    *packed_row(&p, rows, cols, r) == w[r * cols..(r + 1) * cols],
+                    "{rows}x{cols} row {r}"
+                );
+                let g = r / ROWS * ROWS * cols;
+                let span = &p[g..(g + ROWS * cols).min(p.len())];
+                let mut sorted_span = span.to_vec();
+                let mut sorted_rows = w[g..(g + ROWS * cols).min(w.len())].to_vec();
+                sorted_span.sort_by(f32::total_cmp);
+                sorted_rows.sort_by(f32::total_cmp);
+                assert_eq!(sorted_span, sorted_rows, "{rows}x{cols} group of row {r}");
+            }
+        }
+    }
+
     #[test]
     fn dot_matches_naive_sum_for_all_lengths() {
         for n in [0, 1, 31, 32, 33, 576, 1537] {
@@ -769,7 +843,7 @@ mod tests {
     #[test]
     fn batched_products_equal_single_ones_bit_for_bit() {
         for (rows, cols) in [(37, 45), (301, 64)] {
-            let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.013).sin()).collect();
+            let w = packed(rows, cols);
             let xs: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.07).cos()).collect();
             for threads in [1, 2, 3] {
                 let mut ys = vec![0.0; 3 * rows];
@@ -790,11 +864,12 @@ mod tests {
     #[test]
     fn gemv_matches_rows() {
         let (rows, cols) = (37, 45);
-        let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.013).sin()).collect();
+        let w = row_major(rows, cols);
         let x: Vec<f32> = (0..cols).map(|i| i as f32 * 0.1).collect();
+        let p = packed(rows, cols);
         for threads in [1, 2, 3] {
             let mut y = vec![0.0; rows];
-            Team::run(threads, |lead| lead.gemv(Weights::F32(&w), &x, &mut y, 1));
+            Team::run(threads, |lead| lead.gemv(Weights::F32(&p), &x, &mut y, 1));
             for r in 0..rows {
                 let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
                 assert!((y[r] - want).abs() < 1e-4, "threads {threads} row {r}");
@@ -805,9 +880,12 @@ mod tests {
     #[test]
     fn bf16_products_equal_f32_products_on_the_rounded_weights_bit_for_bit() {
         for (rows, cols) in [(37, 45), (64, 576), (9, 16), (5, 3)] {
-            let bits: Vec<u16> = (0..rows * cols)
-                .map(|i| half::bf16::from_f32((i as f32 * 0.013).sin()).to_bits())
+            let rounded: Vec<u16> = row_major(rows, cols)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
                 .collect();
+            let mut bits = Vec::new();
+            pack(&rounded, rows, cols, &mut bits);
             let wide: Vec<f32> = bits.iter().map(|&b| b.widen()).collect();
             let xs: Vec<f32> = (0..2 * cols).map(|i| (i as f32 * 0.07).cos()).collect();
             for threads in [1, 2] {
@@ -823,12 +901,12 @@ mod tests {
             let mut portable = vec![0.0; rows];
             for (r, y) in portable.iter_mut().enumerate() {
                 *y = dot(
-                    &u16::widen_row(&bits[r * cols..(r + 1) * cols]),
+                    &u16::widen_row(&packed_row(&bits, rows, cols, r)),
                     &xs[..cols],
                 );
             }
             let want: Vec<f32> = (0..rows)
-                .map(|r| dot(&wide[r * cols..(r + 1) * cols], &xs[..cols]))
+                .map(|r| dot(&packed_row(&wide, rows, cols, r), &xs[..cols]))
                 .collect();
             assert!(portable == want, "{rows}x{cols} portable");
         }
