@@ -3,7 +3,8 @@
 //! Decoding one token reads every weight once and does little arithmetic per byte, so it is
 //! bound by memory bandwidth. candle's general matmul spends most of its time elsewhere at
 //! batch 1 (12 tokens/s on SmolLM2), so this path computes a decode step on a copy of the
-//! model's f32 weights packed in decode order (one huge-page arena, q/k/v and gate/up fused),
+//! model's f32 weights packed in decode order (one huge-page arena, q/k/v and gate/up fused,
+//! each group of four rows interleaved into one stream: [`pack`]),
 //! with a threaded, SIMD matrix-vector product. The copy costs the weights' size in memory.
 //! The prompt is still run through [`Llama::forward`]; its key/value cache is copied in here.
 //! The same arithmetic as the tensor path, in another summation order: logits agree within
