@@ -79,6 +79,30 @@ pub fn sample_queries(layout: &Layout) -> Vec<usize> {
     q
 }
 
+/// Norms (f64) of the rows `range` of `e`, at least 1e-12 so that a zero row divides safely.
+pub(crate) fn safe_norms(e: &Embeddings, range: std::ops::Range<usize>) -> Vec<f64> {
+    e.slice(range)
+        .par_chunks_exact(e.dim)
+        .map(|r| {
+            r.iter()
+                .map(|&v| (v as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12)
+        })
+        .collect()
+}
+
+/// Puts row `id` with cosine `c` into `best`, the `k` highest cosines so far, nearest first
+/// (an equal cosine after those already there).
+pub(crate) fn keep_top(best: &mut Vec<(usize, f64)>, k: usize, id: usize, c: f64) {
+    if best.len() < k || c > best[best.len() - 1].1 {
+        let pos = best.partition_point(|&(_, b)| b >= c);
+        best.insert(pos, (id, c));
+        best.truncate(k);
+    }
+}
+
 /// Top-`k` base rows by cosine for each query row.
 pub fn nearest_base(
     e: &Embeddings,
@@ -90,17 +114,7 @@ pub fn nearest_base(
         return Ok(vec![Vec::new(); queries.len()]);
     }
     let q = unit_rows_f64(&e.gather(queries), e.dim);
-    let base_norms: Vec<f64> = e
-        .slice(0..base_vocab)
-        .par_chunks_exact(e.dim)
-        .map(|r| {
-            r.iter()
-                .map(|&v| (v as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-12)
-        })
-        .collect();
+    let base_norms = safe_norms(e, 0..base_vocab);
     // dot products in f32 through gemm, divided by the f64 norms
     let qf: Vec<f32> = q.iter().map(|&v| v as f32).collect();
     let dots = linalg::matmul_nt_f32(
@@ -115,12 +129,7 @@ pub fn nearest_base(
         .map(|row| {
             let mut best: Vec<(usize, f64)> = Vec::with_capacity(k + 1);
             for (j, (&d, n)) in row.iter().zip(&base_norms).enumerate() {
-                let c = d as f64 / n;
-                if best.len() < k || c > best[best.len() - 1].1 {
-                    let pos = best.partition_point(|&(_, b)| b >= c);
-                    best.insert(pos, (j, c));
-                    best.truncate(k);
-                }
+                keep_top(&mut best, k, j, d as f64 / n);
             }
             best
         })

@@ -7,7 +7,8 @@
 //! table, and cosines are integers in thousandths (`cos_milli`), so a 45,000-row lexicon stays a
 //! few megabytes (docs/analysis.md, "Search lists").
 
-use super::{linalg, sample_indices, Embeddings, Layout, Vocabulary};
+use super::neighbours::{keep_top, safe_norms};
+use super::{linalg, sample_indices, unit_rows_f64, Embeddings, Layout, Vocabulary};
 use crate::util::rng::Rng;
 use anyhow::Result;
 use rayon::prelude::*;
@@ -76,25 +77,6 @@ pub fn sample_rows(n: usize, k: usize, seed: u64) -> Vec<usize> {
     s
 }
 
-/// Euclidean norm of every row of `e` in `ranges`, by row (zero rows get a tiny norm).
-fn norms(e: &Embeddings, ranges: &[Range<usize>]) -> Vec<Vec<f64>> {
-    ranges
-        .iter()
-        .map(|r| {
-            e.slice(r.clone())
-                .par_chunks_exact(e.dim)
-                .map(|x| {
-                    x.iter()
-                        .map(|&v| (v as f64).powi(2))
-                        .sum::<f64>()
-                        .sqrt()
-                        .max(1e-12)
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// For each query row, the `k` rows of `ranges` with the highest cosine, the query itself
 /// excluded, nearest first (ties by row index). `progress` is called after each block.
 pub fn top_k(
@@ -104,16 +86,14 @@ pub fn top_k(
     k: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<(usize, f64)>>> {
-    let cand_norms = norms(e, ranges);
+    let cand_norms: Vec<Vec<f64>> = ranges.iter().map(|r| safe_norms(e, r.clone())).collect();
     let mut out = Vec::with_capacity(queries.len());
     for ids in queries.chunks(BLOCK) {
         // unit query rows in f32; dot products through gemm, divided by the f64 norms
-        let mut q = e.gather(ids);
-        q.par_chunks_exact_mut(e.dim).for_each(|r| {
-            let n = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-            let n = n.max(1e-12);
-            r.iter_mut().for_each(|v| *v = (*v as f64 / n) as f32);
-        });
+        let q: Vec<f32> = unit_rows_f64(&e.gather(ids), e.dim)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         let mut best: Vec<Vec<(usize, f64)>> = vec![Vec::with_capacity(k + 1); ids.len()];
         for (range, norms) in ranges.iter().zip(&cand_norms) {
             if range.is_empty() {
@@ -127,13 +107,9 @@ pub fn top_k(
                 .for_each(|((best, row), &self_id)| {
                     for (j, (&d, n)) in row.iter().zip(norms).enumerate() {
                         let id = range.start + j;
-                        let c = d as f64 / n;
-                        if id == self_id || (best.len() >= k && c <= best[best.len() - 1].1) {
-                            continue;
+                        if id != self_id {
+                            keep_top(best, k, id, d as f64 / n);
                         }
-                        let pos = best.partition_point(|&(_, b)| b >= c);
-                        best.insert(pos, (id, c));
-                        best.truncate(k);
                     }
                 });
         }
