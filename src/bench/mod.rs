@@ -19,7 +19,7 @@ use std::time::Instant;
 /// with bf16 weights, also against the f32 decoder on the same weights widened.
 pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<()> {
     let decoder = generate::Decoder::new(&m.model)?;
-    let best = decode_tokens_per_s(&decoder, m, new_tokens, repeats)?;
+    let best = decode_tokens_per_s(&decoder, &m.model, &m.tokenizer, new_tokens, repeats)?;
     let generate::Decoder::Fast(weights) = &decoder else {
         // The tensor path (a GPU, f16 weights, forced generic kernels) decodes here; its
         // baseline is a peer on the same device (e.g. transformers' generate), run beside this.
@@ -41,13 +41,9 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
     if weights.precision() != "f32" {
         let mut wide = m.model.clone();
         wide.set_compute(&crate::nn::device::Compute::cpu())?;
-        let wide = LoadedModel {
-            model: wide,
-            tokenizer: m.tokenizer.clone(),
-        };
-        let f32_decoder = generate::Decoder::new(&wide.model)?;
+        let f32_decoder = generate::Decoder::new(&wide)?;
         crate::outln!("the f32 decoder on the same weights widened to f32:");
-        let f32_best = decode_tokens_per_s(&f32_decoder, &wide, new_tokens, repeats)?;
+        let f32_best = decode_tokens_per_s(&f32_decoder, &wide, &m.tokenizer, new_tokens, repeats)?;
         crate::outln!(
             "f32 decoder:       {f32_best:.1} tokens/s  -> {} decoder is {:.2}x",
             weights.precision(),
@@ -82,7 +78,8 @@ pub fn generation(m: &LoadedModel, new_tokens: usize, repeats: usize) -> Result<
 /// run printed; the best tokens/s.
 fn decode_tokens_per_s(
     decoder: &generate::Decoder,
-    m: &LoadedModel,
+    model: &crate::model::Llama,
+    tokenizer: &tokenizers::Tokenizer,
     new_tokens: usize,
     repeats: usize,
 ) -> Result<f64> {
@@ -99,8 +96,8 @@ fn decode_tokens_per_s(
         let mut sampler = Sampler::new(greedy, 0)?;
         let s = generate::generate(
             decoder,
-            &m.model,
-            &m.tokenizer,
+            model,
+            tokenizer,
             DEFAULT_PROMPT,
             limits,
             &mut sampler,
@@ -121,37 +118,26 @@ fn decode_tokens_per_s(
 /// Seconds for the battery's samples (its temperatures and seeds, `new_tokens` each) decoded one
 /// after another and decoded together; fails if the two give different texts.
 fn battery_seconds(
-    weights: &generate::Decoder,
+    decoder: &generate::Decoder,
     m: &LoadedModel,
     new_tokens: usize,
 ) -> Result<(f64, f64)> {
+    let settings = battery::Settings::original(new_tokens);
     let limits = Limits {
         max_new_tokens: new_tokens,
         stop_at_eos: false,
     };
-    let samplers = || {
-        battery::plan()
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, temperature))| {
-                let params = SamplingParams {
-                    temperature,
-                    ..SamplingParams::default()
-                };
-                Sampler::new(params, 42 + i as u64)
-            })
-            .collect::<Result<Vec<_>>>()
-    };
     let start = Instant::now();
-    let alone = samplers()?
+    let alone = settings
+        .samplers()?
         .iter_mut()
         .map(|s| {
-            let prompt = DEFAULT_PROMPT;
+            let (model, tokenizer) = (&m.model, &m.tokenizer);
             generate::generate(
-                weights,
-                &m.model,
-                &m.tokenizer,
-                prompt,
+                decoder,
+                model,
+                tokenizer,
+                &settings.prompt,
                 limits,
                 s,
                 &mut |_| {},
@@ -161,12 +147,12 @@ fn battery_seconds(
     let sequential = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let together = generate::generate_batch(
-        weights,
+        decoder,
         &m.model,
         &m.tokenizer,
-        DEFAULT_PROMPT,
+        &settings.prompt,
         limits,
-        &mut samplers()?,
+        &mut settings.samplers()?,
     )?;
     let batched = start.elapsed().as_secs_f64();
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {

@@ -48,6 +48,26 @@ impl Settings {
             seed: 42,
         }
     }
+
+    /// Each sample's sampling parameters: the settings' with the plan's temperature.
+    pub fn params(&self) -> Vec<SamplingParams> {
+        plan()
+            .iter()
+            .map(|&(_, temperature)| SamplingParams {
+                temperature,
+                ..self.params
+            })
+            .collect()
+    }
+
+    /// A fresh sampler for each sample, sample `i` seeded `seed + i`.
+    pub fn samplers(&self) -> Result<Vec<Sampler>> {
+        self.params()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Sampler::new(p, self.seed + i as u64))
+            .collect()
+    }
 }
 
 /// Runs the battery, its samples decoded together ([`generate::generate_batch`]);
@@ -65,19 +85,8 @@ pub fn run(
         max_new_tokens: settings.max_new_tokens,
         stop_at_eos: true,
     };
-    let plan = plan();
-    let params: Vec<SamplingParams> = plan
-        .iter()
-        .map(|&(_, temperature)| SamplingParams {
-            temperature,
-            ..settings.params
-        })
-        .collect();
-    let mut samplers = params
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| Sampler::new(p, settings.seed + i as u64))
-        .collect::<Result<Vec<_>>>()?;
+    let params = settings.params();
+    let mut samplers = settings.samplers()?;
     let samples = generate::generate_batch(
         &weights,
         &m.model,
@@ -87,7 +96,7 @@ pub fn run(
         &mut samplers,
     )?;
     let mut out = Vec::new();
-    for (i, ((label, temperature), s)) in plan.into_iter().zip(samples).enumerate() {
+    for (i, ((label, temperature), s)) in plan().into_iter().zip(samples).enumerate() {
         let metrics = text_metrics::metrics(&s.text, known, &s.ids, wake.clone());
         let sample = BatterySample {
             label,
